@@ -1,0 +1,137 @@
+//! The ABI shared by tcpclose's kernel program and its loader, defined once.
+//!
+//! Everything here is plain data: the event the kernel program writes into the ring buffer, the
+//! configuration the loader writes into the program's read-only globals before loading it, the
+//! names of the maps, and the layout of the tracepoint record the program reads.
+#![no_std]
+
+/// Ring buffer carrying [`TransitionEvent`]s from the kernel to the loader.
+pub const EVENTS_MAP: &str = "EVENTS";
+/// Per-CPU `u64` counters, indexed by [`Counter`].
+pub const COUNTERS_MAP: &str = "COUNTERS";
+/// `u8` per port (65536 entries): which side of a socket a port must be on to pass the filter.
+pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
+/// Name of the read-only global holding the [`Config`].
+pub const CONFIG_GLOBAL: &str = "CONFIG";
+/// Name of the tracepoint program in the object file.
+pub const TRANSITION_PROGRAM: &str = "inet_sock_set_state";
+
+/// Default ring buffer size (bytes). At ~250k transitions/s (10 per connection at 25k
+/// connections/s) 96-byte records fill 2.4 MB per 100 ms; 8 MiB leaves room for a consumer that
+/// is descheduled for a few hundred milliseconds.
+pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
+
+/// `PORT_FILTER` value bit: the port passes when it is the socket's local port.
+pub const PORT_LOCAL: u8 = 1;
+/// `PORT_FILTER` value bit: the port passes when it is the socket's remote port.
+pub const PORT_REMOTE: u8 = 2;
+/// Number of entries of `PORT_FILTER` (one per port).
+pub const PORT_FILTER_ENTRIES: u32 = 1 << 16;
+
+/// `AF_INET` and `AF_INET6` as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// `IPPROTO_TCP`; the tracepoint also fires for SCTP and MPTCP sockets.
+pub const IPPROTO_TCP: u16 = 6;
+
+/// Indexes into the per-CPU `COUNTERS` map.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// TCP transitions that passed the filters (each one is either delivered or lost).
+    Matched = 0,
+    /// Transitions that found the ring buffer full and were dropped.
+    Lost = 1,
+}
+
+/// Number of entries of the `COUNTERS` map.
+pub const COUNTER_ENTRIES: u32 = 2;
+
+/// Filters and delivery settings, written by the loader into the program's read-only data before
+/// the program is loaded (so the verifier sees them as constants of this run).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Submit with `BPF_RB_FORCE_WAKEUP` once this many bytes wait in the ring; below it the
+    /// program never wakes the consumer, which polls on a timer instead.
+    pub wakeup_bytes: u64,
+    /// Only this address family (`AF_INET`/`AF_INET6`); 0 for both.
+    pub family: u16,
+    /// Non-zero when `PORT_FILTER` is in force.
+    pub port_filter: u8,
+    pub _pad: [u8; 5],
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+
+/// One TCP state change, as the kernel program writes it into the ring buffer.
+///
+/// Addresses are in network byte order; an IPv4 address occupies the first 4 bytes and the rest
+/// are zero. Ports are in host byte order (the tracepoint converts them). States are the
+/// kernel's `TCP_*` numbers, unchecked: the loader converts them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransitionEvent {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`: the socket's identity while it lives.
+    pub skaddr: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+    /// Thread id of the current task (the kernel's `pid`).
+    pub tid: u32,
+    /// Process id of the current task (the kernel's `tgid`).
+    pub tgid: u32,
+    pub oldstate: i32,
+    pub newstate: i32,
+    pub sport: u16,
+    pub dport: u16,
+    pub family: u16,
+    pub _pad: [u8; 2],
+    /// `comm` of the current task, NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// Size of one event in the ring buffer (the ring adds an 8-byte header per record).
+pub const TRANSITION_EVENT_SIZE: usize = 88;
+const _: () = assert!(core::mem::size_of::<TransitionEvent>() == TRANSITION_EVENT_SIZE);
+const _: () = assert!(core::mem::align_of::<TransitionEvent>() == 8);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both are `repr(C)`, made of integers and byte arrays, with all padding explicit.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::TransitionEvent {}
+}
+
+/// The record of `sock:inet_sock_set_state` as the program reads it: byte offsets and sizes
+/// (after the 8-byte common header, see `include/trace/events/sock.h`). The program reads the
+/// context at these constant offsets (the verifier only allows constant-offset context loads);
+/// the loader checks them against the kernel's `format` file before attaching.
+pub mod tracepoint {
+    /// `(name, offset, size)` of every field the program reads.
+    pub const FIELDS: [(&str, usize, usize); 11] = [
+        ("skaddr", SKADDR, 8),
+        ("oldstate", OLDSTATE, 4),
+        ("newstate", NEWSTATE, 4),
+        ("sport", SPORT, 2),
+        ("dport", DPORT, 2),
+        ("family", FAMILY, 2),
+        ("protocol", PROTOCOL, 2),
+        ("saddr", SADDR, 4),
+        ("daddr", DADDR, 4),
+        ("saddr_v6", SADDR_V6, 16),
+        ("daddr_v6", DADDR_V6, 16),
+    ];
+    pub const SKADDR: usize = 8;
+    pub const OLDSTATE: usize = 16;
+    pub const NEWSTATE: usize = 20;
+    pub const SPORT: usize = 24;
+    pub const DPORT: usize = 26;
+    pub const FAMILY: usize = 28;
+    pub const PROTOCOL: usize = 30;
+    pub const SADDR: usize = 32;
+    pub const DADDR: usize = 36;
+    pub const SADDR_V6: usize = 40;
+    pub const DADDR_V6: usize = 56;
+}

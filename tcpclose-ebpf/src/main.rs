@@ -1,0 +1,162 @@
+//! tcpclose's kernel program, attached to the `sock:inet_sock_set_state` tracepoint.
+//!
+//! Per event it does the least it can: filter (protocol, family, ports), count, reserve a ring
+//! buffer record, fill it, submit it without waking the consumer. What it cannot deliver it
+//! counts. Everything else happens in userspace.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext as _,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, tracepoint},
+    maps::{Array, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use tcpclose_common::{
+    AF_INET, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
+    PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, TransitionEvent, tracepoint as tp,
+};
+
+/// Resized by the loader (`EbpfLoader::set_max_entries`) before loading.
+#[map(name = "EVENTS")]
+static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
+
+#[map(name = "COUNTERS")]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
+
+#[map(name = "PORT_FILTER")]
+static PORT_FILTER: Array<u8> = Array::with_max_entries(PORT_FILTER_ENTRIES, 0);
+
+/// Set by the loader before loading; lives in .rodata, so the verifier treats it as constant.
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config {
+    wakeup_bytes: 256 << 10,
+    family: 0,
+    port_filter: 0,
+    _pad: [0; 5],
+};
+
+#[tracepoint]
+pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
+    on_transition(&ctx);
+    0
+}
+
+/// Reads a field of the tracepoint record. Tracepoint contexts may be loaded directly at constant,
+/// size-aligned offsets (`tp_prog_is_valid_access` in kernel/trace/bpf_trace.c), which is one
+/// instruction instead of a `bpf_probe_read_kernel` call per field.
+#[inline(always)]
+fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
+    // SAFETY: the offsets in `tracepoint` are checked against the kernel's format file by the
+    // loader before it attaches this program, and each is aligned to its field's size.
+    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) }
+}
+
+#[inline(always)]
+fn count(counter: Counter) {
+    if let Some(value) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, and tracepoint programs do not nest on one CPU.
+        unsafe { *value += 1 };
+    }
+}
+
+#[inline(always)]
+fn port_matches(port: u16, side: u8) -> bool {
+    match PORT_FILTER.get(u32::from(port)) {
+        Some(sides) => sides & side != 0,
+        None => false,
+    }
+}
+
+#[inline(always)]
+fn on_transition(ctx: &TracePointContext) {
+    // The tracepoint also fires for SCTP and MPTCP sockets.
+    if field::<u16>(ctx, tp::PROTOCOL) != IPPROTO_TCP {
+        return;
+    }
+    // SAFETY: plain read of a global the loader initialised; volatile so the compiler does not
+    // fold the default value in.
+    let config = unsafe { core::ptr::read_volatile(&CONFIG) };
+    let family = field::<u16>(ctx, tp::FAMILY);
+    if config.family != 0 && family != config.family {
+        return;
+    }
+    let sport = field::<u16>(ctx, tp::SPORT);
+    let dport = field::<u16>(ctx, tp::DPORT);
+    if config.port_filter != 0
+        && !port_matches(sport, PORT_LOCAL)
+        && !port_matches(dport, PORT_REMOTE)
+    {
+        return;
+    }
+    count(Counter::Matched);
+
+    let Some(mut entry) = EVENTS.reserve::<TransitionEvent>(0) else {
+        count(Counter::Lost);
+        return;
+    };
+    // Whole words only: byte-wise copies would make the compiler step a pointer through the
+    // context, which the verifier rejects. An IPv4 address fills the first 4 bytes.
+    let (saddr, daddr) = if family == AF_INET {
+        (
+            words32([field::<u32>(ctx, tp::SADDR), 0, 0, 0]),
+            words32([field::<u32>(ctx, tp::DADDR), 0, 0, 0]),
+        )
+    } else {
+        (
+            words64([field(ctx, tp::SADDR_V6), field(ctx, tp::SADDR_V6 + 8)]),
+            words64([field(ctx, tp::DADDR_V6), field(ctx, tp::DADDR_V6 + 8)]),
+        )
+    };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    entry.write(TransitionEvent {
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr: field::<u64>(ctx, tp::SKADDR),
+        saddr,
+        daddr,
+        tid: pid_tgid as u32,
+        tgid: (pid_tgid >> 32) as u32,
+        oldstate: field::<i32>(ctx, tp::OLDSTATE),
+        newstate: field::<i32>(ctx, tp::NEWSTATE),
+        sport,
+        dport,
+        family,
+        _pad: [0; 2],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    });
+    // A wakeup per record costs the traced CPU an irq_work and an IPI; the consumer polls on a
+    // timer instead, and is woken only when a backlog builds up.
+    let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= config.wakeup_bytes {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    entry.submit(flags.into());
+}
+
+/// The bytes of four words as they lay in memory.
+#[inline(always)]
+fn words32(words: [u32; 4]) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern valid.
+    unsafe { core::mem::transmute(words) }
+}
+
+/// The bytes of two words as they lay in memory.
+#[inline(always)]
+fn words64(words: [u64; 2]) -> [u8; 16] {
+    // SAFETY: same size, every bit pattern valid.
+    unsafe { core::mem::transmute(words) }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,148 @@
+//! Command-line interface.
+
+use std::time::Duration;
+
+use clap::Parser;
+use tcpclose_common::DEFAULT_RING_BYTES;
+
+use tcpclose::states::DEFAULT_MAX_SOCKETS;
+
+use crate::tracer::KernelFilter;
+
+const EXAMPLES: &str = "\
+Examples:
+  tcpclose --events                 every TCP state change on this host, live
+  tcpclose --events --port 443      only sockets with local or remote port 443
+  tcpclose --events --json -d 10s   JSON lines for 10 seconds, then a summary record
+
+Needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN if tracefs is not mounted).
+PID and COMM are shown only for transitions a system call makes (connect, listen, close,
+shutdown): the others happen in softirq or timer context, where the current task is not
+the socket's owner.";
+
+/// Watch how TCP connections end.
+///
+/// tcpclose follows every TCP state change on this host with an eBPF program on the
+/// sock:inet_sock_set_state tracepoint, timestamped in the kernel.
+#[derive(Parser, Debug)]
+#[command(name = "tcpclose", version, after_help = EXAMPLES)]
+pub struct Cli {
+    /// Print every TCP state change, one line each: time, owner, addresses, OLD -> NEW and the
+    /// milliseconds the socket spent in OLD (blank when tcpclose did not see it enter OLD).
+    /// This is currently the default.
+    #[arg(long)]
+    pub events: bool,
+
+    /// Print JSON lines (one object per line, ending with a "summary" record) instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Stop after this long, e.g. 5s, 500ms, 2m [default: until Ctrl-C or SIGTERM].
+    #[arg(short, long, value_name = "D", value_parser = parse_duration)]
+    pub duration: Option<Duration>,
+
+    /// Only sockets whose local or remote port is N (repeatable).
+    #[arg(short, long = "port", value_name = "N")]
+    pub ports: Vec<u16>,
+
+    /// Only sockets whose local port is N (repeatable).
+    #[arg(long = "lport", value_name = "N")]
+    pub local_ports: Vec<u16>,
+
+    /// Only sockets whose remote port is N (repeatable).
+    #[arg(long = "rport", value_name = "N")]
+    pub remote_ports: Vec<u16>,
+
+    /// Only IPv4 sockets.
+    #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
+    pub ipv4: bool,
+
+    /// Only IPv6 sockets.
+    #[arg(short = '6', long = "ipv6")]
+    pub ipv6: bool,
+
+    /// Follow at most N sockets at once; transitions of sockets beyond that are still printed,
+    /// without durations, and counted in the summary.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS)]
+    pub max_sockets: usize,
+
+    /// Ring buffer size in bytes (a power of two, at least one page). For tests.
+    #[arg(long, hide = true, value_parser = parse_ring_bytes, default_value_t = DEFAULT_RING_BYTES)]
+    pub ring_bytes: u32,
+}
+
+impl Cli {
+    pub fn kernel_filter(&self) -> KernelFilter {
+        KernelFilter {
+            ipv4_only: self.ipv4,
+            ipv6_only: self.ipv6,
+            ports: self.ports.clone(),
+            local_ports: self.local_ports.clone(),
+            remote_ports: self.remote_ports.clone(),
+        }
+    }
+}
+
+/// Parses `5s`, `500ms`, `2m`, `1h30m`, `1.5s`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let hint = "expected a duration with a unit, e.g. 5s, 500ms, 2m";
+    let parsed: jiff::SignedDuration = s.trim().parse().map_err(|_| hint.to_string())?;
+    if !parsed.is_positive() {
+        return Err(format!("the duration must be positive ({hint})"));
+    }
+    Duration::try_from(parsed).map_err(|_| hint.to_string())
+}
+
+fn parse_ring_bytes(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
+    if n < 4096 || !n.is_power_of_two() {
+        return Err("must be a power of two and at least 4096".into());
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_bytes("4096"), Ok(4096));
+        assert!(parse_ring_bytes("4095").is_err());
+        assert!(parse_ring_bytes("6000").is_err());
+        assert!(parse_ring_bytes("x").is_err());
+    }
+
+    #[test]
+    fn repeatable_filters() {
+        let cli = Cli::try_parse_from([
+            "tcpclose", "-p", "80", "--port", "443", "--lport", "22", "--rport", "5432", "-4",
+        ])
+        .unwrap();
+        let f = cli.kernel_filter();
+        assert_eq!(f.ports, vec![80, 443]);
+        assert_eq!(f.local_ports, vec![22]);
+        assert_eq!(f.remote_ports, vec![5432]);
+        assert!(f.ipv4_only && !f.ipv6_only);
+        assert!(Cli::try_parse_from(["tcpclose", "-4", "-6"]).is_err());
+        assert!(Cli::try_parse_from(["tcpclose", "--port", "70000"]).is_err());
+    }
+}

@@ -1,0 +1,8 @@
+//! tcpclose: how TCP connections end, measured in the kernel.
+//!
+//! The binary is thin; the pieces that do not touch the kernel live here so that they can be
+//! tested and benchmarked without privileges.
+
+pub mod event;
+pub mod render;
+pub mod states;

@@ -1,0 +1,337 @@
+//! What tcpclose prints: text for people, JSON lines for programs. No I/O beyond the writer it is
+//! handed.
+
+use std::{
+    borrow::Cow,
+    io::{self, Write},
+    net::IpAddr,
+};
+
+use jiff::{Timestamp, tz::TimeZone};
+use serde::Serialize;
+
+use crate::event::Transition;
+
+/// Converts the kernel's CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time.
+#[derive(Clone, Copy, Debug)]
+pub struct WallClock {
+    /// CLOCK_REALTIME minus CLOCK_MONOTONIC, in nanoseconds, read once at start-up.
+    offset_ns: i128,
+}
+
+impl WallClock {
+    pub fn now() -> Self {
+        Self::with_offset(clock_ns(libc::CLOCK_REALTIME) - clock_ns(libc::CLOCK_MONOTONIC))
+    }
+
+    pub fn with_offset(offset_ns: i128) -> Self {
+        Self { offset_ns }
+    }
+
+    pub fn timestamp(&self, monotonic_ns: u64) -> Timestamp {
+        Timestamp::from_nanosecond(i128::from(monotonic_ns) + self.offset_ns)
+            .unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+}
+
+/// Reads a clock; returns 0 if the clock is unavailable (never on Linux for these two).
+pub fn clock_ns(clock: libc::clockid_t) -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    if unsafe { libc::clock_gettime(clock, &mut ts) } != 0 {
+        return 0;
+    }
+    i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
+}
+
+/// Output format chosen on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Writes one line per transition (`--events`).
+pub struct EventPrinter {
+    format: Format,
+    clock: WallClock,
+    zone: TimeZone,
+    header_done: bool,
+    /// Width of the address columns; grows to fit IPv6 addresses.
+    addr_width: usize,
+}
+
+#[derive(Serialize)]
+struct TransitionRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    ts_ns: u64,
+    time: Timestamp,
+    skaddr: String,
+    family: &'static str,
+    laddr: IpAddr,
+    lport: u16,
+    raddr: IpAddr,
+    rport: u16,
+    old: &'static str,
+    new: &'static str,
+    in_old_ns: Option<u64>,
+    pid: Option<u32>,
+    comm: Option<Cow<'a, str>>,
+}
+
+impl EventPrinter {
+    pub fn new(format: Format, clock: WallClock) -> Self {
+        Self {
+            format,
+            clock,
+            zone: TimeZone::system(),
+            header_done: false,
+            addr_width: 21,
+        }
+    }
+
+    /// Prints `t`; `in_old_ns` is the time the socket spent in `t.old`, when known.
+    pub fn print(
+        &mut self,
+        out: &mut impl Write,
+        t: &Transition,
+        in_old_ns: Option<u64>,
+    ) -> io::Result<()> {
+        let owner = t.owner();
+        match self.format {
+            Format::Json => {
+                let record = TransitionRecord {
+                    kind: "transition",
+                    ts_ns: t.ts_ns,
+                    time: self.clock.timestamp(t.ts_ns),
+                    skaddr: format!("{:#x}", t.skaddr),
+                    family: t.family.name(),
+                    laddr: t.local.ip(),
+                    lport: t.local.port(),
+                    raddr: t.remote.ip(),
+                    rport: t.remote.port(),
+                    old: t.old.name(),
+                    new: t.new.name(),
+                    in_old_ns,
+                    pid: owner.map(|task| task.pid),
+                    comm: owner.map(|task| task.comm()),
+                };
+                serde_json::to_writer(&mut *out, &record)?;
+                out.write_all(b"\n")
+            }
+            Format::Text => {
+                let local = t.local.to_string();
+                let remote = t.remote.to_string();
+                self.addr_width = self.addr_width.max(local.len()).max(remote.len());
+                let w = self.addr_width;
+                if !self.header_done {
+                    self.header_done = true;
+                    writeln!(
+                        out,
+                        "{:<12} {:>7} {:<15} {:<w$} {:<w$} {:>11}    {:<12} {:>10}",
+                        "TIME", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "OLD", "NEW", "MS"
+                    )?;
+                }
+                let time = self
+                    .clock
+                    .timestamp(t.ts_ns)
+                    .to_zoned(self.zone.clone())
+                    .strftime("%H:%M:%S%.3f");
+                let (pid, comm) = match owner {
+                    Some(task) => (task.pid.to_string(), task.comm()),
+                    None => (String::new(), Cow::Borrowed("")),
+                };
+                let ms = in_old_ns.map(format_ms).unwrap_or_default();
+                writeln!(
+                    out,
+                    "{time:<12} {pid:>7} {comm:<15} {local:<w$} {remote:<w$} {:>11} -> {:<12} {ms:>10}",
+                    t.old, t.new
+                )
+            }
+        }
+    }
+}
+
+/// Milliseconds with microsecond precision, as tcpstates prints them.
+pub fn format_ms(ns: u64) -> String {
+    format!("{}.{:03}", ns / 1_000_000, ns / 1_000 % 1_000)
+}
+
+/// What a run saw and what it could not deliver; printed when tracing ends.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Summary {
+    /// Transitions received and decoded.
+    pub transitions: u64,
+    /// Transitions the kernel program dropped because the ring buffer was full.
+    pub lost: u64,
+    /// Transitions that passed the kernel filters (`transitions + lost + undecodable`).
+    pub matched: u64,
+    /// Records the loader could not decode (see the warning printed with the first one).
+    pub undecodable: u64,
+    /// Transitions of sockets not followed because the socket table was full.
+    pub untracked: u64,
+    pub duration_ns: u64,
+}
+
+impl Summary {
+    pub fn print(&self, format: Format, out: &mut impl Write) -> io::Result<()> {
+        match format {
+            Format::Json => {
+                #[derive(Serialize)]
+                struct Record<'a> {
+                    #[serde(rename = "type")]
+                    kind: &'static str,
+                    #[serde(flatten)]
+                    summary: &'a Summary,
+                }
+                serde_json::to_writer(
+                    &mut *out,
+                    &Record {
+                        kind: "summary",
+                        summary: self,
+                    },
+                )?;
+                out.write_all(b"\n")
+            }
+            Format::Text => {
+                write!(
+                    out,
+                    "tcpclose: {} transitions in {:.1}s, {} lost (ring buffer full)",
+                    self.transitions,
+                    self.duration_ns as f64 / 1e9,
+                    self.lost
+                )?;
+                if self.undecodable > 0 {
+                    write!(out, ", {} undecodable", self.undecodable)?;
+                }
+                if self.untracked > 0 {
+                    write!(
+                        out,
+                        ", {} of untracked sockets (table full)",
+                        self.untracked
+                    )?;
+                }
+                writeln!(out)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Family, Task, TcpState};
+
+    fn transition() -> Transition {
+        Transition {
+            ts_ns: 2_000_000_123,
+            skaddr: 0xffff_8880_1234_5678,
+            family: Family::Ipv4,
+            local: "127.0.0.1:40000".parse().unwrap(),
+            remote: "127.0.0.1:8080".parse().unwrap(),
+            old: TcpState::CloseWait,
+            new: TcpState::LastAck,
+            task: Task::new(42, 43, "server"),
+        }
+    }
+
+    #[test]
+    fn json_line_follows_the_contract() {
+        let mut p = EventPrinter::new(
+            Format::Json,
+            WallClock::with_offset(1_700_000_000_000_000_000),
+        );
+        let mut out = Vec::new();
+        p.print(&mut out, &transition(), Some(200_123_456)).unwrap();
+        let line = String::from_utf8(out).unwrap();
+        assert!(line.ends_with('\n'));
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["type"], "transition");
+        assert_eq!(v["ts_ns"], 2_000_000_123u64);
+        assert_eq!(v["time"], "2023-11-14T22:13:22.000000123Z");
+        assert_eq!(v["skaddr"], "0xffff888012345678");
+        assert_eq!(v["family"], "ipv4");
+        assert_eq!(v["laddr"], "127.0.0.1");
+        assert_eq!(v["lport"], 40000);
+        assert_eq!(v["raddr"], "127.0.0.1");
+        assert_eq!(v["rport"], 8080);
+        assert_eq!(v["old"], "CLOSE_WAIT");
+        assert_eq!(v["new"], "LAST_ACK");
+        assert_eq!(v["in_old_ns"], 200_123_456u64);
+        assert_eq!(v["pid"], 42);
+        assert_eq!(v["comm"], "server");
+    }
+
+    #[test]
+    fn unknown_duration_and_owner_are_null_in_json_and_blank_in_text() {
+        let mut t = transition();
+        t.old = TcpState::Established;
+        t.new = TcpState::CloseWait;
+        let mut out = Vec::new();
+        EventPrinter::new(Format::Json, WallClock::with_offset(0))
+            .print(&mut out, &t, None)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert!(v["in_old_ns"].is_null());
+        assert!(v["pid"].is_null());
+        assert!(v["comm"].is_null());
+
+        let mut out = Vec::new();
+        EventPrinter::new(Format::Text, WallClock::with_offset(0))
+            .print(&mut out, &t, None)
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let line = text.lines().nth(1).unwrap();
+        assert!(line.contains("ESTABLISHED -> CLOSE_WAIT"), "{line}");
+        assert!(!line.contains("server"), "{line}");
+        assert!(
+            line.trim_end().ends_with("CLOSE_WAIT"),
+            "no MS column value: {line}"
+        );
+    }
+
+    #[test]
+    fn text_columns_line_up_under_the_header() {
+        let mut p = EventPrinter::new(Format::Text, WallClock::with_offset(0));
+        let mut out = Vec::new();
+        p.print(&mut out, &transition(), Some(200_123_456)).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let mut lines = text.lines();
+        let header = lines.next().unwrap();
+        let line = lines.next().unwrap();
+        assert_eq!(header.len(), line.len(), "{header}\n{line}");
+        assert_eq!(header.find("LADDR"), line.find("127.0.0.1:40000"));
+        assert!(line.contains("CLOSE_WAIT -> LAST_ACK"));
+        assert!(line.ends_with("200.123"), "{line}");
+        assert!(line.contains(" 42 server "), "{line}");
+    }
+
+    #[test]
+    fn milliseconds_keep_microseconds() {
+        assert_eq!(format_ms(0), "0.000");
+        assert_eq!(format_ms(1_500), "0.001");
+        assert_eq!(format_ms(200_123_456), "200.123");
+        assert_eq!(format_ms(61_000_000_000), "61000.000");
+    }
+
+    #[test]
+    fn summary_json_has_type_and_counts() {
+        let s = Summary {
+            transitions: 10,
+            lost: 2,
+            matched: 12,
+            ..Summary::default()
+        };
+        let mut out = Vec::new();
+        s.print(Format::Json, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["type"], "summary");
+        assert_eq!(v["transitions"], 10);
+        assert_eq!(v["lost"], 2);
+        assert_eq!(v["matched"], 12);
+    }
+}

@@ -1,0 +1,256 @@
+//! Checks of the host before loading anything, each failing with an error that says what to do:
+//! privileges, kernel version, tracefs, and the tracepoint's record layout.
+
+use std::{
+    ffi::CString,
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use tcpclose_common::tracepoint;
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+/// The message for every privilege failure, wherever it is detected.
+pub const PRIVILEGE_HINT: &str = "tcpclose needs privileges to load its eBPF program: run it as root \
+     (e.g. with sudo), or give it the capabilities CAP_BPF and CAP_PERFMON \
+     (e.g. `setcap cap_bpf,cap_perfmon+ep tcpclose`)";
+
+/// Returns an error unless the effective capabilities (`CapEff` in /proc/self/status) allow
+/// loading BPF tracing programs: CAP_BPF and CAP_PERFMON (Linux 5.8+), or CAP_SYS_ADMIN.
+pub fn check_privileges() -> Result<()> {
+    let status = fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let caps = effective_caps(&status).context("no CapEff line in /proc/self/status")?;
+    if has_tracing_caps(caps) {
+        Ok(())
+    } else {
+        bail!("{PRIVILEGE_HINT}")
+    }
+}
+
+fn effective_caps(status: &str) -> Option<u64> {
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
+}
+
+fn has_tracing_caps(caps: u64) -> bool {
+    let has = |cap: u32| caps & (1 << cap) != 0;
+    has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON))
+}
+
+/// Ring buffers (`BPF_MAP_TYPE_RINGBUF`) arrived in Linux 5.8.
+pub const MIN_KERNEL: (u32, u32) = (5, 8);
+
+/// Returns an error if the running kernel is older than [`MIN_KERNEL`].
+pub fn check_kernel_version() -> Result<()> {
+    let release = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .context("reading /proc/sys/kernel/osrelease")?;
+    check_release(release.trim())
+}
+
+fn check_release(release: &str) -> Result<()> {
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>());
+    let (Some(Ok(major)), Some(Ok(minor))) = (parts.next(), parts.next()) else {
+        // An unparseable release string proves nothing; the load itself will tell.
+        return Ok(());
+    };
+    if (major, minor) < MIN_KERNEL {
+        bail!(
+            "kernel {release} is too old: tcpclose needs Linux {}.{} or newer (BPF ring buffers)",
+            MIN_KERNEL.0,
+            MIN_KERNEL.1
+        );
+    }
+    Ok(())
+}
+
+/// Where tracefs is expected; the kernel creates this directory when CONFIG_TRACING is on.
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+const TRACEFS_MAGIC: i64 = 0x7472_6163;
+
+fn is_tracefs(path: &Path) -> bool {
+    let Ok(cpath) = CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: zeroed statfs is a valid out-parameter; `cpath` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    (unsafe { libc::statfs(cpath.as_ptr(), &mut st) } == 0) && st.f_type as i64 == TRACEFS_MAGIC
+}
+
+/// Returns the tracefs mount point, mounting tracefs at [`TRACEFS`] if it is not mounted.
+/// Attaching a tracepoint needs it: the event id comes from `events/<group>/<name>/id`.
+pub fn ensure_tracefs() -> Result<PathBuf> {
+    for candidate in [TRACEFS, "/sys/kernel/debug/tracing"] {
+        let path = Path::new(candidate);
+        if is_tracefs(path) {
+            return Ok(path.to_path_buf());
+        }
+    }
+    let target = Path::new(TRACEFS);
+    if !target.is_dir() {
+        bail!(
+            "this kernel has no tracefs ({TRACEFS} does not exist): it was built without \
+             CONFIG_TRACING, which tcpclose needs for the sock:inet_sock_set_state tracepoint"
+        );
+    }
+    let (source, fstype, dir) = (c"nodev", c"tracefs", c"/sys/kernel/tracing");
+    // SAFETY: all pointers are NUL-terminated C strings; no data argument.
+    let rc = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            dir.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        let err = io::Error::last_os_error();
+        bail!(
+            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}): mount it with \
+             `sudo mount -t tracefs nodev {TRACEFS}`, or run tcpclose as root"
+        );
+    }
+    Ok(target.to_path_buf())
+}
+
+/// Checks that `sock:inet_sock_set_state` exists and that its record has the layout the kernel
+/// program was compiled for.
+pub fn check_tracepoint(tracefs: &Path) -> Result<()> {
+    let format_path = tracefs.join("events/sock/inet_sock_set_state/format");
+    let format = match fs::read_to_string(&format_path) {
+        Ok(format) => format,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => bail!(
+            "this kernel has no sock:inet_sock_set_state tracepoint ({} is missing): \
+             tcpclose needs Linux 4.16 or newer",
+            format_path.display()
+        ),
+        Err(err) => {
+            return Err(err).with_context(|| format!("reading {}", format_path.display()));
+        }
+    };
+    check_layout(&format)
+}
+
+/// Compares the `field:` lines of a tracepoint format file with [`tracepoint::FIELDS`].
+fn check_layout(format: &str) -> Result<()> {
+    for (name, offset, size) in tracepoint::FIELDS {
+        let Some((found_offset, found_size)) = field_layout(format, name) else {
+            bail!(
+                "the kernel's sock:inet_sock_set_state record has no field `{name}`; \
+                 this tcpclose does not support this kernel's tracepoint layout"
+            );
+        };
+        if (found_offset, found_size) != (offset, size) {
+            bail!(
+                "the kernel's sock:inet_sock_set_state field `{name}` is at offset {found_offset} \
+                 (size {found_size}), tcpclose was built for offset {offset} (size {size}); \
+                 this tcpclose does not support this kernel's tracepoint layout"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Parses `field:<type> <name>[N];	offset:O;	size:S;	signed:X;` for `name`.
+fn field_layout(format: &str, name: &str) -> Option<(usize, usize)> {
+    format.lines().find_map(|line| {
+        let mut parts = line.trim().split(';').map(str::trim);
+        let decl = parts.next()?.strip_prefix("field:")?;
+        let declared = decl.rsplit(' ').next()?;
+        let declared = declared.split('[').next()?;
+        if declared != name {
+            return None;
+        }
+        let mut value =
+            |key: &str| -> Option<usize> { parts.next()?.strip_prefix(key)?.parse().ok() };
+        Some((value("offset:")?, value("size:")?))
+    })
+}
+
+/// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (before 5.11); newer
+/// kernels account BPF memory to the memory cgroup and ignore it.
+pub fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: valid pointer to a rlimit. Failure is fine: the map creation error will say more.
+    unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FORMAT_6_18: &str = "name: inet_sock_set_state
+ID: 1480
+format:
+	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
+	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
+	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
+	field:int common_pid;	offset:4;	size:4;	signed:1;
+
+	field:const void * skaddr;	offset:8;	size:8;	signed:0;
+	field:int oldstate;	offset:16;	size:4;	signed:1;
+	field:int newstate;	offset:20;	size:4;	signed:1;
+	field:__u16 sport;	offset:24;	size:2;	signed:0;
+	field:__u16 dport;	offset:26;	size:2;	signed:0;
+	field:__u16 family;	offset:28;	size:2;	signed:0;
+	field:__u16 protocol;	offset:30;	size:2;	signed:0;
+	field:__u8 saddr[4];	offset:32;	size:4;	signed:0;
+	field:__u8 daddr[4];	offset:36;	size:4;	signed:0;
+	field:__u8 saddr_v6[16];	offset:40;	size:16;	signed:0;
+	field:__u8 daddr_v6[16];	offset:56;	size:16;	signed:0;
+
+print fmt: \"family=%s ...\"
+";
+
+    #[test]
+    fn accepts_the_layout_we_build_for() {
+        check_layout(FORMAT_6_18).unwrap();
+        assert_eq!(field_layout(FORMAT_6_18, "saddr"), Some((32, 4)));
+        assert_eq!(field_layout(FORMAT_6_18, "skaddr"), Some((8, 8)));
+    }
+
+    #[test]
+    fn rejects_moved_or_missing_fields() {
+        let moved = FORMAT_6_18.replace("offset:28;\tsize:2", "offset:30;\tsize:2");
+        let err = check_layout(&moved).unwrap_err().to_string();
+        assert!(
+            err.contains("`family`") && err.contains("offset 30"),
+            "{err}"
+        );
+        let missing = FORMAT_6_18.replace("protocol", "proto");
+        let err = check_layout(&missing).unwrap_err().to_string();
+        assert!(err.contains("no field `protocol`"), "{err}");
+    }
+
+    #[test]
+    fn kernel_version_gate() {
+        check_release("6.18.44-fc-v595").unwrap();
+        check_release("5.8.0").unwrap();
+        check_release("5.10.0-28-amd64").unwrap();
+        let err = check_release("5.7.19").unwrap_err().to_string();
+        assert!(err.contains("too old") && err.contains("5.8"), "{err}");
+        assert!(check_release("4.15.0-generic").is_err());
+        // Unknown formats are left to the load to judge.
+        check_release("weird").unwrap();
+    }
+
+    #[test]
+    fn capability_sets() {
+        let status = "Name:\ttcpclose\nCapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(effective_caps(status), Some(0x1ff_ffff_ffff));
+        assert!(has_tracing_caps(0x1ff_ffff_ffff));
+        assert!(!has_tracing_caps(0));
+        assert!(has_tracing_caps(1 << CAP_SYS_ADMIN));
+        assert!(has_tracing_caps((1 << CAP_BPF) | (1 << CAP_PERFMON)));
+        assert!(!has_tracing_caps(1 << CAP_BPF));
+    }
+}

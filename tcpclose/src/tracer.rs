@@ -1,0 +1,272 @@
+//! The kernel side of a run: loads and attaches the eBPF program, hands out ring buffer records,
+//! reads the kernel counters, detaches.
+
+use std::io;
+
+use anyhow::{Context as _, Result, anyhow};
+use aya::{
+    Ebpf, EbpfError, EbpfLoader,
+    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, TracePoint},
+};
+use tcpclose_common::{
+    AF_INET, AF_INET6, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP, PORT_FILTER_MAP,
+    PORT_LOCAL, PORT_REMOTE, TRANSITION_PROGRAM,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::system::{self, PRIVILEGE_HINT};
+
+/// The compiled kernel program, built from `tcpclose-ebpf` by this crate's build script.
+static PROGRAM_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tcpclose"));
+
+/// What to trace, decided on the command line and enforced inside the kernel program.
+#[derive(Clone, Debug, Default)]
+pub struct KernelFilter {
+    pub ipv4_only: bool,
+    pub ipv6_only: bool,
+    /// Ports that pass as either end.
+    pub ports: Vec<u16>,
+    pub local_ports: Vec<u16>,
+    pub remote_ports: Vec<u16>,
+}
+
+impl KernelFilter {
+    fn config(&self, ring_bytes: u32) -> Config {
+        let family = match (self.ipv4_only, self.ipv6_only) {
+            (true, false) => AF_INET,
+            (false, true) => AF_INET6,
+            _ => 0,
+        };
+        Config {
+            // Wake the consumer early enough that a full ring stays unlikely even if its timer
+            // is late: a quarter of the ring, at most 256 KiB.
+            wakeup_bytes: u64::from(ring_bytes / 4).min(256 << 10),
+            family,
+            port_filter: u8::from(self.has_ports()),
+            _pad: [0; 5],
+        }
+    }
+
+    fn has_ports(&self) -> bool {
+        !(self.ports.is_empty() && self.local_ports.is_empty() && self.remote_ports.is_empty())
+    }
+
+    /// `(port, sides)` entries of the kernel's `PORT_FILTER` array.
+    fn port_sides(&self) -> Vec<(u16, u8)> {
+        let mut sides = std::collections::BTreeMap::<u16, u8>::new();
+        for &p in &self.ports {
+            *sides.entry(p).or_default() |= PORT_LOCAL | PORT_REMOTE;
+        }
+        for &p in &self.local_ports {
+            *sides.entry(p).or_default() |= PORT_LOCAL;
+        }
+        for &p in &self.remote_ports {
+            *sides.entry(p).or_default() |= PORT_REMOTE;
+        }
+        sides.into_iter().collect()
+    }
+}
+
+/// Counters kept by the kernel program, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    pub matched: u64,
+    pub lost: u64,
+}
+
+pub struct Tracer {
+    /// Holds the attached program; dropping it detaches and unloads.
+    ebpf: Option<Ebpf>,
+    ring: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Tracer {
+    /// Checks the host, loads the program with `filter` and a ring of `ring_bytes`, attaches it.
+    pub fn attach(filter: &KernelFilter, ring_bytes: u32) -> Result<Self> {
+        system::check_kernel_version()?;
+        system::check_privileges()?;
+        let tracefs = system::ensure_tracefs()?;
+        system::check_tracepoint(&tracefs)?;
+        system::raise_memlock_limit();
+
+        let config = filter.config(ring_bytes);
+        let mut ebpf = EbpfLoader::new()
+            .override_global(CONFIG_GLOBAL, &config, true)
+            .map_max_entries(EVENTS_MAP, ring_bytes)
+            .load(PROGRAM_OBJECT)
+            .map_err(explain_load_error)?;
+
+        if filter.has_ports() {
+            let mut ports: Array<_, u8> = Array::try_from(
+                ebpf.map_mut(PORT_FILTER_MAP)
+                    .context("the eBPF object has no port filter map")?,
+            )?;
+            for (port, sides) in filter.port_sides() {
+                ports
+                    .set(u32::from(port), sides, 0)
+                    .context("writing the port filter")?;
+            }
+        }
+
+        let program: &mut TracePoint = ebpf
+            .program_mut(TRANSITION_PROGRAM)
+            .context("the eBPF object has no inet_sock_set_state program")?
+            .try_into()?;
+        program.load().map_err(explain_program_error)?;
+        program
+            .attach("sock", "inet_sock_set_state")
+            .map_err(explain_program_error)
+            .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+
+        let ring = RingBuf::try_from(
+            ebpf.take_map(EVENTS_MAP)
+                .context("the eBPF object has no event ring buffer")?,
+        )?;
+        let counters = PerCpuArray::try_from(
+            ebpf.take_map(COUNTERS_MAP)
+                .context("the eBPF object has no counters map")?,
+        )?;
+        // SAFETY: the ring buffer owns its map fd and keeps it open, unchanged, until dropped,
+        // and the AsyncFd owns the ring buffer.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|err| err.into_parts().1)
+            .context("registering the ring buffer with the event loop")?;
+        Ok(Self {
+            ebpf: Some(ebpf),
+            ring,
+            counters,
+        })
+    }
+
+    /// Waits until the kernel program forces a wakeup (a backlog is building up). The program
+    /// never wakes the consumer for single records: callers also drain on a timer.
+    pub async fn backlog(&self) -> io::Result<()> {
+        let mut guard = self.ring.readable().await?;
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Hands at most `max` records to `each`; returns how many it handed.
+    pub fn drain(&mut self, max: usize, mut each: impl FnMut(&[u8])) -> usize {
+        let ring = self.ring.get_mut();
+        let mut n = 0;
+        while n < max {
+            let Some(item) = ring.next() else { break };
+            each(&item);
+            n += 1;
+        }
+        n
+    }
+
+    /// Detaches and unloads the program. Records already in the ring stay readable.
+    pub fn detach(&mut self) {
+        self.ebpf = None;
+    }
+
+    pub fn counters(&self) -> Result<KernelCounters> {
+        let sum = |counter: Counter| -> Result<u64> {
+            let values = self
+                .counters
+                .get(&(counter as u32), 0)
+                .context("reading the kernel counters")?;
+            Ok(values.iter().sum())
+        };
+        Ok(KernelCounters {
+            matched: sum(Counter::Matched)?,
+            lost: sum(Counter::Lost)?,
+        })
+    }
+}
+
+/// Whether the kernel said EPERM somewhere in `err`'s chain. (EACCES is not a privilege problem
+/// here: it is how the verifier rejects a program.)
+fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<io::Error>()
+            && io.raw_os_error() == Some(libc::EPERM)
+        {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
+fn explain_load_error(err: EbpfError) -> anyhow::Error {
+    if is_permission_error(&err) {
+        return anyhow!("{PRIVILEGE_HINT} (the kernel refused: {err})");
+    }
+    if let EbpfError::MapError(MapError::CreateError { name, io_error }) = &err
+        && name == EVENTS_MAP
+        && io_error.raw_os_error() == Some(libc::EINVAL)
+    {
+        return anyhow!(
+            "the kernel refused to create the BPF ring buffer ({io_error}): tcpclose needs \
+             Linux 5.8 or newer with BPF ring buffer support"
+        );
+    }
+    anyhow::Error::new(err).context("loading tcpclose's eBPF object")
+}
+
+fn explain_program_error(err: ProgramError) -> anyhow::Error {
+    if let ProgramError::LoadError {
+        io_error,
+        verifier_log,
+    } = &err
+        && io_error.raw_os_error() != Some(libc::EPERM)
+    {
+        return anyhow!(
+            "the kernel's verifier rejected tcpclose's program ({io_error}); \
+             please report this with the kernel version and this log:\n{verifier_log}"
+        );
+    }
+    if is_permission_error(&err) {
+        return anyhow!("{PRIVILEGE_HINT} (the kernel refused: {err})");
+    }
+    anyhow::Error::new(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_filter_sides_merge() {
+        let f = KernelFilter {
+            ports: vec![80],
+            local_ports: vec![443, 80],
+            remote_ports: vec![443, 5432],
+            ..KernelFilter::default()
+        };
+        assert_eq!(
+            f.port_sides(),
+            vec![
+                (80, PORT_LOCAL | PORT_REMOTE),
+                (443, PORT_LOCAL | PORT_REMOTE),
+                (5432, PORT_REMOTE)
+            ]
+        );
+        assert_eq!(f.config(1 << 20).port_filter, 1);
+        assert_eq!(KernelFilter::default().config(1 << 20).port_filter, 0);
+    }
+
+    #[test]
+    fn family_and_wakeup_config() {
+        let v4 = KernelFilter {
+            ipv4_only: true,
+            ..KernelFilter::default()
+        };
+        assert_eq!(v4.config(4096).family, AF_INET);
+        assert_eq!(v4.config(4096).wakeup_bytes, 1024);
+        assert_eq!(v4.config(8 << 20).wakeup_bytes, 256 << 10);
+        let v6 = KernelFilter {
+            ipv6_only: true,
+            ..KernelFilter::default()
+        };
+        assert_eq!(v6.config(4096).family, AF_INET6);
+        assert_eq!(KernelFilter::default().config(4096).family, 0);
+    }
+}
