@@ -157,7 +157,7 @@ fn check_layout(format: &str) -> Result<()> {
     Ok(())
 }
 
-/// Parses `field:<type> <name>[N];	offset:O;	size:S;	signed:X;` for `name`.
+/// Parses `field:<type> <name>[N]; offset:O; size:S; signed:X;` (tab-separated) for `name`.
 fn field_layout(format: &str, name: &str) -> Option<(usize, usize)> {
     format.lines().find_map(|line| {
         let mut parts = line.trim().split(';').map(str::trim);

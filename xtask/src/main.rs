@@ -1,1 +1,120 @@
-fn main() {}
+//! `cargo xtask`: everything a fresh machine needs to build, run and test tcpclose.
+
+mod setup;
+
+use std::{
+    env,
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "tcpclose development tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building needs (nightly rust-src, bpf-linker) and, with --tests, the
+    /// Debian packages the tests use. Idempotent; seconds when all is present.
+    Setup {
+        #[arg(long)]
+        tests: bool,
+    },
+    /// Set up, then build the release binary at target/release/tcpclose.
+    Build,
+    /// Build, then run tcpclose with ARGS (through sudo when not root).
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Set up (with test packages), build, and run every test: unit tests and the integration
+    /// tests against the real kernel (as root).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root();
+    env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
+    match cli.task {
+        Task::Setup { tests } => setup::all(tests),
+        Task::Build => build(),
+        Task::Run { args } => {
+            build()?;
+            let binary = root.join("target/release/tcpclose");
+            let mut cmd = if is_root() {
+                Command::new(&binary)
+            } else {
+                let mut sudo = Command::new("sudo");
+                sudo.arg(&binary);
+                sudo
+            };
+            let err = cmd.args(args).exec();
+            Err(err).with_context(|| format!("running {}", binary.display()))
+        }
+        Task::Test { args } => {
+            setup::all(true)?;
+            build()?;
+            if !is_root() {
+                bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
+            }
+            let binary = root.join("target/release/tcpclose");
+            let mut cmd = cargo();
+            cmd.args(["test", "--release", "--workspace"])
+                .env("TCPCLOSE_BIN", &binary)
+                .args(args);
+            run(&mut cmd)
+        }
+    }
+}
+
+fn build() -> Result<()> {
+    setup::all(false)?;
+    run(cargo().args(["build", "--release", "--package", "tcpclose"]))
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { geteuid() == 0 }
+}
+
+unsafe extern "C" {
+    fn geteuid() -> u32;
+}
+
+/// `cargo` with `$CARGO_HOME/bin` (where setup installs bpf-linker) at the front of PATH, since
+/// the eBPF build that the loader's build script starts looks for `bpf-linker` there.
+fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+pub(crate) fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {:?}", cmd.get_program()))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}

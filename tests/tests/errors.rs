@@ -1,0 +1,97 @@
+//! Errors a user can act on: one line, non-zero exit, no panic.
+
+use std::process::Command;
+
+use tcpclose_tests::{binary, require_root, run_binary};
+
+fn assert_one_line_error(stderr: &str, needle: &str) {
+    assert!(stderr.contains(needle), "expected {needle:?} in:\n{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "one line:\n{stderr}");
+}
+
+#[test]
+fn bad_input_exits_2_with_a_message() {
+    for (args, needle) in [
+        (&["--duration", "soon"][..], "--duration"),
+        (&["--duration", "5"][..], "unit"),
+        (&["--port", "70000"][..], "--port"),
+        (&["--lport", "http"][..], "--lport"),
+        (&["--no-such-flag"][..], "--no-such-flag"),
+        (&["-4", "-6"][..], "cannot be used with"),
+        (&["--ring-bytes", "1000"][..], "power of two"),
+    ] {
+        let (status, _, stderr) = run_binary(Command::new(binary()).args(args));
+        assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let (status, stdout, _) = run_binary(Command::new(binary()).arg("--help"));
+    assert_eq!(status.code(), Some(0));
+    for taught in [
+        "--events",
+        "--json",
+        "--duration",
+        "--port",
+        "Examples",
+        "CAP_BPF",
+    ] {
+        assert!(stdout.contains(taught), "--help lacks {taught}");
+    }
+}
+
+#[test]
+fn without_privileges_says_how_to_get_them() {
+    require_root();
+    // Root without any capability: what `sudo` forgotten looks like to the kernel.
+    let (status, _, stderr) = run_binary(
+        Command::new("setpriv")
+            .args([
+                "--inh-caps=-all",
+                "--ambient-caps=-all",
+                "--bounding-set=-all",
+                "--",
+            ])
+            .arg(binary())
+            .args(["--duration", "1s"]),
+    );
+    assert!(!status.success());
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_one_line_error(&stderr, "needs privileges");
+    assert!(
+        stderr.contains("CAP_BPF") && stderr.contains("root"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn tracefs_that_cannot_be_mounted_is_explained() {
+    require_root();
+    // In a private mount namespace without tracefs, and without CAP_SYS_ADMIN to mount it (but
+    // with the capabilities that loading needs).
+    let script = format!(
+        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug/tracing 2>/dev/null; \
+         exec setpriv --bounding-set=-sys_admin --inh-caps=-sys_admin -- {} --duration 1s",
+        binary().display()
+    );
+    let (status, _, stderr) = run_binary(Command::new("unshare").args(["-m", "sh", "-c", &script]));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_one_line_error(&stderr, "tracefs is not mounted");
+    assert!(stderr.contains("mount -t tracefs"), "{stderr}");
+}
+
+#[test]
+fn missing_tracepoint_is_explained() {
+    require_root();
+    // Hide the sock event group, as on a kernel older than 4.16.
+    let script = format!(
+        "mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing; \
+         mount -t tmpfs none /sys/kernel/tracing/events/sock && exec {} --duration 1s",
+        binary().display()
+    );
+    let (status, _, stderr) = run_binary(Command::new("unshare").args(["-m", "sh", "-c", &script]));
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert_one_line_error(&stderr, "no sock:inet_sock_set_state tracepoint");
+    assert!(stderr.contains("4.16"), "{stderr}");
+}

@@ -1,0 +1,148 @@
+//! Installs what tcpclose's build and tests need, skipping whatever is already there.
+
+use std::{
+    env,
+    ffi::OsString,
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::run;
+
+/// The bpf-linker release the build uses.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian packages the integration tests call (`setpriv`, `unshare`, `ip`).
+const TEST_PACKAGES: &[&str] = &["util-linux", "iproute2"];
+
+pub fn all(with_test_packages: bool) -> Result<()> {
+    rust_src()?;
+    bpf_linker()?;
+    if with_test_packages {
+        debian_packages(TEST_PACKAGES)?;
+    }
+    Ok(())
+}
+
+fn cargo_home() -> PathBuf {
+    env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from("/root/.cargo"))
+}
+
+pub fn path_with_cargo_bin() -> OsString {
+    let mut dirs = vec![cargo_home().join("bin")];
+    if let Some(path) = env::var_os("PATH") {
+        dirs.extend(env::split_paths(&path));
+    }
+    env::join_paths(dirs).unwrap_or_default()
+}
+
+fn output(cmd: &mut Command) -> Result<String> {
+    let out = cmd
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("starting {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", out.status);
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("{cmd:?} printed non-UTF-8"))
+}
+
+fn nightly_sysroot() -> Result<PathBuf> {
+    let sysroot = output(Command::new("rustc").args(["+nightly", "--print", "sysroot"]))
+        .context("the nightly toolchain is needed to build the eBPF program (`rustup toolchain install nightly`)")?;
+    Ok(PathBuf::from(sysroot.trim()))
+}
+
+/// `-Z build-std=core` for the bpfel target needs the standard library's source.
+fn rust_src() -> Result<()> {
+    let core = nightly_sysroot()?.join("lib/rustlib/src/rust/library/core/Cargo.toml");
+    if core.is_file() {
+        return Ok(());
+    }
+    eprintln!("setup: adding rust-src to the nightly toolchain");
+    run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))
+}
+
+/// bpf-linker must link against the same LLVM as the nightly rustc that produces the bitcode.
+/// No prebuilt binary can be downloaded, so it is built from crates.io against the LLVM shared
+/// library inside the nightly toolchain: `LLVM_PREFIX` points at a directory whose `lib/` holds
+/// symlinks to it (the binary keeps an rpath to that directory, so it stays in CARGO_HOME).
+fn bpf_linker() -> Result<()> {
+    let bin = cargo_home().join("bin/bpf-linker");
+    let works = Command::new(&bin)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if works {
+        return Ok(());
+    }
+
+    let sysroot = nightly_sysroot()?;
+    let verbose = output(Command::new("rustc").args(["+nightly", "-vV"]))?;
+    let llvm_major = verbose
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .context("`rustc +nightly -vV` shows no LLVM version")?
+        .to_owned();
+    let lib_dir = sysroot.join("lib");
+    let llvm_lib = fs::read_dir(&lib_dir)
+        .with_context(|| format!("listing {}", lib_dir.display()))?
+        .filter_map(|entry| entry.ok())
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .find(|name| name.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
+
+    let prefix = cargo_home().join("bpf-linker-llvm");
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)
+        .with_context(|| format!("creating {}", prefix_lib.display()))?;
+    for link in ["libLLVM.so".to_owned(), llvm_lib.clone()] {
+        let path = prefix_lib.join(&link);
+        let _ = fs::remove_file(&path);
+        std::os::unix::fs::symlink(lib_dir.join(&llvm_lib), &path)
+            .with_context(|| format!("linking {}", path.display()))?;
+    }
+
+    eprintln!(
+        "setup: building bpf-linker {BPF_LINKER_VERSION} against the nightly's LLVM {llvm_major} (about a minute)"
+    );
+    run(Command::new("cargo")
+        .args(["+nightly", "install", "bpf-linker", "--locked", "--force"])
+        .args(["--version", BPF_LINKER_VERSION])
+        .args(["--no-default-features", "--features"])
+        .arg(format!("llvm-{llvm_major}"))
+        .arg("--root")
+        .arg(cargo_home())
+        .env("LLVM_PREFIX", &prefix))
+    .context("building bpf-linker failed; if the nightly's LLVM is newer than this bpf-linker supports, raise BPF_LINKER_VERSION in xtask")
+}
+
+fn debian_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    eprintln!("setup: installing Debian packages {}", missing.join(" "));
+    run(Command::new("apt-get").args(["update", "-q"]))?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-q", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
