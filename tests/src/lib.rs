@@ -199,6 +199,22 @@ impl Run {
     }
 }
 
+/// Makes `n` connections to `listener` and closes them, accepting on a thread.
+pub fn churn(listener: &std::net::TcpListener, n: usize) {
+    let addr = listener.local_addr().unwrap();
+    let l = listener.try_clone().unwrap();
+    let acceptor = thread::spawn(move || {
+        for _ in 0..n {
+            let (s, _) = l.accept().expect("accept");
+            drop(s);
+        }
+    });
+    for _ in 0..n {
+        drop(std::net::TcpStream::connect(addr).expect("connect"));
+    }
+    acceptor.join().unwrap();
+}
+
 /// `OLD->NEW` of a transition record.
 pub fn arrow(t: &Value) -> String {
     format!(
