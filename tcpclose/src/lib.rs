@@ -6,3 +6,4 @@
 pub mod event;
 pub mod render;
 pub mod states;
+pub mod teardown;
