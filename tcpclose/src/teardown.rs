@@ -640,6 +640,12 @@ mod tests {
     }
 
     const OPEN: [(u64, TcpState, TcpState); 2] = [(0, Close, SynSent), (1, SynSent, Established)];
+    /// close() at 100 ms; the peer ACKs at once; the socket is handed to a timewait socket.
+    const ORPHANED_CLOSE: [(u64, TcpState, TcpState); 3] = [
+        (100, Established, FinWait1),
+        (101, FinWait1, FinWait2),
+        (101, FinWait2, Close),
+    ];
 
     #[test]
     fn passive_close_times_close_wait_and_last_ack() {
@@ -672,15 +678,7 @@ mod tests {
         let mut c = Correlator::new(64);
         feed(&mut c, 1, &OPEN);
         // close(): FIN_WAIT1, ACK, then at once handed to a timewait socket in FIN_WAIT2.
-        let none = feed(
-            &mut c,
-            1,
-            &[
-                (100, Established, FinWait1),
-                (101, FinWait1, FinWait2),
-                (101, FinWait2, Close),
-            ],
-        );
+        let none = feed(&mut c, 1, &ORPHANED_CLOSE);
         assert!(none.is_empty(), "waits for the timewait socket");
         assert!(timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101).is_empty());
         // The peer's FIN 300 ms later re-arms the timer into another bucket.
@@ -702,15 +700,7 @@ mod tests {
     fn fin_seen_only_through_the_expiry_is_timed_in_jiffies() {
         let mut c = Correlator::new(64);
         feed(&mut c, 1, &OPEN);
-        feed(
-            &mut c,
-            1,
-            &[
-                (100, Established, FinWait1),
-                (101, FinWait1, FinWait2),
-                (101, FinWait2, Close),
-            ],
-        );
+        feed(&mut c, 1, &ORPHANED_CLOSE);
         timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101);
         // No second timer_start: the FIN at ~300 ms is known from the expiry it set.
         let t = one(timer(&mut c, 60_500, TimeWait, TimerAction::Fired, 60_300));
@@ -723,15 +713,7 @@ mod tests {
     fn orphaned_fin_wait2_that_times_out() {
         let mut c = Correlator::new(64);
         feed(&mut c, 1, &OPEN);
-        feed(
-            &mut c,
-            1,
-            &[
-                (100, Established, FinWait1),
-                (101, FinWait1, FinWait2),
-                (101, FinWait2, Close),
-            ],
-        );
+        feed(&mut c, 1, &ORPHANED_CLOSE);
         timer(&mut c, 101, FinWait2, TimerAction::Armed, 2_101);
         let t = one(timer(&mut c, 2_110, FinWait2, TimerAction::Fired, 2_101));
         assert_eq!(t.close, CloseKind::FinTimeout);
@@ -886,15 +868,7 @@ mod tests {
     fn handoff_without_a_timewait_socket_is_emitted_after_the_wait() {
         let mut c = Correlator::new(64);
         feed(&mut c, 1, &OPEN);
-        feed(
-            &mut c,
-            1,
-            &[
-                (100, Established, FinWait1),
-                (101, FinWait1, FinWait2),
-                (101, FinWait2, Close),
-            ],
-        );
+        feed(&mut c, 1, &ORPHANED_CLOSE);
         let mut out = Vec::new();
         c.expire(1_000 * MS, &mut out);
         assert!(out.is_empty());
