@@ -62,6 +62,16 @@ pub struct EventPrinter {
     header_done: bool,
     /// Width of the address columns; grows to fit IPv6 addresses.
     addr_width: usize,
+    /// Reused per line, so that printing allocates nothing per event.
+    local: String,
+    remote: String,
+    pid: String,
+    ms: String,
+}
+
+/// Serializes a kernel address as `"0xffff..."` without an intermediate String.
+fn hex<S: serde::Serializer>(addr: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&format_args!("{addr:#x}"))
 }
 
 #[derive(Serialize)]
@@ -70,7 +80,8 @@ struct TransitionRecord<'a> {
     kind: &'static str,
     ts_ns: u64,
     time: Timestamp,
-    skaddr: String,
+    #[serde(serialize_with = "hex")]
+    skaddr: u64,
     family: &'static str,
     laddr: IpAddr,
     lport: u16,
@@ -91,6 +102,10 @@ impl EventPrinter {
             zone: TimeZone::system(),
             header_done: false,
             addr_width: 21,
+            local: String::new(),
+            remote: String::new(),
+            pid: String::new(),
+            ms: String::new(),
         }
     }
 
@@ -108,7 +123,7 @@ impl EventPrinter {
                     kind: "transition",
                     ts_ns: t.ts_ns,
                     time: self.clock.timestamp(t.ts_ns),
-                    skaddr: format!("{:#x}", t.skaddr),
+                    skaddr: t.skaddr,
                     family: t.family.name(),
                     laddr: t.local.ip(),
                     lport: t.local.port(),
@@ -124,8 +139,20 @@ impl EventPrinter {
                 out.write_all(b"\n")
             }
             Format::Text => {
-                let local = t.local.to_string();
-                let remote = t.remote.to_string();
+                use std::fmt::Write as _;
+                let (local, remote, pid, ms) = (
+                    &mut self.local,
+                    &mut self.remote,
+                    &mut self.pid,
+                    &mut self.ms,
+                );
+                local.clear();
+                remote.clear();
+                pid.clear();
+                ms.clear();
+                // Writing into a String cannot fail.
+                let _ = write!(local, "{}", t.local);
+                let _ = write!(remote, "{}", t.remote);
                 self.addr_width = self.addr_width.max(local.len()).max(remote.len());
                 let w = self.addr_width;
                 if !self.header_done {
@@ -141,11 +168,16 @@ impl EventPrinter {
                     .timestamp(t.ts_ns)
                     .to_zoned(self.zone.clone())
                     .strftime("%H:%M:%S%.3f");
-                let (pid, comm) = match owner {
-                    Some(task) => (task.pid.to_string(), task.comm()),
-                    None => (String::new(), Cow::Borrowed("")),
+                let comm = match owner {
+                    Some(task) => {
+                        let _ = write!(pid, "{}", task.pid);
+                        task.comm()
+                    }
+                    None => Cow::Borrowed(""),
                 };
-                let ms = in_old_ns.map(format_ms).unwrap_or_default();
+                if let Some(ns) = in_old_ns {
+                    write_ms(ms, ns);
+                }
                 writeln!(
                     out,
                     "{time:<12} {pid:>7} {comm:<15} {local:<w$} {remote:<w$} {:>11} -> {:<12} {ms:>10}",
@@ -158,7 +190,15 @@ impl EventPrinter {
 
 /// Milliseconds with microsecond precision, as tcpstates prints them.
 pub fn format_ms(ns: u64) -> String {
-    format!("{}.{:03}", ns / 1_000_000, ns / 1_000 % 1_000)
+    let mut s = String::new();
+    write_ms(&mut s, ns);
+    s
+}
+
+fn write_ms(out: &mut String, ns: u64) {
+    use std::fmt::Write as _;
+    // Writing into a String cannot fail.
+    let _ = write!(out, "{}.{:03}", ns / 1_000_000, ns / 1_000 % 1_000);
 }
 
 /// What a run saw and what it could not deliver; printed when tracing ends.
