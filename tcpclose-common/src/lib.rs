@@ -1,11 +1,12 @@
 //! The ABI shared by tcpclose's kernel program and its loader, defined once.
 //!
-//! Everything here is plain data: the event the kernel program writes into the ring buffer, the
-//! configuration the loader writes into the program's read-only globals before loading it, the
-//! names of the maps, and the layout of the tracepoint record the program reads.
+//! Everything here is plain data: the records the kernel programs write into the ring buffer, the
+//! configuration the loader writes into the programs' read-only globals before loading them, the
+//! names of the maps, and the layout of the tracepoint records the programs read.
 #![no_std]
 
-/// Ring buffer carrying [`TransitionEvent`]s from the kernel to the loader.
+/// Ring buffer carrying [`TransitionEvent`]s and [`TimewaitEvent`]s from the kernel to the
+/// loader. Every record starts with its [`RecordKind`] byte.
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Per-CPU `u64` counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
@@ -15,6 +16,12 @@ pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the tracepoint program in the object file.
 pub const TRANSITION_PROGRAM: &str = "inet_sock_set_state";
+/// Programs on the `timer:` tracepoints that follow timewait sockets: `(program, tracepoint)`.
+pub const TIMER_PROGRAMS: [(&str, &str); 3] = [
+    ("timewait_timer_start", "timer_start"),
+    ("timewait_timer_expire", "timer_expire_entry"),
+    ("timewait_timer_cancel", "timer_cancel"),
+];
 
 /// Default ring buffer size (bytes). At ~250k transitions/s (10 per connection at 25k
 /// connections/s) 96-byte records fill 2.4 MB per 100 ms; 8 MiB leaves room for a consumer that
@@ -42,13 +49,36 @@ pub enum Counter {
     Matched = 0,
     /// Transitions that found the ring buffer full and were dropped.
     Lost = 1,
+    /// Timewait timer events that passed the filters.
+    TimewaitMatched = 2,
+    /// Timewait timer events dropped because the ring buffer was full.
+    TimewaitLost = 3,
 }
 
 /// Number of entries of the `COUNTERS` map.
-pub const COUNTER_ENTRIES: u32 = 2;
+pub const COUNTER_ENTRIES: u32 = 4;
 
-/// Filters and delivery settings, written by the loader into the program's read-only data before
-/// the program is loaded (so the verifier sees them as constants of this run).
+/// First byte of every ring buffer record: which struct follows.
+pub mod record_kind {
+    /// A [`super::TransitionEvent`].
+    pub const TRANSITION: u8 = 1;
+    /// A [`super::TimewaitEvent`].
+    pub const TIMEWAIT: u8 = 2;
+}
+
+/// [`TimewaitEvent::action`]: which timer tracepoint fired.
+pub mod timer_action {
+    /// `timer:timer_start`: the timer was queued (armed or moved to another wheel bucket).
+    pub const START: u8 = 1;
+    /// `timer:timer_expire_entry`: the timer fired.
+    pub const EXPIRE: u8 = 2;
+    /// `timer:timer_cancel`: the timer was taken off its wheel (deleted, moved, or about to
+    /// fire: `expire_timers()` detaches a timer before it calls it).
+    pub const CANCEL: u8 = 3;
+}
+
+/// Filters and delivery settings, written by the loader into the programs' read-only data before
+/// they are loaded (so the verifier sees them as constants of this run).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
@@ -60,9 +90,38 @@ pub struct Config {
     /// Non-zero when `PORT_FILTER` is in force.
     pub port_filter: u8,
     pub _pad: [u8; 5],
+    /// Where the timewait socket's fields are; `tw_timer_handler == 0` when not followed.
+    pub timewait: TimewaitLayout,
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<Config>() == 48);
+
+/// The running kernel's layout of what the timer programs read, from its BTF at start-up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TimewaitLayout {
+    /// Address of `tw_timer_handler`, the function of every timewait socket's timer.
+    pub tw_timer_handler: u64,
+    /// `offsetof(struct timer_list, function)`.
+    pub timer_function: u16,
+    /// `offsetof(struct timer_list, expires)`.
+    pub timer_expires: u16,
+    /// `offsetof(struct inet_timewait_sock, tw_timer)`.
+    pub tw_timer: u16,
+    /// `offsetof(struct inet_timewait_sock, tw_substate)`.
+    pub tw_substate: u16,
+    /// `struct sock_common` members (at the start of the timewait socket).
+    pub skc_daddr: u16,
+    pub skc_rcv_saddr: u16,
+    pub skc_dport: u16,
+    pub skc_num: u16,
+    pub skc_family: u16,
+    pub skc_v6_daddr: u16,
+    pub skc_v6_rcv_saddr: u16,
+    pub _pad: [u8; 2],
+}
+
+const _: () = assert!(core::mem::size_of::<TimewaitLayout>() == 32);
 
 /// One TCP state change, as the kernel program writes it into the ring buffer.
 ///
@@ -72,6 +131,12 @@ const _: () = assert!(core::mem::size_of::<Config>() == 16);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransitionEvent {
+    /// [`record_kind::TRANSITION`].
+    pub kind: u8,
+    pub _pad: u8,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC, nanoseconds.
     pub ts_ns: u64,
     /// Kernel address of the `struct sock`: the socket's identity while it lives.
@@ -84,10 +149,6 @@ pub struct TransitionEvent {
     pub tgid: u32,
     pub oldstate: i32,
     pub newstate: i32,
-    pub sport: u16,
-    pub dport: u16,
-    pub family: u16,
-    pub _pad: [u8; 2],
     /// `comm` of the current task, NUL-padded.
     pub comm: [u8; 16],
 }
@@ -97,11 +158,59 @@ pub const TRANSITION_EVENT_SIZE: usize = 88;
 const _: () = assert!(core::mem::size_of::<TransitionEvent>() == TRANSITION_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() == 8);
 
+/// One event of a timewait socket's timer, as the timer programs write it into the ring buffer.
+/// Addresses and ports as in [`TransitionEvent`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimewaitEvent {
+    /// [`record_kind::TIMEWAIT`].
+    pub kind: u8,
+    /// A [`timer_action`] value.
+    pub action: u8,
+    pub family: u16,
+    pub sport: u16,
+    pub dport: u16,
+    /// `tw_substate`: `TCP_FIN_WAIT2` or `TCP_TIME_WAIT`.
+    pub substate: u8,
+    pub _pad: [u8; 7],
+    /// `bpf_ktime_get_ns()`, as in [`TransitionEvent`].
+    pub ts_ns: u64,
+    /// `jiffies` at `ts_ns` (`bpf_jiffies64()`): anchors `expires` to `ts_ns`.
+    pub jiffies: u64,
+    /// Kernel address of the `struct inet_timewait_sock`.
+    pub twaddr: u64,
+    /// `timer_list.expires`, in jiffies.
+    pub expires: u64,
+    pub saddr: [u8; 16],
+    pub daddr: [u8; 16],
+}
+
+pub const TIMEWAIT_EVENT_SIZE: usize = 80;
+const _: () = assert!(core::mem::size_of::<TimewaitEvent>() == TIMEWAIT_EVENT_SIZE);
+const _: () = assert!(core::mem::align_of::<TimewaitEvent>() == 8);
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: both are `repr(C)`, made of integers and byte arrays, with all padding explicit.
+    // SAFETY: all are `repr(C)`, made of integers and byte arrays, with all padding explicit.
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::TransitionEvent {}
+    unsafe impl aya::Pod for super::TimewaitEvent {}
+}
+
+/// The records of the `timer:` tracepoints as the timer programs read them (after the 8-byte
+/// common header, see `include/trace/events/timer.h`); checked by the loader like [`tracepoint`].
+pub mod timer_tracepoint {
+    /// `timer:timer_start`: `(name, offset, size)` of the fields read.
+    pub const START_FIELDS: [(&str, usize, usize); 2] =
+        [("timer", TIMER, 8), ("function", START_FUNCTION, 8)];
+    /// `timer:timer_expire_entry`.
+    pub const EXPIRE_FIELDS: [(&str, usize, usize); 2] =
+        [("timer", TIMER, 8), ("function", EXPIRE_FUNCTION, 8)];
+    /// `timer:timer_cancel` (no function: the program reads it from the timer).
+    pub const CANCEL_FIELDS: [(&str, usize, usize); 1] = [("timer", TIMER, 8)];
+    pub const TIMER: usize = 8;
+    pub const START_FUNCTION: usize = 16;
+    pub const EXPIRE_FUNCTION: usize = 24;
 }
 
 /// The record of `sock:inet_sock_set_state` as the program reads it: byte offsets and sizes

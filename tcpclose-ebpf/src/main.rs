@@ -1,22 +1,27 @@
-//! tcpclose's kernel program, attached to the `sock:inet_sock_set_state` tracepoint.
+//! tcpclose's kernel programs: one on the `sock:inet_sock_set_state` tracepoint, and three on the
+//! `timer:` tracepoints that follow timewait sockets, whose only visible activity is their timer.
 //!
-//! Per event it does the least it can: filter (protocol, family, ports), count, reserve a ring
-//! buffer record, fill it, submit it without waking the consumer. What it cannot deliver it
-//! counts. Everything else happens in userspace.
+//! Per event each does the least it can: filter (timer function, protocol, family, ports),
+//! count, reserve a ring buffer record, fill it, submit it without waking the consumer. What it
+//! cannot deliver it counts. Everything else happens in userspace.
 #![no_std]
 #![no_main]
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
     macros::{map, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use tcpclose_common::{
-    AF_INET, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
-    PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, TransitionEvent, tracepoint as tp,
+    AF_INET, AF_INET6, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
+    PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, TimewaitEvent, TimewaitLayout, TransitionEvent,
+    record_kind, timer_action, timer_tracepoint as ttp, tracepoint as tp,
 };
 
 /// Resized by the loader (`EbpfLoader::set_max_entries`) before loading.
@@ -36,7 +41,29 @@ static CONFIG: Config = Config {
     family: 0,
     port_filter: 0,
     _pad: [0; 5],
+    timewait: TimewaitLayout {
+        tw_timer_handler: 0,
+        timer_function: 0,
+        timer_expires: 0,
+        tw_timer: 0,
+        tw_substate: 0,
+        skc_daddr: 0,
+        skc_rcv_saddr: 0,
+        skc_dport: 0,
+        skc_num: 0,
+        skc_family: 0,
+        skc_v6_daddr: 0,
+        skc_v6_rcv_saddr: 0,
+        _pad: [0; 2],
+    },
 };
+
+/// Reads the configuration; volatile so the compiler does not fold the default value in.
+#[inline(always)]
+fn config() -> Config {
+    // SAFETY: plain read of a global the loader initialised.
+    unsafe { core::ptr::read_volatile(&CONFIG) }
+}
 
 #[tracepoint]
 pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
@@ -71,24 +98,24 @@ fn port_matches(port: u16, side: u8) -> bool {
 }
 
 #[inline(always)]
+fn ports_pass(config: &Config, sport: u16, dport: u16) -> bool {
+    config.port_filter == 0 || port_matches(sport, PORT_LOCAL) || port_matches(dport, PORT_REMOTE)
+}
+
+#[inline(always)]
 fn on_transition(ctx: &TracePointContext) {
     // The tracepoint also fires for SCTP and MPTCP sockets.
     if field::<u16>(ctx, tp::PROTOCOL) != IPPROTO_TCP {
         return;
     }
-    // SAFETY: plain read of a global the loader initialised; volatile so the compiler does not
-    // fold the default value in.
-    let config = unsafe { core::ptr::read_volatile(&CONFIG) };
+    let config = config();
     let family = field::<u16>(ctx, tp::FAMILY);
     if config.family != 0 && family != config.family {
         return;
     }
     let sport = field::<u16>(ctx, tp::SPORT);
     let dport = field::<u16>(ctx, tp::DPORT);
-    if config.port_filter != 0
-        && !port_matches(sport, PORT_LOCAL)
-        && !port_matches(dport, PORT_REMOTE)
-    {
+    if !ports_pass(&config, sport, dport) {
         return;
     }
     count(Counter::Matched);
@@ -112,6 +139,11 @@ fn on_transition(ctx: &TracePointContext) {
     };
     let pid_tgid = bpf_get_current_pid_tgid();
     entry.write(TransitionEvent {
+        kind: record_kind::TRANSITION,
+        _pad: 0,
+        family,
+        sport,
+        dport,
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         skaddr: field::<u64>(ctx, tp::SKADDR),
@@ -121,20 +153,119 @@ fn on_transition(ctx: &TracePointContext) {
         tgid: (pid_tgid >> 32) as u32,
         oldstate: field::<i32>(ctx, tp::OLDSTATE),
         newstate: field::<i32>(ctx, tp::NEWSTATE),
-        sport,
-        dport,
-        family,
-        _pad: [0; 2],
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     });
-    // A wakeup per record costs the traced CPU an irq_work and an IPI; the consumer polls on a
-    // timer instead, and is woken only when a backlog builds up.
+    entry.submit(submit_flags(&config));
+}
+
+/// A wakeup per record costs the traced CPU an irq_work and an IPI; the consumer polls on a timer
+/// instead, and is woken only when a backlog builds up.
+#[inline(always)]
+fn submit_flags(config: &Config) -> u64 {
     let flags = if EVENTS.query(BPF_RB_AVAIL_DATA.into()) >= config.wakeup_bytes {
         BPF_RB_FORCE_WAKEUP
     } else {
         BPF_RB_NO_WAKEUP
     };
-    entry.submit(flags.into());
+    flags.into()
+}
+
+// Timewait sockets. When a connection reaches TIME_WAIT, or FIN_WAIT2 after the application
+// closed it, tcp_time_wait() replaces the full socket by a `struct inet_timewait_sock` and the
+// full socket reports `-> CLOSE`. The timewait socket never passes through
+// inet_sock_set_state: its timer (function tw_timer_handler, armed by inet_twsk_schedule()) is
+// all there is to see. These programs see every timer of the kernel and reject all others
+// first, in as few instructions as possible.
+
+#[tracepoint]
+pub fn timewait_timer_start(ctx: TracePointContext) -> u32 {
+    let function = field::<u64>(&ctx, ttp::START_FUNCTION);
+    on_timer(&ctx, function, timer_action::START);
+    0
+}
+
+#[tracepoint]
+pub fn timewait_timer_expire(ctx: TracePointContext) -> u32 {
+    let function = field::<u64>(&ctx, ttp::EXPIRE_FUNCTION);
+    on_timer(&ctx, function, timer_action::EXPIRE);
+    0
+}
+
+#[tracepoint]
+pub fn timewait_timer_cancel(ctx: TracePointContext) -> u32 {
+    // timer_cancel does not record the function: read it from the timer itself.
+    let layout = config().timewait;
+    let timer = field::<u64>(&ctx, ttp::TIMER);
+    let function = read_kernel::<u64>(timer + u64::from(layout.timer_function));
+    on_timer(&ctx, function, timer_action::CANCEL);
+    0
+}
+
+/// Reads kernel memory; 0 when it cannot be read.
+#[inline(always)]
+fn read_kernel<T: Copy + Default>(addr: u64) -> T {
+    // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.unwrap_or_default()
+}
+
+#[inline(always)]
+fn on_timer(ctx: &TracePointContext, function: u64, action: u8) {
+    let config = config();
+    let layout = config.timewait;
+    if function != layout.tw_timer_handler || function == 0 {
+        return;
+    }
+    let timer = field::<u64>(ctx, ttp::TIMER);
+    let tw = timer - u64::from(layout.tw_timer);
+    let family = read_kernel::<u16>(tw + u64::from(layout.skc_family));
+    if config.family != 0 && family != config.family {
+        return;
+    }
+    // skc_num is the local port in host order, skc_dport the remote port in network order.
+    let sport = read_kernel::<u16>(tw + u64::from(layout.skc_num));
+    let dport = u16::from_be(read_kernel::<u16>(tw + u64::from(layout.skc_dport)));
+    if !ports_pass(&config, sport, dport) {
+        return;
+    }
+    count(Counter::TimewaitMatched);
+    let Some(mut entry) = EVENTS.reserve::<TimewaitEvent>(0) else {
+        count(Counter::TimewaitLost);
+        return;
+    };
+    let (saddr, daddr) = if family == AF_INET6 {
+        (
+            read_kernel::<[u64; 2]>(tw + u64::from(layout.skc_v6_rcv_saddr)),
+            read_kernel::<[u64; 2]>(tw + u64::from(layout.skc_v6_daddr)),
+        )
+    } else {
+        (
+            [
+                u64::from(read_kernel::<u32>(tw + u64::from(layout.skc_rcv_saddr))),
+                0,
+            ],
+            [
+                u64::from(read_kernel::<u32>(tw + u64::from(layout.skc_daddr))),
+                0,
+            ],
+        )
+    };
+    entry.write(TimewaitEvent {
+        kind: record_kind::TIMEWAIT,
+        action,
+        family,
+        sport,
+        dport,
+        substate: read_kernel::<u8>(tw + u64::from(layout.tw_substate)),
+        _pad: [0; 7],
+        // SAFETY: helpers without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        jiffies: unsafe { bpf_jiffies64() },
+        twaddr: tw,
+        expires: read_kernel::<u64>(timer + u64::from(layout.timer_expires)),
+        saddr: words64(saddr),
+        daddr: words64(daddr),
+    });
+    entry.submit(submit_flags(&config));
 }
 
 /// The bytes of four words as they lay in memory.

@@ -11,9 +11,27 @@ use crate::tracer::KernelFilter;
 
 const EXAMPLES: &str = "\
 Examples:
+  tcpclose                          one line per connection that ends, with its phases timed
+  tcpclose --port 443 --json        the same for port 443, as JSON lines (pipe into jq)
   tcpclose --events                 every TCP state change on this host, live
-  tcpclose --events --port 443      only sockets with local or remote port 443
   tcpclose --events --json -d 10s   JSON lines for 10 seconds, then a summary record
+
+Teardown records (the default):
+  SIDE      client (opened by connect) or server (accepted from a listener)
+  CLOSE     active (we sent the first FIN), passive (the peer's FIN came first),
+            simultaneous (both FINs crossed: CLOSING), reset (ended by an RST, or closed
+            with SO_LINGER 0 or unread data), failed (never established: refused, timed
+            out), fin_timeout (we closed, the peer never sent its FIN: the orphaned
+            FIN_WAIT2 ran out after net.ipv4.tcp_fin_timeout)
+  TEARDOWN  from leaving ESTABLISHED to the end of the last phase
+  PHASES    time spent in each of FIN_WAIT1, FIN_WAIT2, CLOSING, TIME_WAIT, CLOSE_WAIT,
+            LAST_ACK. After the application closes, the kernel moves a socket in
+            FIN_WAIT2 or TIME_WAIT to a timewait socket; tcpclose times those phases from
+            its timer. `~` marks durations whose boundary came from a timer expiry, good
+            to one jiffy (resolution_ns in JSON). A client that closes first is reported
+            when its TIME_WAIT ends, 60 s later.
+  (partial) tcpclose did not see the whole life (it started mid-way, or an event was
+            lost): phases it did not see whole are absent, never 0.
 
 Needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN if tracefs is not mounted).
 PID and COMM are shown only for transitions a system call makes (connect, listen, close,
@@ -23,13 +41,14 @@ the socket's owner.";
 /// Watch how TCP connections end.
 ///
 /// tcpclose follows every TCP state change on this host with an eBPF program on the
-/// sock:inet_sock_set_state tracepoint, timestamped in the kernel.
+/// sock:inet_sock_set_state tracepoint, timestamped in the kernel, and prints one line per
+/// connection that ends: how it ended and how long each disconnect phase took.
 #[derive(Parser, Debug)]
 #[command(name = "tcpclose", version, after_help = EXAMPLES)]
 pub struct Cli {
-    /// Print every TCP state change, one line each: time, owner, addresses, OLD -> NEW and the
-    /// milliseconds the socket spent in OLD (blank when tcpclose did not see it enter OLD).
-    /// This is currently the default.
+    /// Print every TCP state change instead of teardowns, one line each: time, owner, addresses,
+    /// OLD -> NEW and the milliseconds the socket spent in OLD (blank when tcpclose did not see
+    /// it enter OLD).
     #[arg(long)]
     pub events: bool,
 
@@ -61,8 +80,9 @@ pub struct Cli {
     #[arg(short = '6', long = "ipv6")]
     pub ipv6: bool,
 
-    /// Follow at most N sockets at once; transitions of sockets beyond that are still printed,
-    /// without durations, and counted in the summary.
+    /// Follow at most N sockets at once (about 200 bytes each). When the table is full the
+    /// sockets idle longest are dropped and counted in the summary; with --events their
+    /// transitions are still printed, without durations.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS)]
     pub max_sockets: usize,
 

@@ -6,7 +6,10 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use tcpclose_common::{AF_INET, AF_INET6, TRANSITION_EVENT_SIZE, TransitionEvent};
+use tcpclose_common::{
+    AF_INET, AF_INET6, TIMEWAIT_EVENT_SIZE, TRANSITION_EVENT_SIZE, TimewaitEvent, TransitionEvent,
+    record_kind, timer_action,
+};
 
 /// A TCP state, numbered as the kernel numbers them (`include/net/tcp_states.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,20 +99,26 @@ impl Family {
 /// Why a ring buffer record could not be decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecodeError {
-    /// The record is not the size of a `TransitionEvent` (loader and program disagree).
+    /// The record is not the size its kind says (loader and program disagree).
     Length(usize),
+    UnknownKind(u8),
     UnknownState(i32),
     UnknownFamily(u16),
+    UnknownTimerAction(u8),
 }
 
 impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Length(len) => {
-                write!(f, "record of {len} bytes, expected {TRANSITION_EVENT_SIZE}")
-            }
+            Self::Length(len) => write!(
+                f,
+                "record of {len} bytes, expected {TRANSITION_EVENT_SIZE} (transition) or \
+                 {TIMEWAIT_EVENT_SIZE} (timewait timer)"
+            ),
+            Self::UnknownKind(kind) => write!(f, "unknown record kind {kind}"),
             Self::UnknownState(state) => write!(f, "unknown TCP state {state}"),
             Self::UnknownFamily(family) => write!(f, "unknown address family {family}"),
+            Self::UnknownTimerAction(action) => write!(f, "unknown timer action {action}"),
         }
     }
 }
@@ -158,34 +167,82 @@ pub struct Transition {
     pub task: Task,
 }
 
-impl Transition {
-    /// Decodes one ring buffer record.
-    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
-        if bytes.len() != TRANSITION_EVENT_SIZE {
-            return Err(DecodeError::Length(bytes.len()));
+/// One ring buffer record, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Record {
+    Transition(Transition),
+    Timewait(TimewaitTimer),
+}
+
+impl Record {
+    /// Decodes one ring buffer record; `jiffy_ns` is the length of the kernel's jiffy (1 s /
+    /// CONFIG_HZ), used to convert timer expiries.
+    pub fn decode(bytes: &[u8], jiffy_ns: u64) -> Result<Self, DecodeError> {
+        match bytes.first() {
+            Some(&record_kind::TRANSITION) => Transition::decode(bytes).map(Self::Transition),
+            Some(&record_kind::TIMEWAIT) => {
+                TimewaitTimer::decode(bytes, jiffy_ns).map(Self::Timewait)
+            }
+            Some(&other) => Err(DecodeError::UnknownKind(other)),
+            None => Err(DecodeError::Length(0)),
         }
-        // SAFETY: the length is checked above and `TransitionEvent` is plain old data (every bit
-        // pattern is a valid value); `read_unaligned` makes no alignment assumption.
-        let raw = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<TransitionEvent>()) };
+    }
+}
+
+/// Copies a plain-old-data record out of `bytes` after checking its length.
+fn read_record<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() != std::mem::size_of::<T>() {
+        return Err(DecodeError::Length(bytes.len()));
+    }
+    // SAFETY: the length is checked above; the ABI structs are plain old data (every bit pattern
+    // is a valid value); `read_unaligned` makes no alignment assumption.
+    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+}
+
+/// The two ends of a socket from the kernel's representation (addresses in network order,
+/// ports in host order).
+fn endpoints(
+    family: u16,
+    saddr: &[u8; 16],
+    daddr: &[u8; 16],
+    sport: u16,
+    dport: u16,
+) -> Result<(Family, SocketAddr, SocketAddr), DecodeError> {
+    let (family, local_ip, remote_ip) = match family {
+        AF_INET => (Family::Ipv4, ipv4(saddr), ipv4(daddr)),
+        AF_INET6 => (
+            Family::Ipv6,
+            IpAddr::V6(Ipv6Addr::from(*saddr)),
+            IpAddr::V6(Ipv6Addr::from(*daddr)),
+        ),
+        other => return Err(DecodeError::UnknownFamily(other)),
+    };
+    Ok((
+        family,
+        SocketAddr::new(local_ip, sport),
+        SocketAddr::new(remote_ip, dport),
+    ))
+}
+
+impl Transition {
+    /// Decodes one transition record.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let raw = read_record::<TransitionEvent>(bytes)?;
+        if raw.kind != record_kind::TRANSITION {
+            return Err(DecodeError::UnknownKind(raw.kind));
+        }
         Self::from_raw(&raw)
     }
 
     pub fn from_raw(raw: &TransitionEvent) -> Result<Self, DecodeError> {
-        let (family, local_ip, remote_ip) = match raw.family {
-            AF_INET => (Family::Ipv4, ipv4(&raw.saddr), ipv4(&raw.daddr)),
-            AF_INET6 => (
-                Family::Ipv6,
-                IpAddr::V6(Ipv6Addr::from(raw.saddr)),
-                IpAddr::V6(Ipv6Addr::from(raw.daddr)),
-            ),
-            other => return Err(DecodeError::UnknownFamily(other)),
-        };
+        let (family, local, remote) =
+            endpoints(raw.family, &raw.saddr, &raw.daddr, raw.sport, raw.dport)?;
         Ok(Self {
             ts_ns: raw.ts_ns,
             skaddr: raw.skaddr,
             family,
-            local: SocketAddr::new(local_ip, raw.sport),
-            remote: SocketAddr::new(remote_ip, raw.dport),
+            local,
+            remote,
             old: TcpState::try_from(raw.oldstate)?,
             new: TcpState::try_from(raw.newstate)?,
             task: Task {
@@ -223,6 +280,72 @@ impl Transition {
     }
 }
 
+/// What happened to a timewait socket's timer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TimerAction {
+    /// `timer_start`: queued, at creation (`inet_twsk_schedule()`) or when the peer's FIN moves
+    /// an orphaned FIN_WAIT2 to TIME_WAIT and the new expiry falls into another wheel bucket.
+    Armed,
+    /// `timer_expire_entry`: `tw_timer_handler()` runs; the timewait socket goes away.
+    Fired,
+    /// `timer_cancel`: taken off the wheel. Either the socket is killed early
+    /// (`inet_twsk_deschedule_put()`: the 4-tuple was reused, an RST came), or the timer is
+    /// being moved (`__mod_timer()` detaches it before it queues it again: an `Armed` follows),
+    /// or it is about to fire (`expire_timers()` detaches it first: a `Fired` follows).
+    Cancelled,
+}
+
+/// A timewait socket's timer event, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimewaitTimer {
+    pub ts_ns: u64,
+    /// Kernel address of the `inet_timewait_sock`.
+    pub twaddr: u64,
+    pub family: Family,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// `tw_substate`: FIN_WAIT2 or TIME_WAIT.
+    pub substate: TcpState,
+    pub action: TimerAction,
+    /// When the timer is due, converted from jiffies to CLOCK_MONOTONIC ns.
+    pub expires_ns: u64,
+    /// Resolution of `expires_ns` (one jiffy).
+    pub jiffy_ns: u64,
+}
+
+impl TimewaitTimer {
+    /// Decodes one timewait timer record; see [`Record::decode`].
+    pub fn decode(bytes: &[u8], jiffy_ns: u64) -> Result<Self, DecodeError> {
+        let raw = read_record::<TimewaitEvent>(bytes)?;
+        if raw.kind != record_kind::TIMEWAIT {
+            return Err(DecodeError::UnknownKind(raw.kind));
+        }
+        let (family, local, remote) =
+            endpoints(raw.family, &raw.saddr, &raw.daddr, raw.sport, raw.dport)?;
+        let action = match raw.action {
+            timer_action::START => TimerAction::Armed,
+            timer_action::EXPIRE => TimerAction::Fired,
+            timer_action::CANCEL => TimerAction::Cancelled,
+            other => return Err(DecodeError::UnknownTimerAction(other)),
+        };
+        // `jiffies` was read at `ts_ns`; jiffies are unsigned and wrap, so the distance to the
+        // expiry is their wrapping difference, signed.
+        let ahead = raw.expires.wrapping_sub(raw.jiffies) as i64;
+        let expires_ns = i128::from(raw.ts_ns) + i128::from(ahead) * i128::from(jiffy_ns);
+        Ok(Self {
+            ts_ns: raw.ts_ns,
+            twaddr: raw.twaddr,
+            family,
+            local,
+            remote,
+            substate: TcpState::try_from(i32::from(raw.substate))?,
+            action,
+            expires_ns: u64::try_from(expires_ns.max(0)).unwrap_or(u64::MAX),
+            jiffy_ns,
+        })
+    }
+}
+
 fn ipv4(bytes: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
 }
@@ -235,6 +358,8 @@ mod tests {
         let mut comm = [0; 16];
         comm[..4].copy_from_slice(b"curl");
         TransitionEvent {
+            kind: record_kind::TRANSITION,
+            _pad: 0,
             ts_ns: 1_000,
             skaddr: 0xffff_8880_0000_1000,
             saddr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
@@ -246,20 +371,102 @@ mod tests {
             sport: 40_000,
             dport: 8080,
             family: AF_INET,
-            _pad: [0; 2],
             comm,
         }
     }
 
-    fn bytes(raw: &TransitionEvent) -> Vec<u8> {
-        // SAFETY: `TransitionEvent` is plain old data of exactly this size.
+    fn bytes<T: Copy>(raw: &T) -> Vec<u8> {
+        // SAFETY: the ABI structs are plain old data without implicit padding.
         unsafe {
-            std::slice::from_raw_parts(
-                (raw as *const TransitionEvent).cast::<u8>(),
-                TRANSITION_EVENT_SIZE,
-            )
+            std::slice::from_raw_parts((raw as *const T).cast::<u8>(), std::mem::size_of::<T>())
         }
         .to_vec()
+    }
+
+    fn raw_timer() -> TimewaitEvent {
+        TimewaitEvent {
+            kind: record_kind::TIMEWAIT,
+            action: timer_action::START,
+            family: AF_INET6,
+            sport: 40_000,
+            dport: 443,
+            substate: TcpState::FinWait2 as u8,
+            _pad: [0; 7],
+            ts_ns: 10_000_000_000,
+            jiffies: u64::MAX - 1,
+            twaddr: 0xffff_8880_0000_2000,
+            // Wrapped: 250 jiffies ahead.
+            expires: 248,
+            saddr: Ipv6Addr::LOCALHOST.octets(),
+            daddr: "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets(),
+        }
+    }
+
+    #[test]
+    fn decodes_timewait_timers_and_converts_jiffies() {
+        let jiffy = 4_000_000;
+        let Record::Timewait(t) = Record::decode(&bytes(&raw_timer()), jiffy).unwrap() else {
+            panic!("not a timer record")
+        };
+        assert_eq!(t.action, TimerAction::Armed);
+        assert_eq!(t.substate, TcpState::FinWait2);
+        assert_eq!(t.local, "[::1]:40000".parse().unwrap());
+        assert_eq!(t.remote, "[2001:db8::2]:443".parse().unwrap());
+        assert_eq!(t.expires_ns, 10_000_000_000 + 250 * jiffy);
+        assert_eq!(t.jiffy_ns, jiffy);
+        // An expiry in the past converts to an earlier time, never below 0.
+        let mut r = raw_timer();
+        r.jiffies = 1_000;
+        r.expires = 0;
+        let t = TimewaitTimer::decode(&bytes(&r), jiffy).unwrap();
+        assert_eq!(t.expires_ns, 10_000_000_000 - 1_000 * jiffy);
+        r.ts_ns = 0;
+        assert_eq!(
+            TimewaitTimer::decode(&bytes(&r), jiffy).unwrap().expires_ns,
+            0
+        );
+        for (action, expected) in [
+            (timer_action::EXPIRE, TimerAction::Fired),
+            (timer_action::CANCEL, TimerAction::Cancelled),
+        ] {
+            let mut r = raw_timer();
+            r.action = action;
+            assert_eq!(
+                TimewaitTimer::decode(&bytes(&r), jiffy).unwrap().action,
+                expected
+            );
+        }
+        let mut r = raw_timer();
+        r.action = 9;
+        assert_eq!(
+            Record::decode(&bytes(&r), jiffy),
+            Err(DecodeError::UnknownTimerAction(9))
+        );
+        let mut r = raw_timer();
+        r.substate = 99;
+        assert_eq!(
+            Record::decode(&bytes(&r), jiffy),
+            Err(DecodeError::UnknownState(99))
+        );
+    }
+
+    #[test]
+    fn dispatches_on_the_record_kind() {
+        assert!(matches!(
+            Record::decode(&bytes(&raw()), 1),
+            Ok(Record::Transition(_))
+        ));
+        let mut b = bytes(&raw());
+        b[0] = 7;
+        assert_eq!(Record::decode(&b, 1), Err(DecodeError::UnknownKind(7)));
+        assert_eq!(Record::decode(&[], 1), Err(DecodeError::Length(0)));
+        // A timer record cut to a transition's length is refused, not misread.
+        let mut t = bytes(&raw_timer());
+        t.resize(TRANSITION_EVENT_SIZE, 0);
+        assert_eq!(
+            Record::decode(&t, 1),
+            Err(DecodeError::Length(TRANSITION_EVENT_SIZE))
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! The binary is thin; the pieces that do not touch the kernel live here so that they can be
 //! tested and benchmarked without privileges.
 
+pub mod btf;
 pub mod event;
 pub mod render;
 pub mod states;

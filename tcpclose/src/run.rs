@@ -1,15 +1,16 @@
 //! One tracing run: attach, drain the ring buffer until told to stop, detach, summarise.
 
 use std::{
-    io::{self, BufWriter, Write},
+    io::{self, BufWriter, IsTerminal as _, Write},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use tcpclose::{
-    event::Transition,
-    render::{EventPrinter, Format, Summary, WallClock},
+    event::{Record, Transition},
+    render::{EventPrinter, Format, Summary, TeardownPrinter, WallClock, clock_ns},
     states::SocketStates,
+    teardown::{Correlator, Teardown},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -23,7 +24,7 @@ const BATCH: usize = 4096;
 
 pub async fn run(cli: Cli) -> Result<()> {
     let format = if cli.json { Format::Json } else { Format::Text };
-    let mut tracer = Tracer::attach(&cli.kernel_filter(), cli.ring_bytes)?;
+    let mut tracer = Tracer::attach(&cli.kernel_filter(), cli.ring_bytes, !cli.events)?;
     let started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -32,8 +33,25 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    let mut session = Session::new(format, cli.max_sockets);
-    eprintln!("Tracing TCP state changes... Hit Ctrl-C to end.");
+    let view = if cli.events {
+        View::Events {
+            states: SocketStates::new(cli.max_sockets),
+            printer: EventPrinter::new(format, WallClock::now()),
+        }
+    } else {
+        let colour = format == Format::Text && io::stdout().is_terminal();
+        View::Teardowns {
+            correlator: Correlator::new(cli.max_sockets),
+            printer: TeardownPrinter::new(format, WallClock::now(), colour),
+            done: Vec::new(),
+        }
+    };
+    let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0));
+    if cli.events {
+        eprintln!("Tracing TCP state changes... Hit Ctrl-C to end.");
+    } else {
+        eprintln!("Tracing TCP teardowns... Hit Ctrl-C to end.");
+    }
 
     let mut drained = 0;
     loop {
@@ -48,6 +66,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             _ = tick.tick() => {}
         }
         drained = tracer.drain(BATCH, |record| session.handle(record));
+        if drained < BATCH {
+            // Caught up with the kernel: what only time completes is due now.
+            session.expire();
+        }
         if !session.flush()? {
             break;
         }
@@ -56,16 +78,30 @@ pub async fn run(cli: Cli) -> Result<()> {
     // Detach first, then read what the program submitted before it was detached.
     tracer.detach();
     while tracer.drain(BATCH, |record| session.handle(record)) > 0 {}
+    session.expire();
     session.flush()?;
     let counters = tracer.counters()?;
-    let summary = Summary {
+    let mut summary = Summary {
         transitions: session.transitions,
         lost: counters.lost,
         matched: counters.matched,
         undecodable: session.undecodable,
-        untracked: session.states.untracked(),
+        timewait_events: session.timewait_events,
+        timewait_lost: counters.timewait_lost,
+        teardowns: session.teardowns,
         duration_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        ..Summary::default()
     };
+    match &session.view {
+        View::Events { states, .. } => summary.untracked = states.untracked(),
+        View::Teardowns { correlator, .. } => {
+            let losses = correlator.losses();
+            summary.evicted = losses.evicted;
+            summary.unfinished = losses.unfinished;
+            summary.timewait_unseen = losses.timewait_unseen;
+            summary.in_progress = correlator.in_progress() as u64;
+        }
+    }
     match format {
         Format::Json if session.output_open => {
             summary.print(format, &mut session.out)?;
@@ -76,12 +112,30 @@ pub async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
+/// What the run prints.
+enum View {
+    /// Every transition (`--events`).
+    Events {
+        states: SocketStates,
+        printer: EventPrinter,
+    },
+    /// One record per finished connection (the default).
+    Teardowns {
+        correlator: Correlator,
+        printer: TeardownPrinter,
+        /// Records completed by the current event, reused.
+        done: Vec<Teardown>,
+    },
+}
+
 /// Turns records into output lines.
 struct Session {
-    states: SocketStates,
-    printer: EventPrinter,
+    view: View,
+    jiffy_ns: u64,
     out: BufWriter<io::StdoutLock<'static>>,
     transitions: u64,
+    timewait_events: u64,
+    teardowns: u64,
     undecodable: u64,
     /// False once stdout is closed (e.g. piped into `head`): tracing stops.
     output_open: bool,
@@ -89,21 +143,23 @@ struct Session {
 }
 
 impl Session {
-    fn new(format: Format, max_sockets: usize) -> Self {
+    fn new(view: View, jiffy_ns: u64) -> Self {
         Self {
-            states: SocketStates::new(max_sockets),
-            printer: EventPrinter::new(format, WallClock::now()),
+            view,
+            jiffy_ns,
             out: BufWriter::with_capacity(64 << 10, io::stdout().lock()),
             transitions: 0,
+            timewait_events: 0,
+            teardowns: 0,
             undecodable: 0,
             output_open: true,
             write_error: None,
         }
     }
 
-    fn handle(&mut self, record: &[u8]) {
-        let transition = match Transition::decode(record) {
-            Ok(transition) => transition,
+    fn handle(&mut self, bytes: &[u8]) {
+        let record = match Record::decode(bytes, self.jiffy_ns) {
+            Ok(record) => record,
             Err(err) => {
                 if self.undecodable == 0 {
                     eprintln!(
@@ -115,10 +171,76 @@ impl Session {
                 return;
             }
         };
-        self.transitions += 1;
-        let in_old_ns = self.states.observe(&transition);
-        if self.write_error.is_none()
-            && let Err(err) = self.printer.print(&mut self.out, &transition, in_old_ns)
+        let result = match record {
+            Record::Transition(t) => {
+                self.transitions += 1;
+                self.on_transition(&t)
+            }
+            Record::Timewait(timer) => {
+                self.timewait_events += 1;
+                match &mut self.view {
+                    View::Teardowns {
+                        correlator, done, ..
+                    } => {
+                        correlator.on_timewait(&timer, done);
+                        self.print_done()
+                    }
+                    // Timer programs are not attached in this view.
+                    View::Events { .. } => Ok(()),
+                }
+            }
+        };
+        self.keep_error(result);
+    }
+
+    fn on_transition(&mut self, t: &Transition) -> io::Result<()> {
+        match &mut self.view {
+            View::Events { states, printer } => {
+                let in_old_ns = states.observe(t);
+                if self.write_error.is_some() {
+                    return Ok(());
+                }
+                printer.print(&mut self.out, t, in_old_ns)
+            }
+            View::Teardowns {
+                correlator, done, ..
+            } => {
+                correlator.on_transition(t, done);
+                self.print_done()
+            }
+        }
+    }
+
+    /// Completes what only time completes (see [`Correlator::expire`]).
+    fn expire(&mut self) {
+        if let View::Teardowns {
+            correlator, done, ..
+        } = &mut self.view
+        {
+            let now = u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0);
+            correlator.expire(now, done);
+            let result = self.print_done();
+            self.keep_error(result);
+        }
+    }
+
+    fn print_done(&mut self) -> io::Result<()> {
+        let View::Teardowns { printer, done, .. } = &mut self.view else {
+            return Ok(());
+        };
+        self.teardowns += done.len() as u64;
+        let mut result = Ok(());
+        for teardown in done.drain(..) {
+            if self.write_error.is_none() && result.is_ok() {
+                result = printer.print(&mut self.out, &teardown);
+            }
+        }
+        result
+    }
+
+    fn keep_error(&mut self, result: io::Result<()>) {
+        if let Err(err) = result
+            && self.write_error.is_none()
         {
             self.write_error = Some(err);
         }

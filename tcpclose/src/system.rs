@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use tcpclose_common::tracepoint;
+use tcpclose_common::{timer_tracepoint, tracepoint};
 
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
@@ -134,27 +134,115 @@ pub fn check_tracepoint(tracefs: &Path) -> Result<()> {
             return Err(err).with_context(|| format!("reading {}", format_path.display()));
         }
     };
-    check_layout(&format)
+    check_layout("sock:inet_sock_set_state", &format, &tracepoint::FIELDS)
 }
 
-/// Compares the `field:` lines of a tracepoint format file with [`tracepoint::FIELDS`].
-fn check_layout(format: &str) -> Result<()> {
-    for (name, offset, size) in tracepoint::FIELDS {
+/// Checks the `timer:` tracepoints the timewait programs attach to.
+pub fn check_timer_tracepoints(tracefs: &Path) -> Result<()> {
+    for (name, fields) in [
+        ("timer_start", &timer_tracepoint::START_FIELDS[..]),
+        ("timer_expire_entry", &timer_tracepoint::EXPIRE_FIELDS[..]),
+        ("timer_cancel", &timer_tracepoint::CANCEL_FIELDS[..]),
+    ] {
+        let path = tracefs.join("events/timer").join(name).join("format");
+        let format = fs::read_to_string(&path)
+            .with_context(|| format!("reading {} (the timer:{name} tracepoint)", path.display()))?;
+        check_layout(&format!("timer:{name}"), &format, fields)?;
+    }
+    Ok(())
+}
+
+/// Compares the `field:` lines of a tracepoint format file with the `(name, offset, size)` of the
+/// fields a program reads.
+fn check_layout(event: &str, format: &str, fields: &[(&str, usize, usize)]) -> Result<()> {
+    for &(name, offset, size) in fields {
         let Some((found_offset, found_size)) = field_layout(format, name) else {
             bail!(
-                "the kernel's sock:inet_sock_set_state record has no field `{name}`; \
+                "the kernel's {event} record has no field `{name}`; \
                  this tcpclose does not support this kernel's tracepoint layout"
             );
         };
         if (found_offset, found_size) != (offset, size) {
             bail!(
-                "the kernel's sock:inet_sock_set_state field `{name}` is at offset {found_offset} \
+                "the kernel's {event} field `{name}` is at offset {found_offset} \
                  (size {found_size}), tcpclose was built for offset {offset} (size {size}); \
                  this tcpclose does not support this kernel's tracepoint layout"
             );
         }
     }
     Ok(())
+}
+
+/// Address of a kernel text symbol, from `/proc/kallsyms`. Addresses read as 0 when
+/// `kernel.kptr_restrict` hides them from this process.
+pub fn kernel_symbol(name: &str) -> Result<u64> {
+    let kallsyms = fs::read_to_string("/proc/kallsyms").context("reading /proc/kallsyms")?;
+    let address = symbol_address(&kallsyms, name)
+        .with_context(|| format!("the kernel has no symbol {name} in /proc/kallsyms"))?;
+    if address == 0 {
+        bail!(
+            "/proc/kallsyms hides kernel addresses from tcpclose (kernel.kptr_restrict): \
+             run it as root, or set `sysctl kernel.kptr_restrict=0`"
+        );
+    }
+    Ok(address)
+}
+
+/// Finds `name` among the `<address> <type> <name> [module]` lines of kallsyms.
+fn symbol_address(kallsyms: &str, name: &str) -> Option<u64> {
+    kallsyms.lines().find_map(|line| {
+        let mut parts = line.split_whitespace();
+        let address = parts.next()?;
+        let _kind = parts.next()?;
+        (parts.next()? == name).then(|| u64::from_str_radix(address, 16).ok())?
+    })
+}
+
+/// The kernel's jiffy in ns (1 s / CONFIG_HZ), measured: `/proc/timer_list` prints the monotonic
+/// clock (`now at N nsecs`) and `jiffies` together; two readings `gap` apart give HZ, rounded to
+/// the nearest value a kernel can be built with.
+pub fn measure_jiffy_ns(gap: std::time::Duration) -> Result<u64> {
+    let read = || -> Result<(u64, u64)> {
+        let text = fs::read_to_string("/proc/timer_list").context("reading /proc/timer_list")?;
+        timer_list_clocks(&text).context("/proc/timer_list has no `now at` or `jiffies:` line")
+    };
+    let (ns0, j0) = read()?;
+    std::thread::sleep(gap);
+    let (ns1, j1) = read()?;
+    hz_from(ns1.saturating_sub(ns0), j1.wrapping_sub(j0))
+        .map(|hz| 1_000_000_000 / hz)
+        .context("the kernel's jiffies did not advance as any CONFIG_HZ would")
+}
+
+fn timer_list_clocks(text: &str) -> Option<(u64, u64)> {
+    let now = text.lines().find_map(|l| {
+        l.strip_prefix("now at ")?
+            .strip_suffix(" nsecs")?
+            .trim()
+            .parse()
+            .ok()
+    })?;
+    let jiffies = text
+        .lines()
+        .find_map(|l| l.strip_prefix("jiffies:")?.trim().parse().ok())?;
+    Some((now, jiffies))
+}
+
+/// The CONFIG_HZ nearest to `jiffies` elapsed in `ns`, if the measurement is plausible.
+fn hz_from(ns: u64, jiffies: u64) -> Option<u64> {
+    const CHOICES: [u64; 6] = [24, 100, 250, 300, 1000, 1024];
+    if ns < 50_000_000 {
+        return None;
+    }
+    let measured = jiffies as f64 * 1e9 / ns as f64;
+    let nearest = CHOICES.into_iter().min_by(|a, b| {
+        (*a as f64 - measured)
+            .abs()
+            .total_cmp(&(*b as f64 - measured).abs())
+    })?;
+    // One jiffy more or less in the count moves the estimate by 1e9/ns Hz.
+    ((nearest as f64 - measured).abs() < nearest as f64 * 0.05 + 1.5e9 / ns as f64)
+        .then_some(nearest)
 }
 
 /// Parses `field:<type> <name>[N]; offset:O; size:S; signed:X;` (tab-separated) for `name`.
@@ -213,7 +301,7 @@ print fmt: \"family=%s ...\"
 
     #[test]
     fn accepts_the_layout_we_build_for() {
-        check_layout(FORMAT_6_18).unwrap();
+        check_layout("sock", FORMAT_6_18, &tracepoint::FIELDS).unwrap();
         assert_eq!(field_layout(FORMAT_6_18, "saddr"), Some((32, 4)));
         assert_eq!(field_layout(FORMAT_6_18, "skaddr"), Some((8, 8)));
     }
@@ -221,14 +309,47 @@ print fmt: \"family=%s ...\"
     #[test]
     fn rejects_moved_or_missing_fields() {
         let moved = FORMAT_6_18.replace("offset:28;\tsize:2", "offset:30;\tsize:2");
-        let err = check_layout(&moved).unwrap_err().to_string();
+        let err = check_layout("sock", &moved, &tracepoint::FIELDS)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("`family`") && err.contains("offset 30"),
             "{err}"
         );
         let missing = FORMAT_6_18.replace("protocol", "proto");
-        let err = check_layout(&missing).unwrap_err().to_string();
+        let err = check_layout("sock", &missing, &tracepoint::FIELDS)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no field `protocol`"), "{err}");
+    }
+
+    #[test]
+    fn finds_kernel_symbols() {
+        let kallsyms = "ffffffff82006060 t inet_twsk_kill\nffffffff82006070 t tw_timer_handler\n\
+                        ffffffffc0001000 t tw_timer_handler_x [mod]\n";
+        assert_eq!(
+            symbol_address(kallsyms, "tw_timer_handler"),
+            Some(0xffffffff82006070)
+        );
+        assert_eq!(symbol_address(kallsyms, "tw_timer"), None);
+        assert_eq!(
+            symbol_address("0000000000000000 t tw_timer_handler", "tw_timer_handler"),
+            Some(0)
+        );
+    }
+
+    #[test]
+    fn hz_from_two_readings() {
+        let text = "Timer List Version: v0.10\nnow at 1840370453008 nsecs\n\ncpu: 0\n\
+                    .last_jiffies   : 4295352325\njiffies: 4295352325\n";
+        assert_eq!(timer_list_clocks(text), Some((1840370453008, 4295352325)));
+        assert_eq!(hz_from(100_000_000, 25), Some(250));
+        assert_eq!(hz_from(100_000_000, 26), Some(250));
+        assert_eq!(hz_from(100_000_000, 30), Some(300));
+        assert_eq!(hz_from(100_000_000, 10), Some(100));
+        assert_eq!(hz_from(100_000_000, 101), Some(1000));
+        assert_eq!(hz_from(10_000_000, 3), None, "too short to tell");
+        assert_eq!(hz_from(100_000_000, 0), None);
     }
 
     #[test]

@@ -13,10 +13,14 @@
 
 use std::{collections::HashMap, net::SocketAddr};
 
-use crate::event::{Family, Task, TcpState, Transition};
+use crate::event::{Family, Task, TcpState, TimerAction, TimewaitTimer, Transition};
 
 /// TCP_TIMEWAIT_LEN: TIME_WAIT lasts 60 s from the peer's FIN (`include/net/tcp.h`), fixed.
 pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
+
+/// A timer cancel is followed within microseconds by its queueing again (`__mod_timer()`) or its
+/// firing (`expire_timers()`); one not followed within this is a kill.
+pub const CANCEL_GRACE_NS: u64 = 10_000_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -109,7 +113,8 @@ impl Phases {
         self.0[phase as usize]
     }
 
-    fn set(&mut self, phase: Phase, ns: u64) {
+    /// Adds `ns` to `phase` (a connection may pass through a phase more than once).
+    pub fn add(&mut self, phase: Phase, ns: u64) {
         let slot = &mut self.0[phase as usize];
         *slot = Some(slot.unwrap_or(0) + ns);
     }
@@ -156,35 +161,6 @@ pub struct Teardown {
     pub resolution_ns: Option<u64>,
     /// How the timewait socket ended, when there was one.
     pub timewait_end: Option<TimewaitEnd>,
-}
-
-/// What happened to a timewait socket's timer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TimerAction {
-    /// `timer_start`: armed (at creation, or re-armed when the FIN moves FIN_WAIT2 to TIME_WAIT
-    /// into another timer-wheel bucket).
-    Armed,
-    /// `timer_expire_entry`.
-    Fired,
-    /// `timer_cancel` (without a following fire).
-    Cancelled,
-}
-
-/// A timewait socket's timer event, decoded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct TimewaitTimer {
-    pub ts_ns: u64,
-    /// Kernel address of the `inet_timewait_sock`.
-    pub twaddr: u64,
-    pub local: SocketAddr,
-    pub remote: SocketAddr,
-    /// `tw_substate`: FIN_WAIT2 or TIME_WAIT.
-    pub substate: TcpState,
-    pub action: TimerAction,
-    /// When the timer is due, converted from jiffies to CLOCK_MONOTONIC ns by the decoder.
-    pub expires_ns: u64,
-    /// Resolution of `expires_ns` (one jiffy).
-    pub jiffy_ns: u64,
 }
 
 /// A connection's life so far.
@@ -242,6 +218,13 @@ pub struct Correlator {
     handoffs: HashMap<(SocketAddr, SocketAddr), Handoff>,
     /// Timewait sockets followed, by address.
     timewait: HashMap<u64, Handoff>,
+    /// Timewait sockets seen before the full socket's `-> CLOSE` (tcp_time_wait() arms the timer
+    /// in inet_twsk_schedule() before tcp_done() closes the full socket), by 4-tuple: their
+    /// events, replayed when the handoff comes.
+    unclaimed: HashMap<(SocketAddr, SocketAddr), Vec<TimewaitTimer>>,
+    /// Timewait sockets whose timer was cancelled, by address: killed, unless the timer is
+    /// queued again or fires within [`CANCEL_GRACE_NS`].
+    cancelled: HashMap<u64, TimewaitTimer>,
     max_sockets: usize,
     /// How long a handoff waits for its timewait socket to appear before it is emitted without.
     handoff_wait_ns: u64,
@@ -255,6 +238,8 @@ impl Correlator {
             lives: HashMap::new(),
             handoffs: HashMap::new(),
             timewait: HashMap::new(),
+            cancelled: HashMap::new(),
+            unclaimed: HashMap::new(),
             max_sockets: max_sockets.max(8),
             handoff_wait_ns: 2_000_000_000,
             losses: Losses::default(),
@@ -267,11 +252,18 @@ impl Correlator {
 
     /// Sockets followed now.
     pub fn len(&self) -> usize {
-        self.lives.len() + self.handoffs.len() + self.timewait.len()
+        self.lives.len() + self.handoffs.len() + self.timewait.len() + self.unclaimed.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Connections whose teardown has begun and not ended yet (e.g. in TIME_WAIT).
+    pub fn in_progress(&self) -> usize {
+        self.handoffs.len()
+            + self.timewait.len()
+            + self.lives.values().filter(|l| l.close.is_some()).count()
     }
 
     /// Feeds one transition; pushes the teardowns it completes onto `out`.
@@ -337,6 +329,9 @@ impl Correlator {
                     self.losses.timewait_unseen += 1;
                     out.push(previous.without_timewait());
                 }
+                for ev in self.unclaimed.remove(&key).unwrap_or_default() {
+                    self.on_timewait(&ev, out);
+                }
             }
             _ => out.push(life.finish(t.ts_ns)),
         }
@@ -347,7 +342,7 @@ impl Correlator {
         let first = !self.timewait.contains_key(&ev.twaddr);
         if first {
             let Some(handoff) = self.handoffs.remove(&(ev.local, ev.remote)) else {
-                // A timewait socket whose full socket tcpclose never saw: nothing to complete.
+                self.keep_unclaimed(ev);
                 return;
             };
             self.make_room();
@@ -356,21 +351,80 @@ impl Correlator {
         let Some(handoff) = self.timewait.get_mut(&ev.twaddr) else {
             return;
         };
-        handoff.observe_timer(ev, first);
-        let end = match ev.action {
-            TimerAction::Armed => return,
-            TimerAction::Fired => TimewaitEnd::Expired,
-            TimerAction::Cancelled => TimewaitEnd::Killed,
-        };
-        if let Some(handoff) = self.timewait.remove(&ev.twaddr) {
-            out.push(handoff.into_teardown(ev.ts_ns, end));
+        match ev.action {
+            TimerAction::Armed => {
+                self.cancelled.remove(&ev.twaddr);
+                handoff.observe_timer(ev, first);
+            }
+            // Judged by what follows: see `expire`.
+            TimerAction::Cancelled => {
+                self.cancelled.entry(ev.twaddr).or_insert(*ev);
+            }
+            TimerAction::Fired => {
+                self.cancelled.remove(&ev.twaddr);
+                handoff.observe_timer(ev, first);
+                if let Some(handoff) = self.timewait.remove(&ev.twaddr) {
+                    out.push(handoff.into_teardown(ev.ts_ns, TimewaitEnd::Expired));
+                }
+            }
         }
     }
 
-    /// Emits handoffs whose timewait socket did not appear within the wait (timewait tracking
-    /// unavailable, or the kernel refused a timewait socket: `tcp_max_tw_buckets`).
+    /// Keeps the events of a timewait socket created just now, whose full socket's `-> CLOSE` is
+    /// still to come. Timewait sockets that were already there when tracing began are not
+    /// kept: their first event is not an arming.
+    fn keep_unclaimed(&mut self, ev: &TimewaitTimer) {
+        let key = (ev.local, ev.remote);
+        match self.unclaimed.get_mut(&key) {
+            // A handful of events at most before the handoff (armed, maybe moved).
+            Some(events) if events.len() < 8 => {
+                if events
+                    .first()
+                    .is_some_and(|first| first.twaddr != ev.twaddr)
+                {
+                    events.clear();
+                }
+                events.push(*ev);
+            }
+            Some(_) => {}
+            None if ev.action == TimerAction::Armed => {
+                self.make_room();
+                self.unclaimed.insert(key, vec![*ev]);
+            }
+            None => {}
+        }
+    }
+
+    /// Emits what time alone completes: timewait sockets cancelled more than
+    /// [`CANCEL_GRACE_NS`] ago (killed), and handoffs whose timewait socket did not appear within
+    /// the wait (timewait tracking unavailable, or the kernel refused a timewait socket:
+    /// `tcp_max_tw_buckets`). `now_ns` must not be earlier than the events already fed.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Teardown>) {
+        if !self.cancelled.is_empty() {
+            let killed: Vec<u64> = self
+                .cancelled
+                .iter()
+                .filter(|(_, ev)| now_ns.saturating_sub(ev.ts_ns) > CANCEL_GRACE_NS)
+                .map(|(k, _)| *k)
+                .collect();
+            for twaddr in killed {
+                let Some(ev) = self.cancelled.remove(&twaddr) else {
+                    continue;
+                };
+                if let Some(mut handoff) = self.timewait.remove(&twaddr) {
+                    handoff.observe_timer(&ev, false);
+                    out.push(handoff.into_teardown(ev.ts_ns, TimewaitEnd::Killed));
+                }
+            }
+        }
         let wait = self.handoff_wait_ns;
+        // Timewait sockets whose full socket never handed over: not a connection tcpclose
+        // followed (it began before tracing, or its events were lost).
+        self.unclaimed.retain(|_, events| {
+            events
+                .first()
+                .is_some_and(|first| now_ns.saturating_sub(first.ts_ns) <= wait)
+        });
         let stale: Vec<_> = self
             .handoffs
             .iter()
@@ -405,6 +459,7 @@ impl Correlator {
         for &(_, timewait, key) in &idle[..n] {
             if timewait {
                 self.timewait.remove(&key);
+                self.cancelled.remove(&key);
             } else {
                 self.lives.remove(&key);
             }
@@ -443,7 +498,7 @@ impl Life {
         let in_old = self.since_ns.and_then(|since| t.ts_ns.checked_sub(since));
         if let Some(phase) = Phase::of(t.old) {
             match in_old {
-                Some(ns) => self.phases.set(phase, ns),
+                Some(ns) => self.phases.add(phase, ns),
                 None => self.complete = false,
             }
         }
@@ -560,18 +615,18 @@ impl Handoff {
                 // An orphaned FIN_WAIT2 went on from the handoff to the peer's FIN (the full
                 // socket's part was counted up to the handoff).
                 if from > self.at_ns {
-                    teardown.phases.set(Phase::FinWait2, from - self.at_ns);
+                    teardown.phases.add(Phase::FinWait2, from - self.at_ns);
                 }
                 teardown
                     .phases
-                    .set(Phase::TimeWait, end_ns.saturating_sub(from));
+                    .add(Phase::TimeWait, end_ns.saturating_sub(from));
                 teardown.resolution_ns = self.resolution_ns;
             }
             None => {
                 // Still FIN_WAIT2 at the end: the peer never sent its FIN.
                 teardown
                     .phases
-                    .set(Phase::FinWait2, end_ns.saturating_sub(self.at_ns));
+                    .add(Phase::FinWait2, end_ns.saturating_sub(self.at_ns));
                 if how == TimewaitEnd::Expired {
                     teardown.close = CloseKind::FinTimeout;
                 }
@@ -622,6 +677,7 @@ mod tests {
             &TimewaitTimer {
                 ts_ns: ms * MS,
                 twaddr: 0xbeef,
+                family: Family::Ipv4,
                 local: CLIENT.parse().unwrap(),
                 remote: SERVER.parse().unwrap(),
                 substate,
@@ -697,6 +753,52 @@ mod tests {
     }
 
     #[test]
+    fn a_cancel_before_firing_or_moving_is_not_a_kill() {
+        let mut c = Correlator::new(64);
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101);
+        // __mod_timer() moves the timer to another bucket on the FIN: cancel, then start.
+        assert!(timer(&mut c, 401, TimeWait, TimerAction::Cancelled, 60_101).is_empty());
+        assert!(timer(&mut c, 401, TimeWait, TimerAction::Armed, 60_401).is_empty());
+        let mut out = Vec::new();
+        c.expire(1_000 * MS, &mut out);
+        assert!(out.is_empty(), "the move was not a kill");
+        // expire_timers() detaches the timer before it calls it: cancel, then fire.
+        assert!(timer(&mut c, 60_401, TimeWait, TimerAction::Cancelled, 60_401).is_empty());
+        let t = one(timer(&mut c, 60_401, TimeWait, TimerAction::Fired, 60_401));
+        assert_eq!(t.timewait_end, Some(TimewaitEnd::Expired));
+        assert_eq!(t.phases.get(Phase::FinWait2), Some(300 * MS));
+        assert_eq!(t.phases.get(Phase::TimeWait), Some(60_000 * MS));
+        c.expire(70_000 * MS, &mut out);
+        assert!(out.is_empty());
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn timer_armed_before_the_full_socket_closes() {
+        // tcp_time_wait() arms the timewait socket's timer before tcp_done() reports CLOSE.
+        let mut c = Correlator::new(64);
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE[..2]);
+        assert!(timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101).is_empty());
+        assert!(feed(&mut c, 1, &ORPHANED_CLOSE[2..]).is_empty());
+        assert!(timer(&mut c, 401, TimeWait, TimerAction::Armed, 60_401).is_empty());
+        let t = one(timer(&mut c, 60_401, TimeWait, TimerAction::Fired, 60_401));
+        assert_eq!(t.phases.get(Phase::FinWait2), Some(300 * MS));
+        assert_eq!(t.phases.get(Phase::TimeWait), Some(60_000 * MS));
+        assert!(t.complete);
+        // A timewait socket nobody claims is forgotten after the wait, and not counted.
+        assert!(timer(&mut c, 70_000, TimeWait, TimerAction::Armed, 130_000).is_empty());
+        assert_eq!(c.len(), 1);
+        let mut out = Vec::new();
+        c.expire(73_000 * MS, &mut out);
+        assert!(out.is_empty());
+        assert!(c.is_empty());
+        assert_eq!(c.losses(), Losses::default());
+    }
+
+    #[test]
     fn fin_seen_only_through_the_expiry_is_timed_in_jiffies() {
         let mut c = Correlator::new(64);
         feed(&mut c, 1, &OPEN);
@@ -736,14 +838,14 @@ mod tests {
             ],
         );
         timer(&mut c, 351, TimeWait, TimerAction::Armed, 60_351);
-        // Killed early (e.g. the 4-tuple was reused).
-        let t = one(timer(
-            &mut c,
-            10_351,
-            TimeWait,
-            TimerAction::Cancelled,
-            60_351,
-        ));
+        // Killed early (e.g. the 4-tuple was reused): a cancel that nothing follows.
+        assert!(timer(&mut c, 10_351, TimeWait, TimerAction::Cancelled, 60_351).is_empty());
+        let mut out = Vec::new();
+        c.expire(10_351 * MS + CANCEL_GRACE_NS, &mut out);
+        assert!(out.is_empty(), "within the grace");
+        c.expire(10_352 * MS + CANCEL_GRACE_NS, &mut out);
+        let t = one(out);
+        assert_eq!(t.end_ns, 10_351 * MS);
         assert_eq!(t.phases.get(Phase::FinWait2), Some(250 * MS));
         assert_eq!(t.phases.get(Phase::TimeWait), Some(10_000 * MS));
         assert_eq!(t.timewait_end, Some(TimewaitEnd::Killed));
@@ -929,6 +1031,7 @@ mod tests {
                 &TimewaitTimer {
                     ts_ns: sk * MS,
                     twaddr: 0x1000 + sk,
+                    family: Family::Ipv4,
                     local: SocketAddr::new([10, 0, 0, 1].into(), 1_000 + sk as u16),
                     remote: SERVER.parse().unwrap(),
                     substate: TimeWait,

@@ -1,7 +1,7 @@
 //! The kernel side of a run: loads and attaches the eBPF program, hands out ring buffer records,
 //! reads the kernel counters, detaches.
 
-use std::io;
+use std::{io, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
@@ -9,9 +9,10 @@ use aya::{
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, TracePoint},
 };
+use tcpclose::btf::Btf;
 use tcpclose_common::{
     AF_INET, AF_INET6, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP, PORT_FILTER_MAP,
-    PORT_LOCAL, PORT_REMOTE, TRANSITION_PROGRAM,
+    PORT_LOCAL, PORT_REMOTE, TIMER_PROGRAMS, TRANSITION_PROGRAM, TimewaitLayout,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -45,6 +46,7 @@ impl KernelFilter {
             family,
             port_filter: u8::from(self.has_ports()),
             _pad: [0; 5],
+            timewait: TimewaitLayout::default(),
         }
     }
 
@@ -71,6 +73,8 @@ impl KernelFilter {
 /// Counters kept by the kernel program, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
+    pub timewait_matched: u64,
+    pub timewait_lost: u64,
     pub matched: u64,
     pub lost: u64,
 }
@@ -80,18 +84,33 @@ pub struct Tracer {
     ebpf: Option<Ebpf>,
     ring: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
+    /// The kernel's jiffy (ns) when timewait sockets are followed.
+    timewait_jiffy_ns: Option<u64>,
 }
 
 impl Tracer {
     /// Checks the host, loads the program with `filter` and a ring of `ring_bytes`, attaches it.
-    pub fn attach(filter: &KernelFilter, ring_bytes: u32) -> Result<Self> {
+    /// With `follow_timewait`, also attaches the timer programs that follow timewait sockets
+    /// (when this kernel allows it; a warning says why not otherwise).
+    pub fn attach(filter: &KernelFilter, ring_bytes: u32, follow_timewait: bool) -> Result<Self> {
         system::check_kernel_version()?;
         system::check_privileges()?;
         let tracefs = system::ensure_tracefs()?;
         system::check_tracepoint(&tracefs)?;
         system::raise_memlock_limit();
 
-        let config = filter.config(ring_bytes);
+        // HZ takes a tenth of a second to measure: measure it while the programs load.
+        let jiffy = follow_timewait
+            .then(|| std::thread::spawn(|| system::measure_jiffy_ns(Duration::from_millis(100))));
+        let timewait = if follow_timewait {
+            system::check_timer_tracepoints(&tracefs).and_then(|()| timewait_layout())
+        } else {
+            Err(anyhow!("not asked to"))
+        };
+        let mut config = filter.config(ring_bytes);
+        if let Ok(layout) = &timewait {
+            config.timewait = *layout;
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(EVENTS_MAP, ring_bytes)
@@ -120,6 +139,37 @@ impl Tracer {
             .map_err(explain_program_error)
             .context("attaching to the sock:inet_sock_set_state tracepoint")?;
 
+        let jiffy_ns = match jiffy {
+            Some(measuring) => measuring
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("measuring the kernel's HZ panicked"))),
+            None => Err(anyhow!("not asked to")),
+        };
+        let timewait_jiffy_ns = match timewait.and(jiffy_ns) {
+            Err(_) if !follow_timewait => None,
+            Ok(jiffy_ns) => {
+                for (name, event) in TIMER_PROGRAMS {
+                    let program: &mut TracePoint = ebpf
+                        .program_mut(name)
+                        .with_context(|| format!("the eBPF object has no {name} program"))?
+                        .try_into()?;
+                    program.load().map_err(explain_program_error)?;
+                    program
+                        .attach("timer", event)
+                        .map_err(explain_program_error)
+                        .with_context(|| format!("attaching to the timer:{event} tracepoint"))?;
+                }
+                Some(jiffy_ns)
+            }
+            Err(err) => {
+                eprintln!(
+                    "tcpclose: warning: cannot follow timewait sockets ({err:#}); the orphaned \
+                     FIN_WAIT2 and TIME_WAIT phases will be missing from teardown records"
+                );
+                None
+            }
+        };
+
         let ring = RingBuf::try_from(
             ebpf.take_map(EVENTS_MAP)
                 .context("the eBPF object has no event ring buffer")?,
@@ -137,7 +187,13 @@ impl Tracer {
             ebpf: Some(ebpf),
             ring,
             counters,
+            timewait_jiffy_ns,
         })
+    }
+
+    /// The kernel's jiffy in ns, when timewait sockets are followed.
+    pub fn timewait_jiffy_ns(&self) -> Option<u64> {
+        self.timewait_jiffy_ns
     }
 
     /// Waits until the kernel program forces a wakeup (a backlog is building up). The program
@@ -176,8 +232,50 @@ impl Tracer {
         Ok(KernelCounters {
             matched: sum(Counter::Matched)?,
             lost: sum(Counter::Lost)?,
+            timewait_matched: sum(Counter::TimewaitMatched)?,
+            timewait_lost: sum(Counter::TimewaitLost)?,
         })
     }
+}
+
+/// Where the timer programs find what they read, in the running kernel: member offsets from its
+/// BTF, the timer function from kallsyms.
+fn timewait_layout() -> Result<TimewaitLayout> {
+    const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+    let bytes = std::fs::read(VMLINUX_BTF).with_context(|| {
+        format!(
+            "reading {VMLINUX_BTF} (the kernel describes its types there when built with \
+             CONFIG_DEBUG_INFO_BTF)"
+        )
+    })?;
+    let btf = Btf::parse(&bytes).with_context(|| format!("reading {VMLINUX_BTF}"))?;
+    let timer_struct = btf.member_struct_name("inet_timewait_sock", "tw_timer")?;
+    if timer_struct != Some("timer_list") {
+        anyhow::bail!(
+            "this kernel's timewait sockets use a `{}` timer, tcpclose knows `timer_list`",
+            timer_struct.unwrap_or("non-struct")
+        );
+    }
+    let offset = |ty: &str, member: &str| -> Result<u16> {
+        let offset = btf.member_offset(ty, member)?;
+        u16::try_from(offset).with_context(|| format!("`{ty}.{member}` is too far in"))
+    };
+    Ok(TimewaitLayout {
+        tw_timer_handler: system::kernel_symbol("tw_timer_handler")?,
+        timer_function: offset("timer_list", "function")?,
+        timer_expires: offset("timer_list", "expires")?,
+        tw_timer: offset("inet_timewait_sock", "tw_timer")?,
+        tw_substate: offset("inet_timewait_sock", "tw_substate")?,
+        // The timewait socket starts with a `struct sock_common`, like a full socket.
+        skc_daddr: offset("sock_common", "skc_daddr")?,
+        skc_rcv_saddr: offset("sock_common", "skc_rcv_saddr")?,
+        skc_dport: offset("sock_common", "skc_dport")?,
+        skc_num: offset("sock_common", "skc_num")?,
+        skc_family: offset("sock_common", "skc_family")?,
+        skc_v6_daddr: offset("sock_common", "skc_v6_daddr")?,
+        skc_v6_rcv_saddr: offset("sock_common", "skc_v6_rcv_saddr")?,
+        _pad: [0; 2],
+    })
 }
 
 /// Whether the kernel said EPERM somewhere in `err`'s chain. (EACCES is not a privilege problem

@@ -14,7 +14,13 @@ fn a_full_ring_is_counted_as_lost() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     // One page of ring: about 42 records.
-    let tracer = Tracer::start(&["--port", &addr.port().to_string(), "--ring-bytes", "4096"]);
+    let tracer = Tracer::start(&[
+        "--events",
+        "--port",
+        &addr.port().to_string(),
+        "--ring-bytes",
+        "4096",
+    ]);
     const CONNECTIONS: usize = 3000;
     let acceptor = thread::spawn(move || {
         for _ in 0..CONNECTIONS {

@@ -22,9 +22,9 @@ fn port_filters_show_only_their_sockets() {
     let wp = watched.local_addr().unwrap().port();
     let op = other.local_addr().unwrap().port();
 
-    let any = Tracer::start(&["--port", &wp.to_string()]);
-    let local = Tracer::start(&["--lport", &wp.to_string()]);
-    let remote = Tracer::start(&["--rport", &wp.to_string()]);
+    let any = Tracer::start(&["--events", "--port", &wp.to_string()]);
+    let local = Tracer::start(&["--events", "--lport", &wp.to_string()]);
+    let remote = Tracer::start(&["--events", "--rport", &wp.to_string()]);
     let other_traffic = thread::spawn(move || churn(&other, 50));
     churn(&watched, 20);
     other_traffic.join().unwrap();
@@ -74,9 +74,9 @@ fn family_filters() {
         v6.local_addr().unwrap().port().to_string(),
     ];
     let ports: Vec<&str> = ports.iter().map(String::as_str).collect();
-    let only4 = Tracer::start(&[&["-4"], &ports[..]].concat());
-    let only6 = Tracer::start(&[&["-6"], &ports[..]].concat());
-    let both = Tracer::start(&ports);
+    let only4 = Tracer::start(&[&["--events", "-4"], &ports[..]].concat());
+    let only6 = Tracer::start(&[&["--events", "-6"], &ports[..]].concat());
+    let both = Tracer::start(&[&["--events"], &ports[..]].concat());
     churn(&v4, 5);
     churn(&v6, 5);
     thread::sleep(Duration::from_millis(100));

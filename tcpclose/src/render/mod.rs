@@ -10,6 +10,10 @@ use std::{
 use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
 
+mod teardown;
+
+pub use teardown::{TeardownPrinter, human};
+
 use crate::event::Transition;
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time.
@@ -212,8 +216,21 @@ pub struct Summary {
     pub matched: u64,
     /// Records the loader could not decode (see the warning printed with the first one).
     pub undecodable: u64,
-    /// Transitions of sockets not followed because the socket table was full.
+    /// Transitions of sockets not followed because the socket table was full (--events).
     pub untracked: u64,
+    /// Teardown records printed.
+    pub teardowns: u64,
+    /// Timewait timer events received, and dropped because the ring buffer was full.
+    pub timewait_events: u64,
+    pub timewait_lost: u64,
+    /// Sockets dropped from the full table (the longest idle first): no record for them.
+    pub evicted: u64,
+    /// Lives cut short without a record because an event was lost.
+    pub unfinished: u64,
+    /// Records printed without their timewait phases: the timewait socket was never seen.
+    pub timewait_unseen: u64,
+    /// Connections still closing when tracing ended (e.g. in TIME_WAIT): not printed.
+    pub in_progress: u64,
     pub duration_ns: u64,
 }
 
@@ -238,22 +255,28 @@ impl Summary {
                 out.write_all(b"\n")
             }
             Format::Text => {
+                write!(out, "tcpclose: {} transitions", self.transitions)?;
+                if self.teardowns > 0 || self.in_progress > 0 {
+                    write!(out, ", {} teardowns", self.teardowns)?;
+                }
                 write!(
                     out,
-                    "tcpclose: {} transitions in {:.1}s, {} lost (ring buffer full)",
-                    self.transitions,
+                    " in {:.1}s, {} lost (ring buffer full)",
                     self.duration_ns as f64 / 1e9,
-                    self.lost
+                    self.lost + self.timewait_lost
                 )?;
-                if self.undecodable > 0 {
-                    write!(out, ", {} undecodable", self.undecodable)?;
-                }
-                if self.untracked > 0 {
-                    write!(
-                        out,
-                        ", {} of untracked sockets (table full)",
-                        self.untracked
-                    )?;
+                let notes = [
+                    (self.undecodable, "undecodable"),
+                    (self.untracked, "of untracked sockets (table full)"),
+                    (self.evicted, "sockets evicted (table full)"),
+                    (self.unfinished, "lives cut short by a lost event"),
+                    (self.timewait_unseen, "without their timewait socket"),
+                    (self.in_progress, "still closing (not printed)"),
+                ];
+                for (n, what) in notes {
+                    if n > 0 {
+                        write!(out, ", {n} {what}")?;
+                    }
                 }
                 writeln!(out)
             }

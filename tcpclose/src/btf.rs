@@ -1,0 +1,417 @@
+//! Just enough of the BPF Type Format to find where a struct member is, from the running kernel's
+//! own description of itself (`/sys/kernel/btf/vmlinux`). Layout of the format:
+//! `Documentation/bpf/btf.rst` and `include/uapi/linux/btf.h`.
+//!
+//! tcpclose reads a dozen member offsets once at start-up; a general BTF library would bring
+//! much more than that (and the maintained one is LGPL, which this MIT/Apache crate avoids).
+
+use std::{collections::HashMap, fmt};
+
+const MAGIC: u16 = 0xeb9f;
+const HEADER_LEN: usize = 24;
+const TYPE_LEN: usize = 12;
+
+// BTF_KIND_* values.
+const KIND_INT: u32 = 1;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
+const KIND_VAR: u32 = 14;
+const KIND_DATASEC: u32 = 15;
+const KIND_DECL_TAG: u32 = 17;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BtfError {
+    /// Not BTF, or cut short.
+    Malformed(&'static str),
+    /// A kind this reader does not know how to skip: a newer format.
+    UnknownKind(u32),
+    NoStruct(String),
+    NoMember {
+        ty: String,
+        member: String,
+    },
+    /// The member is a bit field, or not where a byte offset can say.
+    NotByteAligned {
+        ty: String,
+        member: String,
+    },
+}
+
+impl fmt::Display for BtfError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Malformed(what) => write!(f, "malformed BTF: {what}"),
+            Self::UnknownKind(kind) => write!(f, "BTF type kind {kind} is not supported"),
+            Self::NoStruct(name) => write!(f, "no `struct {name}` in the kernel's BTF"),
+            Self::NoMember { ty, member } => write!(f, "`struct {ty}` has no member `{member}`"),
+            Self::NotByteAligned { ty, member } => {
+                write!(f, "`struct {ty}` member `{member}` is a bit field")
+            }
+        }
+    }
+}
+
+impl std::error::Error for BtfError {}
+
+#[derive(Clone, Copy, Debug)]
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    bit_offset: u32,
+    bitfield: bool,
+}
+
+#[derive(Clone, Debug)]
+enum Type {
+    /// Struct or union, with the size in bytes.
+    Composite {
+        name_off: u32,
+        struct_: bool,
+        size: u32,
+        members: Vec<Member>,
+    },
+    /// Typedef, const, volatile, restrict, type tag: stands for another type.
+    Alias(u32),
+    Other,
+}
+
+/// The types of one BTF blob, by id (id 0 is `void`).
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    structs: HashMap<String, u32>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Result<u16, BtfError> {
+    b.get(at..at + 2)
+        .map(|s| u16::from_ne_bytes([s[0], s[1]]))
+        .ok_or(BtfError::Malformed("truncated"))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
+    b.get(at..at + 4)
+        .map(|s| u32::from_ne_bytes([s[0], s[1], s[2], s[3]]))
+        .ok_or(BtfError::Malformed("truncated"))
+}
+
+impl Btf {
+    /// Parses a BTF blob in this machine's byte order (as the kernel exposes its own).
+    pub fn parse(bytes: &[u8]) -> Result<Self, BtfError> {
+        if u16_at(bytes, 0)? != MAGIC {
+            return Err(BtfError::Malformed("bad magic"));
+        }
+        let hdr_len = u32_at(bytes, 4)? as usize;
+        if hdr_len < HEADER_LEN {
+            return Err(BtfError::Malformed("header too short"));
+        }
+        let section = |off: usize, len: usize| -> Result<&[u8], BtfError> {
+            let start = hdr_len + u32_at(bytes, off)? as usize;
+            let len = u32_at(bytes, len)? as usize;
+            bytes
+                .get(start..start.saturating_add(len))
+                .ok_or(BtfError::Malformed("section out of bounds"))
+        };
+        let type_section = section(8, 12)?;
+        let strings = section(16, 20)?.to_vec();
+
+        let mut types = vec![Type::Other];
+        let mut at = 0;
+        while at < type_section.len() {
+            let name_off = u32_at(type_section, at)?;
+            let info = u32_at(type_section, at + 4)?;
+            let size_or_type = u32_at(type_section, at + 8)?;
+            at += TYPE_LEN;
+            let vlen = (info & 0xffff) as usize;
+            let kind = (info >> 24) & 0x1f;
+            let kind_flag = info >> 31 != 0;
+            let ty = match kind {
+                KIND_STRUCT | KIND_UNION => {
+                    let mut members = Vec::with_capacity(vlen);
+                    for i in 0..vlen {
+                        let m = at + i * 12;
+                        let offset = u32_at(type_section, m + 8)?;
+                        // With kind_flag, the top 8 bits are the bit-field size.
+                        let (bit_offset, bitfield) = if kind_flag {
+                            (offset & 0xff_ffff, offset >> 24 != 0)
+                        } else {
+                            (offset, false)
+                        };
+                        members.push(Member {
+                            name_off: u32_at(type_section, m)?,
+                            type_id: u32_at(type_section, m + 4)?,
+                            bit_offset,
+                            bitfield,
+                        });
+                    }
+                    at += vlen * 12;
+                    Type::Composite {
+                        name_off,
+                        struct_: kind == KIND_STRUCT,
+                        size: size_or_type,
+                        members,
+                    }
+                }
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    Type::Alias(size_or_type)
+                }
+                _ => {
+                    at += match kind {
+                        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+                        KIND_ARRAY => 12,
+                        KIND_ENUM | KIND_FUNC_PROTO => vlen * 8,
+                        KIND_DATASEC | KIND_ENUM64 => vlen * 12,
+                        2 | 7 | 12 | 16 => 0, // PTR, FWD, FUNC, FLOAT
+                        other => return Err(BtfError::UnknownKind(other)),
+                    };
+                    Type::Other
+                }
+            };
+            types.push(ty);
+        }
+        if at != type_section.len() {
+            return Err(BtfError::Malformed("type section overruns"));
+        }
+
+        let mut btf = Self {
+            types,
+            strings,
+            structs: HashMap::new(),
+        };
+        for (id, ty) in btf.types.iter().enumerate() {
+            if let Type::Composite {
+                name_off,
+                struct_: true,
+                size,
+                ..
+            } = ty
+                && *name_off != 0
+                && *size != 0
+            {
+                let name = btf.name(*name_off).to_owned();
+                btf.structs.entry(name).or_insert(id as u32);
+            }
+        }
+        Ok(btf)
+    }
+
+    fn name(&self, off: u32) -> &str {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or_default()
+    }
+
+    /// The type `id` stands for, through typedefs and qualifiers.
+    fn resolve(&self, mut id: u32) -> Option<&Type> {
+        for _ in 0..32 {
+            match self.types.get(id as usize)? {
+                Type::Alias(target) => id = *target,
+                ty => return Some(ty),
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `member` in `struct ty`, looking inside anonymous structs and unions (as
+    /// C does: `sock_common.skc_daddr` lives in an anonymous union).
+    pub fn member_offset(&self, ty: &str, member: &str) -> Result<usize, BtfError> {
+        self.member(ty, member).map(|(offset, _)| offset)
+    }
+
+    /// Name of the struct or union `member` of `struct ty` is, if it is one.
+    pub fn member_struct_name(&self, ty: &str, member: &str) -> Result<Option<&str>, BtfError> {
+        let (_, type_id) = self.member(ty, member)?;
+        Ok(match self.resolve(type_id) {
+            Some(Type::Composite { name_off, .. }) => Some(self.name(*name_off)),
+            _ => None,
+        })
+    }
+
+    fn member(&self, ty: &str, member: &str) -> Result<(usize, u32), BtfError> {
+        let id = *self
+            .structs
+            .get(ty)
+            .ok_or_else(|| BtfError::NoStruct(ty.to_owned()))?;
+        let found = self
+            .find(id, member, 0, 0)
+            .ok_or_else(|| BtfError::NoMember {
+                ty: ty.to_owned(),
+                member: member.to_owned(),
+            })?;
+        let (bit_offset, bitfield, type_id) = found;
+        if bitfield || bit_offset % 8 != 0 {
+            return Err(BtfError::NotByteAligned {
+                ty: ty.to_owned(),
+                member: member.to_owned(),
+            });
+        }
+        Ok((bit_offset as usize / 8, type_id))
+    }
+
+    fn find(&self, id: u32, member: &str, base: u32, depth: u32) -> Option<(u32, bool, u32)> {
+        let Some(Type::Composite { members, .. }) = self.resolve(id) else {
+            return None;
+        };
+        if depth > 8 {
+            return None;
+        }
+        for m in members {
+            let offset = base + m.bit_offset;
+            if m.name_off != 0 && self.name(m.name_off) == member {
+                return Some((offset, m.bitfield, m.type_id));
+            }
+            if m.name_off == 0
+                && let Some(found) = self.find(m.type_id, member, offset, depth + 1)
+            {
+                return Some(found);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// Builds a BTF blob: `types` are `(name, kind, kind_flag, size_or_type, trailing words)`.
+    pub(crate) fn blob(types: &[(&str, u32, bool, u32, Vec<u32>)], extra: &[&str]) -> Vec<u8> {
+        let mut strings = vec![0u8];
+        let mut intern = |s: &str| -> u32 {
+            if s.is_empty() {
+                return 0;
+            }
+            let off = strings.len() as u32;
+            strings.extend_from_slice(s.as_bytes());
+            strings.push(0);
+            off
+        };
+        let mut names: HashMap<String, u32> = HashMap::new();
+        for s in types.iter().map(|t| t.0).chain(extra.iter().copied()) {
+            let off = intern(s);
+            names.entry(s.to_owned()).or_insert(off);
+        }
+        let mut section = Vec::new();
+        for (name, kind, flag, size, words) in types {
+            let vlen = match *kind {
+                KIND_STRUCT | KIND_UNION => words.len() / 3,
+                _ => 0,
+            } as u32;
+            let info = vlen | (kind << 24) | (u32::from(*flag) << 31);
+            for w in [names[*name], info, *size].iter().chain(words) {
+                section.extend_from_slice(&w.to_ne_bytes());
+            }
+        }
+        let mut out = Vec::new();
+        out.extend_from_slice(&MAGIC.to_ne_bytes());
+        out.extend_from_slice(&[1, 0]);
+        for w in [
+            HEADER_LEN as u32,
+            0,
+            section.len() as u32,
+            section.len() as u32,
+            strings.len() as u32,
+        ] {
+            out.extend_from_slice(&w.to_ne_bytes());
+        }
+        out.extend_from_slice(&section);
+        out.extend_from_slice(&strings);
+        out
+    }
+
+    /// Offset of `name` in the string section built by [`blob`] (names of types come first).
+    fn string_off(types: &[&str], name: &str) -> u32 {
+        let mut off = 1;
+        for s in types {
+            if *s == name {
+                return off;
+            }
+            if !s.is_empty() {
+                off += s.len() as u32 + 1;
+            }
+        }
+        panic!("{name} not interned")
+    }
+
+    #[test]
+    fn finds_members_through_anonymous_unions_and_typedefs() {
+        // 1: int; 2: anonymous union { int a; int b; } ; 3: struct outer { int x; union; int c; }
+        // 4: typedef outer_t -> 3; 5: struct holder { outer_t o @ 128; int bits : 3 @ 256 }
+        let names = [
+            "int", "", "outer", "outer_t", "holder", "a", "b", "x", "c", "o", "bits",
+        ];
+        let s = |n| string_off(&names, n);
+        let types = vec![
+            ("int", KIND_INT, false, 4, vec![32]),
+            ("", KIND_UNION, false, 4, vec![s("a"), 1, 0, s("b"), 1, 0]),
+            (
+                "outer",
+                KIND_STRUCT,
+                false,
+                12,
+                vec![s("x"), 1, 0, 0, 2, 32, s("c"), 1, 64],
+            ),
+            ("outer_t", KIND_TYPEDEF, false, 3, vec![]),
+            (
+                "holder",
+                KIND_STRUCT,
+                true,
+                40,
+                vec![s("o"), 4, 128, s("bits"), 1, (3 << 24) | 256],
+            ),
+        ];
+        let btf = Btf::parse(&blob(&types, &names[5..])).unwrap();
+        assert_eq!(btf.member_offset("outer", "x"), Ok(0));
+        assert_eq!(btf.member_offset("outer", "b"), Ok(4));
+        assert_eq!(btf.member_offset("outer", "c"), Ok(8));
+        assert_eq!(btf.member_offset("holder", "o"), Ok(16));
+        assert_eq!(btf.member_struct_name("holder", "o"), Ok(Some("outer")));
+        assert!(matches!(
+            btf.member_offset("holder", "bits"),
+            Err(BtfError::NotByteAligned { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("holder", "nope"),
+            Err(BtfError::NoMember { .. })
+        ));
+        assert!(matches!(
+            btf.member_offset("missing", "x"),
+            Err(BtfError::NoStruct(_))
+        ));
+    }
+
+    #[test]
+    fn rejects_garbage_without_panicking() {
+        assert!(Btf::parse(&[]).is_err());
+        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0]).is_err());
+        let names = ["int"];
+        let mut b = blob(&[("int", KIND_INT, false, 4, vec![32])], &names);
+        b.truncate(b.len() - 8);
+        assert!(Btf::parse(&b).is_err());
+        let unknown = blob(&[("int", 31, false, 4, vec![])], &names);
+        assert_eq!(Btf::parse(&unknown).err(), Some(BtfError::UnknownKind(31)));
+    }
+
+    #[test]
+    fn reads_this_kernels_btf_when_present() {
+        // The real thing, where the machine running the tests has it.
+        let Ok(bytes) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            return;
+        };
+        let btf = Btf::parse(&bytes).unwrap();
+        assert_eq!(btf.member_offset("sock_common", "skc_daddr"), Ok(0));
+        assert_eq!(btf.member_offset("sock_common", "skc_rcv_saddr"), Ok(4));
+        assert_eq!(
+            btf.member_struct_name("inet_timewait_sock", "tw_timer"),
+            Ok(Some("timer_list"))
+        );
+    }
+}
