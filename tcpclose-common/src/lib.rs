@@ -17,10 +17,11 @@ pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the tracepoint program in the object file.
 pub const TRANSITION_PROGRAM: &str = "inet_sock_set_state";
 /// Programs on the `timer:` tracepoints that follow timewait sockets: `(program, tracepoint)`.
+/// Names fit the kernel's 15 characters (BPF_OBJ_NAME_LEN), so that tools tell them apart.
 pub const TIMER_PROGRAMS: [(&str, &str); 3] = [
-    ("timewait_timer_start", "timer_start"),
-    ("timewait_timer_expire", "timer_expire_entry"),
-    ("timewait_timer_cancel", "timer_cancel"),
+    ("tw_timer_start", "timer_start"),
+    ("tw_timer_expire", "timer_expire_entry"),
+    ("tw_timer_cancel", "timer_cancel"),
 ];
 
 /// Default ring buffer size (bytes). At ~250k transitions/s (10 per connection at 25k

@@ -178,21 +178,21 @@ fn submit_flags(config: &Config) -> u64 {
 // first, in as few instructions as possible.
 
 #[tracepoint]
-pub fn timewait_timer_start(ctx: TracePointContext) -> u32 {
+pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
     let function = field::<u64>(&ctx, ttp::START_FUNCTION);
     on_timer(&ctx, function, timer_action::START);
     0
 }
 
 #[tracepoint]
-pub fn timewait_timer_expire(ctx: TracePointContext) -> u32 {
+pub fn tw_timer_expire(ctx: TracePointContext) -> u32 {
     let function = field::<u64>(&ctx, ttp::EXPIRE_FUNCTION);
     on_timer(&ctx, function, timer_action::EXPIRE);
     0
 }
 
 #[tracepoint]
-pub fn timewait_timer_cancel(ctx: TracePointContext) -> u32 {
+pub fn tw_timer_cancel(ctx: TracePointContext) -> u32 {
     // timer_cancel does not record the function: read it from the timer itself.
     let layout = config().timewait;
     let timer = field::<u64>(&ctx, ttp::TIMER);

@@ -401,10 +401,15 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn reads_this_kernels_btf_when_present() {
-        // The real thing, where the machine running the tests has it.
-        let Ok(bytes) = std::fs::read("/sys/kernel/btf/vmlinux") else {
-            return;
+    fn reads_this_kernels_btf() {
+        // The real thing. CI machines have it; elsewhere it is only a bonus.
+        let bytes = match std::fs::read("/sys/kernel/btf/vmlinux") {
+            Ok(bytes) => bytes,
+            Err(err) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("not checked against this kernel's BTF: {err}");
+                return;
+            }
+            Err(err) => panic!("CI machines have /sys/kernel/btf/vmlinux: {err}"),
         };
         let btf = Btf::parse(&bytes).unwrap();
         assert_eq!(btf.member_offset("sock_common", "skc_daddr"), Ok(0));

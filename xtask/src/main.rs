@@ -1,5 +1,6 @@
 //! `cargo xtask`: everything a fresh machine needs to build, run and test tcpclose.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -35,6 +36,16 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Build, then measure what tracing costs a host churning loopback connections: untraced,
+    /// `tcpclose --events` and `tcpclose` interleaved, medians side by side (as root).
+    Bench {
+        /// Rounds of the three modes.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 3)]
+        seconds: u64,
+    },
     /// Set up (with test packages), build, and run every test: unit tests and the integration
     /// tests against the real kernel (as root).
     Test {
@@ -63,6 +74,13 @@ fn main() -> Result<()> {
             };
             let err = cmd.args(args).exec();
             Err(err).with_context(|| format!("running {}", binary.display()))
+        }
+        Task::Bench { rounds, seconds } => {
+            build()?;
+            if !is_root() {
+                bail!("the benchmark loads eBPF programs: run `cargo xtask bench` as root");
+            }
+            bench::bench(&root.join("target/release/tcpclose"), rounds, seconds)
         }
         Task::Test { args } => {
             setup::all(true)?;

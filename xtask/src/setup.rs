@@ -14,8 +14,8 @@ use crate::run;
 
 /// The bpf-linker release the build uses.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Debian packages the integration tests call (`setpriv`, `unshare`, `ip`).
-const TEST_PACKAGES: &[&str] = &["util-linux", "iproute2"];
+/// Debian packages the integration tests call (`setpriv`, `unshare`, `ip`, `ss`, `nft`).
+const TEST_PACKAGES: &[&str] = &["util-linux", "iproute2", "nftables"];
 
 pub fn all(with_test_packages: bool) -> Result<()> {
     rust_src()?;
