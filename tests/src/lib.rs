@@ -8,13 +8,15 @@ use std::{
     collections::BTreeMap,
     io::{BufRead, BufReader, Read},
     path::PathBuf,
-    process::{Child, Command, ExitStatus, Stdio},
-    sync::mpsc,
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::{RwLock, mpsc},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
+
+pub mod netns;
 
 /// The binary under test: `$TCPCLOSE_BIN` (set by `cargo xtask test`), else the release build.
 pub fn binary() -> PathBuf {
@@ -60,14 +62,15 @@ impl Tracer {
     /// Starts `tcpclose --json ARGS` and waits until it has attached.
     pub fn start(args: &[&str]) -> Self {
         require_root();
-        let mut child = Command::new(binary())
-            .arg("--json")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawning tcpclose");
+        let mut child = spawn(
+            Command::new(binary())
+                .arg("--json")
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped()),
+        )
+        .expect("spawning tcpclose");
         let mut out = child.stdout.take().expect("stdout");
         let stdout = thread::spawn(move || {
             let mut s = String::new();
@@ -320,4 +323,188 @@ fn sockaddr(addr: std::net::SocketAddr) -> (libc::sockaddr_storage, libc::sockle
         }
     };
     (storage, len as libc::socklen_t)
+}
+
+/// Process creation and timed closes exclude each other. A child holds copies of all the test
+/// process's file descriptors from `fork()` until its `exec()` closes them (close-on-exec): a
+/// socket that a concurrent test closes in that window stays open, and its FIN leaves when the
+/// child's `exec()` closes it, late by however long the child took to get there.
+static FORKING: RwLock<()> = RwLock::new(());
+
+/// Spawns `cmd` while no [`timed`] close is under way.
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    let _no_timed_close = FORKING.write().unwrap_or_else(|e| e.into_inner());
+    cmd.spawn()
+}
+
+/// Runs `cmd` to completion (stdin from /dev/null), spawned with [`spawn`]; panics unless it
+/// succeeds, and returns its output.
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let child = spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let out = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `f`, typically the `drop()` of a socket whose close a test times, while no child process
+/// is being created (see [`spawn`]): the close takes effect inside `f`.
+pub fn timed<T>(f: impl FnOnce() -> T) -> T {
+    let _no_fork = FORKING.read().unwrap_or_else(|e| e.into_inner());
+    f()
+}
+
+/// CLOCK_MONOTONIC in ns: the clock of the kernel's event timestamps (`ts_ns`).
+pub fn mono_ns() -> u64 {
+    // SAFETY: a zeroed timespec is valid to fill.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: out-parameter of the right type.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`), as `/proc/net/tcp` shows
+/// them. A timewait socket shows its substate (FIN_WAIT2 or TIME_WAIT).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const SYN_SENT: u8 = 2;
+    pub const SYN_RECV: u8 = 3;
+    pub const FIN_WAIT1: u8 = 4;
+    pub const FIN_WAIT2: u8 = 5;
+    pub const TIME_WAIT: u8 = 6;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+    pub const LAST_ACK: u8 = 9;
+    pub const LISTEN: u8 = 10;
+    pub const CLOSING: u8 = 11;
+}
+
+/// The state of the TCP socket (full or timewait) with this local and remote address, in the
+/// calling thread's network namespace (`/proc/thread-self/net/tcp` or `tcp6`); `None` when
+/// there is none (never was, or gone).
+pub fn tcp_state(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<u8> {
+    let file = if local.is_ipv4() { "tcp" } else { "tcp6" };
+    let table = std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
+        .unwrap_or_else(|e| panic!("reading /proc/thread-self/net/{file}: {e}"));
+    table.lines().skip(1).find_map(|line| {
+        let mut fields = line.split_whitespace().skip(1);
+        let l = proc_net_addr(fields.next()?)?;
+        let r = proc_net_addr(fields.next()?)?;
+        let state = u8::from_str_radix(fields.next()?, 16).ok()?;
+        (l == local && r == remote).then_some(state)
+    })
+}
+
+/// `0100007F:9C40` (IPv4) or 32 hex digits and a port (IPv6), as `/proc/net/tcp{,6}` print them:
+/// each 32-bit word of the address in network order, printed as a host-order number.
+fn proc_net_addr(field: &str) -> Option<std::net::SocketAddr> {
+    let (addr, port) = field.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..addr.len()).step_by(8) {
+        let word = u32::from_str_radix(addr.get(i..i + 8)?, 16).ok()?;
+        bytes.extend_from_slice(&word.to_ne_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => std::net::IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => std::net::IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some(std::net::SocketAddr::new(ip, port))
+}
+
+/// Connects to `remote` from a socket made in the calling thread's network namespace, with
+/// `SO_REUSEADDR` if `reuse_addr`, bound first to `local_port` on `remote`'s address if given
+/// (which makes the kernel kill a timewait socket with the same 4-tuple, when it may).
+pub fn connect_with(
+    remote: std::net::SocketAddr,
+    local_port: Option<u16>,
+    reuse_addr: bool,
+) -> std::io::Result<std::net::TcpStream> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let family = if remote.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let raw = unsafe { libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a fresh, valid fd that nothing else owns.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
+    if reuse_addr {
+        set_int_option(&fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+    }
+    if let Some(port) = local_port {
+        let (storage, len) = sockaddr(std::net::SocketAddr::new(remote.ip(), port));
+        // SAFETY: `storage` holds a sockaddr of `len` bytes.
+        if unsafe { libc::bind(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    let (storage, len) = sockaddr(remote);
+    // SAFETY: `storage` holds a sockaddr of `len` bytes.
+    if unsafe { libc::connect(fd.as_raw_fd(), (&raw const storage).cast(), len) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(std::net::TcpStream::from(fd))
+}
+
+/// `SO_LINGER {on, 0}`: the next close() aborts the connection with an RST.
+pub fn set_linger_zero(socket: &impl std::os::fd::AsFd) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and an option value of the declared size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+}
+
+fn set_int_option(
+    socket: &impl std::os::fd::AsFd,
+    level: i32,
+    name: i32,
+    value: i32,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket fd and an int option value.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }

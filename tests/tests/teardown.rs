@@ -1,0 +1,843 @@
+//! One record per finished connection (the default mode), against the real kernel: how each kind
+//! of close is classified, and every phase timed against the test's own clock.
+//!
+//! The test knows when it made each step (the span of the system call) or saw the kernel make it
+//! (polling the socket table), as an interval of CLOCK_MONOTONIC, the clock of the records'
+//! `ts_ns`. A phase timed from state-change events must fall within the test's interval, give or
+//! take [`TOLERANCE`]; a phase on the kernel's timewait socket, timed from its timer, give or take
+//! the record's `resolution_ns` more.
+//!
+//! Each test runs its sockets in a network namespace of its own (see `tcpclose_tests::netns`): its
+//! TCP settings are the defaults, whatever the host's, and its timewait sockets are its own. The
+//! host's may be exhausted by other load (`tcp_max_tw_buckets`: the kernel then closes without
+//! TIME_WAIT), and `ss -K` kills nothing outside it. Its listener takes a port held on the host
+//! (bound, never listening), which the tracer follows: no other socket of the host uses it.
+//!
+//! The active close's TIME_WAIT runs its full 60 s, in one test that the others run beside: its
+//! name sorts first so that it starts first.
+
+use std::{
+    io::{ErrorKind, Read},
+    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    thread,
+    time::Duration,
+};
+
+use serde_json::Value;
+use tcpclose_tests::{
+    BoundSocket, Run, Tracer, connect_with, mono_ns, netns::Netns, require_root, set_linger_zero,
+    tcp_state, tcp_state::*, thread_comm, timed,
+};
+
+const MS: u64 = 1_000_000;
+/// Between a state change and the system call or poll that made or saw it.
+const TOLERANCE: u64 = 5 * MS;
+/// TCP_TIMEWAIT_LEN.
+const TIMEWAIT_LEN: u64 = 60_000 * MS;
+const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const PHASES: [&str; 6] = [
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "CLOSING",
+    "TIME_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+];
+/// Polling interval while a change is due within milliseconds.
+const SPIN: Duration = Duration::from_micros(100);
+/// Polling interval while waiting for a timer.
+const POLL: Duration = Duration::from_millis(1);
+
+/// When something happened, as far as the test can tell: between `lo` and `hi` (CLOCK_MONOTONIC).
+#[derive(Clone, Copy, Debug)]
+struct Moment {
+    lo: u64,
+    hi: u64,
+}
+
+impl Moment {
+    /// The span of `f`: a system call whose state change happens inside it.
+    fn of<T>(f: impl FnOnce() -> T) -> (Self, T) {
+        let lo = mono_ns();
+        let value = f();
+        (Self { lo, hi: mono_ns() }, value)
+    }
+
+    /// The shortest and longest time from `self` to `later`.
+    fn to(self, later: Moment) -> (u64, u64) {
+        (later.lo.saturating_sub(self.hi), later.hi - self.lo)
+    }
+}
+
+/// Polls `done` every `interval` until it holds. The change happened after the start of the last
+/// poll that did not see it (or `since`, a moment known to come before it) and before the end of
+/// the poll that did.
+fn wait_for(
+    what: &str,
+    since: u64,
+    timeout: Duration,
+    interval: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Moment {
+    let deadline = mono_ns() + timeout.as_nanos() as u64;
+    let mut lo = since;
+    loop {
+        let start = mono_ns();
+        if done() {
+            return Moment { lo, hi: mono_ns() };
+        }
+        assert!(start < deadline, "{what}: not within {timeout:?}");
+        lo = start;
+        thread::sleep(interval);
+    }
+}
+
+fn sleep_until(t: u64) {
+    let now = mono_ns();
+    if t > now {
+        thread::sleep(Duration::from_nanos(t - now));
+    }
+}
+
+/// The teardown records of the connection end with this local and remote address.
+fn records_of(run: &Run, local: SocketAddr, remote: SocketAddr) -> Vec<&Value> {
+    run.of_type("teardown")
+        .filter(|r| {
+            r["laddr"] == local.ip().to_string().as_str()
+                && r["lport"] == local.port()
+                && r["raddr"] == remote.ip().to_string().as_str()
+                && r["rport"] == remote.port()
+        })
+        .collect()
+}
+
+fn record_of(run: &Run, local: SocketAddr, remote: SocketAddr) -> &Value {
+    let records = records_of(run, local, remote);
+    assert_eq!(
+        records.len(),
+        1,
+        "one teardown record for {local} -> {remote}; all records: {:#?}",
+        run.records
+    );
+    records[0]
+}
+
+fn phase(r: &Value, name: &str) -> Option<u64> {
+    let v = &r["phases"][name];
+    if v.is_null() {
+        return None;
+    }
+    Some(
+        v.as_u64()
+            .unwrap_or_else(|| panic!("{name} is not ns: {r}")),
+    )
+}
+
+fn resolution(r: &Value) -> u64 {
+    r["resolution_ns"].as_u64().unwrap_or(0)
+}
+
+/// The run ended cleanly, with its summary last.
+fn check_run(run: &Run) {
+    assert!(run.status.success(), "{run:?}");
+    let summary = run.summary();
+    assert_eq!(summary["lost"], 0, "{summary}");
+    assert!(
+        run.of_type("transition").next().is_none(),
+        "no transition records without --events: {:#?}",
+        run.records
+    );
+}
+
+/// What every record must hold, and its side, kind of close and exact set of phases.
+fn check_record(r: &Value, side: Option<&str>, close: &str, phases: &[&str]) {
+    assert_eq!(r["type"], "teardown", "{r}");
+    assert_eq!(r["family"], "ipv4", "{r}");
+    assert_eq!(r["side"], side.map_or(Value::Null, Value::from), "{r}");
+    assert_eq!(r["close"], close, "{r}");
+    assert_eq!(r["complete"], true, "seen from birth to end: {r}");
+    assert!(r["time"].is_string(), "{r}");
+    assert!(r["ts_ns"].is_u64(), "{r}");
+    let present: Vec<&str> = r["phases"]
+        .as_object()
+        .unwrap_or_else(|| panic!("phases: {r}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    for key in &present {
+        assert!(PHASES.contains(key), "unknown phase {key}: {r}");
+    }
+    let mut expected: Vec<&str> = phases.to_vec();
+    let mut present = present;
+    expected.sort_unstable();
+    present.sort_unstable();
+    assert_eq!(present, expected, "phases gone through: {r}");
+    let res = &r["resolution_ns"];
+    assert!(
+        res.is_null() || (MS..=10 * MS).contains(&res.as_u64().unwrap_or(0)),
+        "resolution is one jiffy (HZ 100 to 1000): {r}"
+    );
+    if close == "failed" {
+        assert!(r["teardown_ns"].is_null(), "never established: {r}");
+    } else {
+        // The phases follow one another from leaving ESTABLISHED to the end.
+        let teardown = r["teardown_ns"].as_u64().unwrap_or_else(|| panic!("{r}"));
+        let sum: u64 = phases.iter().filter_map(|p| phase(r, p)).sum();
+        assert!(
+            teardown.abs_diff(sum) <= resolution(r) + 1_000,
+            "teardown_ns {teardown} is the sum of the phases {sum}: {r}"
+        );
+        let lifetime = r["lifetime_ns"].as_u64().unwrap_or_else(|| panic!("{r}"));
+        assert!(lifetime >= teardown, "{r}");
+    }
+    assert!(r["lifetime_ns"].is_u64(), "seen from birth: {r}");
+}
+
+/// `ns` lies within `span`, give or take `tolerance`.
+fn assert_within(r: &Value, what: &str, ns: u64, (lo, hi): (u64, u64), tolerance: u64) {
+    assert!(
+        ns + tolerance >= lo && ns <= hi + tolerance,
+        "{what}: {:.3} ms by the record, {:.3} to {:.3} ms by the test (give or take {:.3} ms): {r}",
+        ns as f64 / 1e6,
+        lo as f64 / 1e6,
+        hi as f64 / 1e6,
+        tolerance as f64 / 1e6
+    );
+}
+
+fn assert_phase(r: &Value, name: &str, span: (u64, u64), tolerance: u64) {
+    let ns = phase(r, name).unwrap_or_else(|| panic!("no {name}: {r}"));
+    assert_within(r, name, ns, span, tolerance);
+}
+
+/// The record's end (`ts_ns`) lies within `at`.
+fn assert_ends(r: &Value, at: Moment, tolerance: u64) {
+    let ts = r["ts_ns"].as_u64().unwrap_or_else(|| panic!("{r}"));
+    assert!(
+        ts + tolerance >= at.lo && ts <= at.hi + tolerance,
+        "ends at {ts}, the test saw the end between {} and {}: {r}",
+        at.lo,
+        at.hi
+    );
+}
+
+/// The owner is this test's thread (it made the socket's last system-call transition).
+fn assert_ours(r: &Value, comm: &str) {
+    assert_eq!(r["pid"], std::process::id(), "{r}");
+    assert_eq!(r["comm"], comm, "{r}");
+}
+
+fn assert_timewait_end(r: &Value, end: &str) {
+    assert_eq!(r["timewait_end"], end, "{r}");
+}
+
+/// A running tracer, killed if the test fails before stopping it (it would run on otherwise).
+struct Tracing(Option<Tracer>);
+
+impl Tracing {
+    fn start(port: u16) -> Self {
+        Self(Some(Tracer::start(&["--port", &port.to_string()])))
+    }
+
+    fn stop(mut self) -> Run {
+        self.0.take().expect("running").stop()
+    }
+}
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        if let Some(tracer) = self.0.take() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(tracer.pid(), libc::SIGKILL) };
+        }
+    }
+}
+
+/// A namespace of the test's own and a port for it, held on the host.
+struct Place {
+    ns: Netns,
+    server_addr: SocketAddr,
+    _reserved: BoundSocket,
+}
+
+fn place(tag: &str) -> Place {
+    require_root();
+    let reserved = BoundSocket::new(LOCALHOST);
+    Place {
+        ns: Netns::new(tag),
+        server_addr: SocketAddr::new(LOCALHOST, reserved.port),
+        _reserved: reserved,
+    }
+}
+
+impl Place {
+    /// The state of `local -> remote` in the namespace.
+    fn state(&self, local: SocketAddr, remote: SocketAddr) -> Option<u8> {
+        self.ns.run(|| tcp_state(local, remote))
+    }
+
+    /// [`wait_for`] `local -> remote` to be in `state` (`None`: gone), polled in the namespace.
+    fn wait_for_state(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        state: Option<u8>,
+        since: u64,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Moment {
+        let what = format!("{local} -> {remote} in state {state:?}");
+        self.ns.run(|| {
+            wait_for(&what, since, timeout, interval, || {
+                tcp_state(local, remote) == state
+            })
+        })
+    }
+
+    /// Kills the timewait sockets of the port (`ss -K`: SOCK_DESTROY, which aborts timewait
+    /// sockets too) and checks that none is left.
+    fn kill_time_wait(&self) -> Moment {
+        let port = self.server_addr.port();
+        let filter = format!("( sport = :{port} or dport = :{port} )");
+        let (killed, out) = Moment::of(|| {
+            self.ns
+                .exec(&["ss", "-K", "-tn", "state", "time-wait", &filter])
+        });
+        let left = self.ns.exec(&["ss", "-Htn", "state", "time-wait", &filter]);
+        assert!(left.trim().is_empty(), "ss -K killed {out}, left {left}");
+        killed
+    }
+}
+
+/// A place, the tracer following its port (started first, so that it sees each socket from its
+/// birth), and one connection to a listener there, accepted (the listener is closed).
+struct Connection {
+    place: Place,
+    tracer: Tracing,
+    client: TcpStream,
+    server: TcpStream,
+    client_addr: SocketAddr,
+    server_addr: SocketAddr,
+}
+
+fn connection(tag: &str, client_reuse_addr: bool) -> Connection {
+    let place = place(tag);
+    let tracer = Tracing::start(place.server_addr.port());
+    let server_addr = place.server_addr;
+    let (client, server) = place.ns.run(|| {
+        let listener = TcpListener::bind(server_addr).expect("bind in the namespace");
+        let client = connect_with(server_addr, None, client_reuse_addr).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (client, server)
+    });
+    Connection {
+        place,
+        tracer,
+        client_addr: client.local_addr().unwrap(),
+        client,
+        server,
+        server_addr,
+    }
+}
+
+fn read_eof(socket: &mut TcpStream) {
+    assert_eq!(socket.read(&mut [0; 16]).expect("read"), 0, "EOF");
+}
+
+/// The client closes; the server reads EOF and closes 300 ms after the client reached FIN_WAIT2.
+/// The client's record comes only when its TIME_WAIT ends by itself, 60 s after the server's FIN
+/// (TCP_TIMEWAIT_LEN) rounded up by the timer wheel (by up to 2 s at HZ 250): the test watches for
+/// that end and times it.
+#[test]
+fn active_close_record_comes_at_the_real_end_of_time_wait() {
+    let Connection {
+        place,
+        tracer,
+        client,
+        mut server,
+        client_addr,
+        server_addr,
+    } = connection("active", false);
+    let comm = thread_comm();
+
+    let (client_closed, ()) = Moment::of(|| timed(|| drop(client)));
+    // The server's ACK (delayed a few ms) moves the orphaned client to FIN_WAIT2: the kernel hands
+    // it over to a timewait socket at once.
+    let fin_wait2 = place.wait_for_state(
+        client_addr,
+        server_addr,
+        Some(FIN_WAIT2),
+        client_closed.lo,
+        Duration::from_secs(1),
+        SPIN,
+    );
+    read_eof(&mut server);
+    sleep_until(fin_wait2.hi + 300 * MS);
+    let (server_closed, ()) = Moment::of(|| timed(|| drop(server)));
+    assert_eq!(place.state(client_addr, server_addr), Some(TIME_WAIT));
+
+    sleep_until(server_closed.hi + TIMEWAIT_LEN - 100 * MS);
+    let before = mono_ns();
+    assert_eq!(
+        place.state(client_addr, server_addr),
+        Some(TIME_WAIT),
+        "TIME_WAIT lasts TCP_TIMEWAIT_LEN"
+    );
+    let expired = place.wait_for_state(
+        client_addr,
+        server_addr,
+        None,
+        before,
+        Duration::from_secs(15),
+        POLL,
+    );
+    thread::sleep(Duration::from_millis(300));
+    let run = tracer.stop();
+    check_run(&run);
+
+    let c = record_of(&run, client_addr, server_addr);
+    check_record(
+        c,
+        Some("client"),
+        "active",
+        &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
+    );
+    let tw_tolerance = TOLERANCE + resolution(c);
+    assert_phase(c, "FIN_WAIT1", client_closed.to(fin_wait2), TOLERANCE);
+    assert_phase(c, "FIN_WAIT2", fin_wait2.to(server_closed), tw_tolerance);
+    assert_phase(c, "TIME_WAIT", server_closed.to(expired), tw_tolerance);
+    // Never early; late by at most the timer wheel's granularity (an eighth of the timeout).
+    assert_phase(
+        c,
+        "TIME_WAIT",
+        (TIMEWAIT_LEN, TIMEWAIT_LEN + TIMEWAIT_LEN / 8),
+        tw_tolerance,
+    );
+    assert_timewait_end(c, "expired");
+    assert_ends(c, expired, TOLERANCE);
+    assert_ours(c, &comm);
+
+    let s = record_of(&run, server_addr, client_addr);
+    check_record(s, Some("server"), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
+    assert_phase(s, "CLOSE_WAIT", client_closed.to(server_closed), TOLERANCE);
+    // The client's timewait socket ACKs the FIN at once.
+    assert_phase(
+        s,
+        "LAST_ACK",
+        (0, server_closed.hi - server_closed.lo),
+        TOLERANCE,
+    );
+    assert!(s["timewait_end"].is_null(), "{s}");
+    assert!(s["resolution_ns"].is_null(), "{s}");
+    assert_ends(s, server_closed, TOLERANCE);
+    assert_ours(s, &comm);
+}
+
+/// Half close: the client shuts down its sending side and keeps the socket; the server reads EOF
+/// and closes 250 ms after the client reached FIN_WAIT2, on its full socket this time. Then the
+/// client reconnects from the same port (SO_REUSEADDR, bound; no listener left): connect() kills
+/// the timewait socket of the same 4-tuple (tcp_twsk_unique allows it at once for a socket bound
+/// by the application, when the connection had timestamps), which ends the record there
+/// ("killed"); the attempt itself, refused, is a new life on the same 4-tuple.
+#[test]
+fn half_close_times_fin_wait2_on_the_full_socket() {
+    let Connection {
+        place,
+        tracer,
+        mut client,
+        mut server,
+        client_addr,
+        server_addr,
+    } = connection("halfclose", true);
+    let comm = thread_comm();
+
+    let (shut, ()) = Moment::of(|| client.shutdown(Shutdown::Write).expect("shutdown"));
+    let fin_wait2 = place.wait_for_state(
+        client_addr,
+        server_addr,
+        Some(FIN_WAIT2),
+        shut.lo,
+        Duration::from_secs(1),
+        SPIN,
+    );
+    read_eof(&mut server);
+    sleep_until(fin_wait2.hi + 250 * MS);
+    let (server_closed, ()) = Moment::of(|| timed(|| drop(server)));
+    // The client still holds its socket: it reads the FIN, then closes (no state change left: the
+    // kernel handed the connection to a timewait socket on the FIN).
+    read_eof(&mut client);
+    assert_eq!(place.state(client_addr, server_addr), Some(TIME_WAIT));
+    drop(client);
+    sleep_until(server_closed.hi + 200 * MS);
+    let (reused, attempt) = Moment::of(|| {
+        place
+            .ns
+            .run(|| connect_with(server_addr, Some(client_addr.port()), true).map(drop))
+    });
+    assert_eq!(
+        attempt.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionRefused),
+        "reconnecting from {client_addr}"
+    );
+    assert_eq!(
+        place.state(client_addr, server_addr),
+        None,
+        "TIME_WAIT killed"
+    );
+    thread::sleep(Duration::from_millis(200));
+    let run = tracer.stop();
+    check_run(&run);
+
+    let client_records = records_of(&run, client_addr, server_addr);
+    let c = client_records
+        .iter()
+        .find(|r| r["close"] != "failed")
+        .unwrap_or_else(|| panic!("the closed connection: {client_records:#?}"));
+    check_record(
+        c,
+        Some("client"),
+        "active",
+        &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
+    );
+    let tw_tolerance = TOLERANCE + resolution(c);
+    assert_phase(c, "FIN_WAIT1", shut.to(fin_wait2), TOLERANCE);
+    // Both ends of this FIN_WAIT2 are state changes of the full socket.
+    assert_phase(c, "FIN_WAIT2", fin_wait2.to(server_closed), TOLERANCE);
+    assert_phase(c, "TIME_WAIT", server_closed.to(reused), tw_tolerance);
+    assert_timewait_end(c, "killed");
+    assert_ends(c, reused, TOLERANCE);
+    assert_ours(c, &comm);
+
+    let retry: Vec<_> = client_records
+        .iter()
+        .filter(|r| r["close"] == "failed")
+        .collect();
+    assert_eq!(
+        retry.len(),
+        1,
+        "the refused reconnection: {client_records:#?}"
+    );
+    check_record(retry[0], Some("client"), "failed", &[]);
+    assert_ends(retry[0], reused, TOLERANCE);
+    assert_eq!(client_records.len(), 2, "{client_records:#?}");
+
+    let s = record_of(&run, server_addr, client_addr);
+    check_record(s, Some("server"), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
+    assert_phase(s, "CLOSE_WAIT", shut.to(server_closed), TOLERANCE);
+    assert_ends(s, server_closed, TOLERANCE);
+    assert_ours(s, &comm);
+}
+
+/// The server closes first; the client reads EOF and closes 200 ms later. The server's TIME_WAIT
+/// is killed with `ss -K` 100 ms after that, which ends its record.
+#[test]
+fn passive_close_of_the_client_when_the_server_closes_first() {
+    let Connection {
+        place,
+        tracer,
+        mut client,
+        server,
+        client_addr,
+        server_addr,
+    } = connection("passive", false);
+    let comm = thread_comm();
+
+    let (server_closed, ()) = Moment::of(|| timed(|| drop(server)));
+    let fin_wait2 = place.wait_for_state(
+        server_addr,
+        client_addr,
+        Some(FIN_WAIT2),
+        server_closed.lo,
+        Duration::from_secs(1),
+        SPIN,
+    );
+    read_eof(&mut client);
+    sleep_until(server_closed.hi + 200 * MS);
+    let (client_closed, ()) = Moment::of(|| timed(|| drop(client)));
+    assert_eq!(place.state(server_addr, client_addr), Some(TIME_WAIT));
+    sleep_until(client_closed.hi + 100 * MS);
+    let killed = place.kill_time_wait();
+    thread::sleep(Duration::from_millis(200));
+    let run = tracer.stop();
+    check_run(&run);
+
+    let c = record_of(&run, client_addr, server_addr);
+    check_record(c, Some("client"), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
+    assert_phase(c, "CLOSE_WAIT", server_closed.to(client_closed), TOLERANCE);
+    assert_phase(
+        c,
+        "LAST_ACK",
+        (0, client_closed.hi - client_closed.lo),
+        TOLERANCE,
+    );
+    assert!(c["timewait_end"].is_null(), "{c}");
+    assert_ends(c, client_closed, TOLERANCE);
+    assert_ours(c, &comm);
+
+    let s = record_of(&run, server_addr, client_addr);
+    check_record(
+        s,
+        Some("server"),
+        "active",
+        &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
+    );
+    let tw_tolerance = TOLERANCE + resolution(s);
+    assert_phase(s, "FIN_WAIT1", server_closed.to(fin_wait2), TOLERANCE);
+    assert_phase(s, "FIN_WAIT2", fin_wait2.to(client_closed), tw_tolerance);
+    assert_phase(s, "TIME_WAIT", client_closed.to(killed), tw_tolerance);
+    assert_timewait_end(s, "killed");
+    assert_ends(s, killed, TOLERANCE);
+    assert_ours(s, &comm);
+}
+
+/// SO_LINGER {on, 0}: close() sends an RST (ESTABLISHED -> CLOSE); the server goes
+/// ESTABLISHED -> CLOSE on receiving it. Neither goes through any phase.
+#[test]
+fn linger_zero_close_resets_both_sides() {
+    let Connection {
+        place,
+        tracer,
+        client,
+        mut server,
+        client_addr,
+        server_addr,
+    } = connection("linger", false);
+    let comm = thread_comm();
+
+    set_linger_zero(&client);
+    let (closed, ()) = Moment::of(|| timed(|| drop(client)));
+    let err = server.read(&mut [0; 16]).expect_err("the RST");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    assert_eq!(place.state(client_addr, server_addr), None, "no TIME_WAIT");
+    drop(server);
+    thread::sleep(Duration::from_millis(200));
+    let run = tracer.stop();
+    check_run(&run);
+
+    let c = record_of(&run, client_addr, server_addr);
+    check_record(c, Some("client"), "reset", &[]);
+    assert_eq!(c["teardown_ns"], 0, "{c}");
+    assert!(c["timewait_end"].is_null(), "{c}");
+    assert_ends(c, closed, TOLERANCE);
+    assert_ours(c, &comm);
+
+    let s = record_of(&run, server_addr, client_addr);
+    check_record(s, Some("server"), "reset", &[]);
+    assert_eq!(s["teardown_ns"], 0, "{s}");
+    assert!(s["timewait_end"].is_null(), "{s}");
+    assert_ends(s, closed, TOLERANCE);
+}
+
+/// connect() to 127.0.0.1 on a port where nothing listens: the RST ends it in SYN_SENT.
+#[test]
+fn refused_connect_fails() {
+    let place = place("refused");
+    let target = place.server_addr;
+    let tracer = Tracing::start(target.port());
+    let comm = thread_comm();
+    let (attempt, result) = Moment::of(|| place.ns.run(|| TcpStream::connect(target).map(drop)));
+    assert_eq!(
+        result.map_err(|e| e.kind()),
+        Err(ErrorKind::ConnectionRefused)
+    );
+    thread::sleep(Duration::from_millis(200));
+    let run = tracer.stop();
+    check_run(&run);
+
+    let records: Vec<_> = run
+        .of_type("teardown")
+        .filter(|r| r["raddr"] == "127.0.0.1" && r["rport"] == target.port())
+        .collect();
+    assert_eq!(records.len(), 1, "{:#?}", run.records);
+    let r = records[0];
+    check_record(r, Some("client"), "failed", &[]);
+    assert_eq!(r["laddr"], "127.0.0.1", "{r}");
+    assert_ne!(r["lport"], 0, "{r}");
+    assert!(r["timewait_end"].is_null(), "{r}");
+    let lifetime = r["lifetime_ns"].as_u64().unwrap();
+    assert_within(
+        r,
+        "lifetime",
+        lifetime,
+        (0, attempt.hi - attempt.lo),
+        TOLERANCE,
+    );
+    assert_ends(r, attempt, TOLERANCE);
+    // The thread that connected runs the namespace's jobs: its comm is inherited from ours.
+    assert_ours(r, &comm);
+}
+
+/// Both FINs cross. An nftables output rule in the namespace drops every packet with FIN while
+/// both sides shut down their sending side: the FIN never leaves (the drop fails the
+/// transmission), so each side sits in FIN_WAIT1 with its FIN unsent and the zero-window probe
+/// timer armed. With the rule gone, the two timers, armed in the same jiffy from the same thread,
+/// fire in the same timer run, and each side sends its FIN before the other's arrives: both go
+/// FIN_WAIT1 -> CLOSING -> (ACK) TIME_WAIT. Should the two shutdowns straddle a jiffy boundary,
+/// the first FIN arrives alone: only its receiver goes CLOSING (and sends its own FIN at once),
+/// and the first sender, acked, goes FIN_WAIT2 -> TIME_WAIT (an active close). Both TIME_WAITs
+/// are then killed with `ss -K`.
+#[test]
+fn simultaneous_close_goes_through_closing() {
+    let Connection {
+        place,
+        tracer,
+        client,
+        server,
+        client_addr,
+        server_addr,
+    } = connection("simultaneous", false);
+    let comm = thread_comm();
+    let ns = &place.ns;
+    let states = || ns.run(|| states_now(client_addr, server_addr));
+
+    ns.nft("add table inet tcpclose_test");
+    ns.nft(
+        "add chain inet tcpclose_test out { type filter hook output priority 0; policy accept; }",
+    );
+    ns.nft("add rule inet tcpclose_test out tcp flags & fin == fin drop");
+    let (shut, ()) = Moment::of(|| {
+        client.shutdown(Shutdown::Write).expect("client shutdown");
+        server.shutdown(Shutdown::Write).expect("server shutdown");
+    });
+    assert_eq!(
+        states(),
+        (Some(FIN_WAIT1), Some(FIN_WAIT1)),
+        "both FINs held"
+    );
+    ns.nft("delete table inet tcpclose_test");
+    let crossed = ns.run(|| {
+        wait_for(
+            "both sides in TIME_WAIT",
+            shut.lo,
+            Duration::from_secs(10),
+            POLL,
+            || states_now(client_addr, server_addr) == (Some(TIME_WAIT), Some(TIME_WAIT)),
+        )
+    });
+    sleep_until(crossed.hi + 200 * MS);
+    let killed = place.kill_time_wait();
+    assert_eq!(states(), (None, None));
+    thread::sleep(Duration::from_millis(200));
+    let run = tracer.stop();
+    check_run(&run);
+
+    let c = record_of(&run, client_addr, server_addr);
+    let s = record_of(&run, server_addr, client_addr);
+    let mut simultaneous = 0;
+    for (r, side) in [(c, "client"), (s, "server")] {
+        let tw_tolerance = TOLERANCE + resolution(r);
+        if r["close"] == "simultaneous" {
+            simultaneous += 1;
+            check_record(
+                r,
+                Some(side),
+                "simultaneous",
+                &["FIN_WAIT1", "CLOSING", "TIME_WAIT"],
+            );
+            let fin_wait1 = phase(r, "FIN_WAIT1").unwrap();
+            let closing = phase(r, "CLOSING").unwrap();
+            assert_within(
+                r,
+                "FIN_WAIT1 + CLOSING",
+                fin_wait1 + closing,
+                shut.to(crossed),
+                TOLERANCE,
+            );
+            // The peer's ACK of our FIN follows its FIN at once.
+            assert_within(r, "CLOSING", closing, (0, 0), TOLERANCE);
+        } else {
+            check_record(
+                r,
+                Some(side),
+                "active",
+                &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
+            );
+            let sum = phase(r, "FIN_WAIT1").unwrap() + phase(r, "FIN_WAIT2").unwrap();
+            assert_within(r, "FIN_WAIT1 + FIN_WAIT2", sum, shut.to(crossed), TOLERANCE);
+        }
+        assert_phase(r, "TIME_WAIT", crossed.to(killed), tw_tolerance);
+        assert_timewait_end(r, "killed");
+        assert_ends(r, killed, TOLERANCE);
+        assert_ours(r, &comm);
+    }
+    assert!(
+        simultaneous >= 1,
+        "the FINs crossed: at least one side went FIN_WAIT1 -> CLOSING: {c}\n{s}"
+    );
+    drop((client, server));
+}
+
+fn states_now(client: SocketAddr, server: SocketAddr) -> (Option<u8>, Option<u8>) {
+    (tcp_state(client, server), tcp_state(server, client))
+}
+
+/// An orphaned FIN_WAIT2 whose peer never closes: with tcp_fin_timeout = 2 in the namespace, the
+/// client closes and the server keeps its socket open. The kernel's timewait socket gives up
+/// after max(tcp_fin_timeout, 3.5 RTO) = 2 s, late by at most the timer wheel's granularity.
+#[test]
+fn orphaned_fin_wait2_times_out() {
+    const FIN_TIMEOUT: u64 = 2_000 * MS;
+    let place = place("fintimeout");
+    place.ns.sysctl("net.ipv4.tcp_fin_timeout", "2");
+    let tracer = Tracing::start(place.server_addr.port());
+    let server_addr = place.server_addr;
+    let (client, server) = place.ns.run(|| {
+        let listener = TcpListener::bind(server_addr).expect("bind in the namespace");
+        let client = TcpStream::connect(server_addr).expect("connect");
+        let (server, _) = listener.accept().expect("accept");
+        (client, server)
+    });
+    let client_addr = client.local_addr().unwrap();
+    let comm = thread_comm();
+
+    let (closed, ()) = Moment::of(|| timed(|| drop(client)));
+    let fin_wait2 = place.wait_for_state(
+        client_addr,
+        server_addr,
+        Some(FIN_WAIT2),
+        closed.lo,
+        Duration::from_secs(1),
+        SPIN,
+    );
+    sleep_until(fin_wait2.hi + FIN_TIMEOUT - 100 * MS);
+    let before = mono_ns();
+    assert_eq!(
+        place.state(client_addr, server_addr),
+        Some(FIN_WAIT2),
+        "FIN_WAIT2 lasts tcp_fin_timeout"
+    );
+    let timed_out = place.wait_for_state(
+        client_addr,
+        server_addr,
+        None,
+        before,
+        Duration::from_secs(5),
+        POLL,
+    );
+    thread::sleep(Duration::from_millis(300));
+    let run = tracer.stop();
+    // The server never closed: still in CLOSE_WAIT.
+    assert_eq!(place.state(server_addr, client_addr), Some(CLOSE_WAIT));
+    drop(server);
+    check_run(&run);
+
+    let c = record_of(&run, client_addr, server_addr);
+    check_record(
+        c,
+        Some("client"),
+        "fin_timeout",
+        &["FIN_WAIT1", "FIN_WAIT2"],
+    );
+    let tw_tolerance = TOLERANCE + resolution(c);
+    assert_phase(c, "FIN_WAIT1", closed.to(fin_wait2), TOLERANCE);
+    assert_phase(c, "FIN_WAIT2", fin_wait2.to(timed_out), tw_tolerance);
+    assert_phase(
+        c,
+        "FIN_WAIT2",
+        (FIN_TIMEOUT, FIN_TIMEOUT + FIN_TIMEOUT / 8),
+        tw_tolerance,
+    );
+    assert_timewait_end(c, "expired");
+    assert_ends(c, timed_out, TOLERANCE);
+    assert_ours(c, &comm);
+}
