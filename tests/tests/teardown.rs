@@ -231,6 +231,59 @@ fn assert_timewait_end(r: &Value, end: &str) {
     assert_eq!(r["timewait_end"], end, "{r}");
 }
 
+/// The record's TIME_WAIT ran from `since` to `end`, when it ended as `how` (`timewait_end`), and
+/// the socket was ours.
+fn assert_time_wait_ended(r: &Value, since: Moment, (end, how): (Moment, &str), comm: &str) {
+    assert_phase(r, "TIME_WAIT", since.to(end), TOLERANCE + resolution(r));
+    assert_timewait_end(r, how);
+    assert_ends(r, end, TOLERANCE);
+    assert_ours(r, comm);
+}
+
+/// The record of the side that closed first in `close`, an active close: FIN_WAIT1 from its
+/// close to FIN_WAIT2, FIN_WAIT2 (give or take `fin_wait2_tolerance`) up to the peer's close,
+/// TIME_WAIT from there to `end`.
+fn check_active_close(
+    r: &Value,
+    side: &str,
+    close: &OrderlyClose,
+    end: (Moment, &str),
+    fin_wait2_tolerance: u64,
+    comm: &str,
+) {
+    check_record(
+        r,
+        Some(side),
+        "active",
+        &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
+    );
+    assert_phase(r, "FIN_WAIT1", close.first.to(close.fin_wait2), TOLERANCE);
+    assert_phase(
+        r,
+        "FIN_WAIT2",
+        close.fin_wait2.to(close.second),
+        fin_wait2_tolerance,
+    );
+    assert_time_wait_ended(r, close.second, end, comm);
+}
+
+/// The record of the side that closed second in `close`, a passive close: CLOSE_WAIT from the
+/// peer's close to its own, then LAST_ACK within its close (the peer's timewait socket ACKs the
+/// FIN at once), which ends the record.
+fn check_passive_close(r: &Value, side: &str, close: &OrderlyClose, comm: &str) {
+    check_record(r, Some(side), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
+    assert_phase(r, "CLOSE_WAIT", close.first.to(close.second), TOLERANCE);
+    assert_phase(
+        r,
+        "LAST_ACK",
+        (0, close.second.hi - close.second.lo),
+        TOLERANCE,
+    );
+    assert!(r["timewait_end"].is_null(), "{r}");
+    assert_ends(r, close.second, TOLERANCE);
+    assert_ours(r, comm);
+}
+
 /// A running tracer, killed if the test fails before stopping it (it would run on otherwise).
 struct Tracing(Option<Tracer>);
 
@@ -294,6 +347,43 @@ impl Place {
         })
     }
 
+    /// Runs `close` (the close of `local -> remote`, or the shutdown of its sending side: its FIN)
+    /// as a [`timed`] close, then waits for `local` to reach FIN_WAIT2 (the peer's ACK of the FIN).
+    fn close_to_fin_wait2(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        close: impl FnOnce(),
+    ) -> (Moment, Moment) {
+        let (closed, ()) = Moment::of(|| timed(close));
+        let fin_wait2 = self.wait_for_state(
+            local,
+            remote,
+            Some(FIN_WAIT2),
+            closed.lo,
+            Duration::from_secs(1),
+            SPIN,
+        );
+        (closed, fin_wait2)
+    }
+
+    /// Checks that `local -> remote` is still in `state` 100 ms before `due` (`lasts` says why it
+    /// should be), then waits up to `timeout` for it to be gone: when it went.
+    fn wait_for_expiry(
+        &self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        state: u8,
+        due: u64,
+        timeout: Duration,
+        lasts: &str,
+    ) -> Moment {
+        sleep_until(due - 100 * MS);
+        let before = mono_ns();
+        assert_eq!(self.state(local, remote), Some(state), "{lasts}");
+        self.wait_for_state(local, remote, None, before, timeout, POLL)
+    }
+
     /// Kills the timewait sockets of the port (`ss -K`: SOCK_DESTROY, which aborts timewait
     /// sockets too) and checks that none is left.
     fn kill_time_wait(&self) -> Moment {
@@ -321,7 +411,11 @@ struct Connection {
 }
 
 fn connection(tag: &str, client_reuse_addr: bool) -> Connection {
-    let place = place(tag);
+    connection_in(place(tag), client_reuse_addr)
+}
+
+/// A [`connection`] in `place`, set up beforehand.
+fn connection_in(place: Place, client_reuse_addr: bool) -> Connection {
     let tracer = Tracing::start(place.server_addr.port());
     let server_addr = place.server_addr;
     let (client, server) = place.ns.run(|| {
@@ -344,6 +438,50 @@ fn read_eof(socket: &mut TcpStream) {
     assert_eq!(socket.read(&mut [0; 16]).expect("read"), 0, "EOF");
 }
 
+/// When the second side of an [`orderly_close`] closes.
+#[derive(Clone, Copy)]
+enum SecondClose {
+    /// This long after the first side's close.
+    AfterFirstClose(u64),
+    /// This long after the first side reached FIN_WAIT2.
+    AfterFinWait2(u64),
+}
+
+/// The moments of an [`orderly_close`].
+struct OrderlyClose {
+    /// The first side's close (or shutdown).
+    first: Moment,
+    /// The first side reaching FIN_WAIT2.
+    fin_wait2: Moment,
+    /// The second side's close.
+    second: Moment,
+}
+
+/// The first side (`first_addr -> second_addr`) closes with `close_first` and reaches FIN_WAIT2
+/// (see [`Place::close_to_fin_wait2`]); the second side reads EOF and closes when `when` says,
+/// which puts the first side in TIME_WAIT.
+fn orderly_close(
+    place: &Place,
+    (first_addr, second_addr): (SocketAddr, SocketAddr),
+    close_first: impl FnOnce(),
+    mut second: TcpStream,
+    when: SecondClose,
+) -> OrderlyClose {
+    let (first, fin_wait2) = place.close_to_fin_wait2(first_addr, second_addr, close_first);
+    read_eof(&mut second);
+    sleep_until(match when {
+        SecondClose::AfterFirstClose(delay) => first.hi + delay,
+        SecondClose::AfterFinWait2(delay) => fin_wait2.hi + delay,
+    });
+    let (second, ()) = Moment::of(|| timed(|| drop(second)));
+    assert_eq!(place.state(first_addr, second_addr), Some(TIME_WAIT));
+    OrderlyClose {
+        first,
+        fin_wait2,
+        second,
+    }
+}
+
 /// The client closes; the server reads EOF and closes 300 ms after the client reached FIN_WAIT2.
 /// The client's record comes only when its TIME_WAIT ends by itself, 60 s after the server's FIN
 /// (TCP_TIMEWAIT_LEN) rounded up by the timer wheel (by up to 2 s at HZ 250): the test watches for
@@ -354,58 +492,44 @@ fn active_close_record_comes_at_the_real_end_of_time_wait() {
         place,
         tracer,
         client,
-        mut server,
+        server,
         client_addr,
         server_addr,
     } = connection("active", false);
     let comm = thread_comm();
 
-    let (client_closed, ()) = Moment::of(|| timed(|| drop(client)));
     // The server's ACK (delayed a few ms) moves the orphaned client to FIN_WAIT2: the kernel hands
     // it over to a timewait socket at once.
-    let fin_wait2 = place.wait_for_state(
+    let close = orderly_close(
+        &place,
+        (client_addr, server_addr),
+        || drop(client),
+        server,
+        SecondClose::AfterFinWait2(300 * MS),
+    );
+    let expired = place.wait_for_expiry(
         client_addr,
         server_addr,
-        Some(FIN_WAIT2),
-        client_closed.lo,
-        Duration::from_secs(1),
-        SPIN,
-    );
-    read_eof(&mut server);
-    sleep_until(fin_wait2.hi + 300 * MS);
-    let (server_closed, ()) = Moment::of(|| timed(|| drop(server)));
-    assert_eq!(place.state(client_addr, server_addr), Some(TIME_WAIT));
-
-    sleep_until(server_closed.hi + TIMEWAIT_LEN - 100 * MS);
-    let before = mono_ns();
-    assert_eq!(
-        place.state(client_addr, server_addr),
-        Some(TIME_WAIT),
-        "TIME_WAIT lasts TCP_TIMEWAIT_LEN"
-    );
-    let expired = place.wait_for_state(
-        client_addr,
-        server_addr,
-        None,
-        before,
+        TIME_WAIT,
+        close.second.hi + TIMEWAIT_LEN,
         Duration::from_secs(15),
-        POLL,
+        "TIME_WAIT lasts TCP_TIMEWAIT_LEN",
     );
     thread::sleep(Duration::from_millis(300));
     let run = tracer.stop();
     check_run(&run);
 
     let c = record_of(&run, client_addr, server_addr);
-    check_record(
-        c,
-        Some("client"),
-        "active",
-        &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
-    );
+    // FIN_WAIT2 ends on the timewait socket.
     let tw_tolerance = TOLERANCE + resolution(c);
-    assert_phase(c, "FIN_WAIT1", client_closed.to(fin_wait2), TOLERANCE);
-    assert_phase(c, "FIN_WAIT2", fin_wait2.to(server_closed), tw_tolerance);
-    assert_phase(c, "TIME_WAIT", server_closed.to(expired), tw_tolerance);
+    check_active_close(
+        c,
+        "client",
+        &close,
+        (expired, "expired"),
+        tw_tolerance,
+        &comm,
+    );
     // Never early; late by at most the timer wheel's granularity (an eighth of the timeout).
     assert_phase(
         c,
@@ -413,24 +537,10 @@ fn active_close_record_comes_at_the_real_end_of_time_wait() {
         (TIMEWAIT_LEN, TIMEWAIT_LEN + TIMEWAIT_LEN / 8),
         tw_tolerance,
     );
-    assert_timewait_end(c, "expired");
-    assert_ends(c, expired, TOLERANCE);
-    assert_ours(c, &comm);
 
     let s = record_of(&run, server_addr, client_addr);
-    check_record(s, Some("server"), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
-    assert_phase(s, "CLOSE_WAIT", client_closed.to(server_closed), TOLERANCE);
-    // The client's timewait socket ACKs the FIN at once.
-    assert_phase(
-        s,
-        "LAST_ACK",
-        (0, server_closed.hi - server_closed.lo),
-        TOLERANCE,
-    );
-    assert!(s["timewait_end"].is_null(), "{s}");
+    check_passive_close(s, "server", &close, &comm);
     assert!(s["resolution_ns"].is_null(), "{s}");
-    assert_ends(s, server_closed, TOLERANCE);
-    assert_ours(s, &comm);
 }
 
 /// Half close: the client shuts down its sending side and keeps the socket; the server reads EOF
@@ -445,30 +555,24 @@ fn half_close_times_fin_wait2_on_the_full_socket() {
         place,
         tracer,
         mut client,
-        mut server,
+        server,
         client_addr,
         server_addr,
     } = connection("halfclose", true);
     let comm = thread_comm();
 
-    let (shut, ()) = Moment::of(|| client.shutdown(Shutdown::Write).expect("shutdown"));
-    let fin_wait2 = place.wait_for_state(
-        client_addr,
-        server_addr,
-        Some(FIN_WAIT2),
-        shut.lo,
-        Duration::from_secs(1),
-        SPIN,
+    let close = orderly_close(
+        &place,
+        (client_addr, server_addr),
+        || client.shutdown(Shutdown::Write).expect("shutdown"),
+        server,
+        SecondClose::AfterFinWait2(250 * MS),
     );
-    read_eof(&mut server);
-    sleep_until(fin_wait2.hi + 250 * MS);
-    let (server_closed, ()) = Moment::of(|| timed(|| drop(server)));
     // The client still holds its socket: it reads the FIN, then closes (no state change left: the
     // kernel handed the connection to a timewait socket on the FIN).
     read_eof(&mut client);
-    assert_eq!(place.state(client_addr, server_addr), Some(TIME_WAIT));
     drop(client);
-    sleep_until(server_closed.hi + 200 * MS);
+    sleep_until(close.second.hi + 200 * MS);
     let (reused, attempt) = Moment::of(|| {
         place
             .ns
@@ -493,20 +597,8 @@ fn half_close_times_fin_wait2_on_the_full_socket() {
         .iter()
         .find(|r| r["close"] != "failed")
         .unwrap_or_else(|| panic!("the closed connection: {client_records:#?}"));
-    check_record(
-        c,
-        Some("client"),
-        "active",
-        &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
-    );
-    let tw_tolerance = TOLERANCE + resolution(c);
-    assert_phase(c, "FIN_WAIT1", shut.to(fin_wait2), TOLERANCE);
     // Both ends of this FIN_WAIT2 are state changes of the full socket.
-    assert_phase(c, "FIN_WAIT2", fin_wait2.to(server_closed), TOLERANCE);
-    assert_phase(c, "TIME_WAIT", server_closed.to(reused), tw_tolerance);
-    assert_timewait_end(c, "killed");
-    assert_ends(c, reused, TOLERANCE);
-    assert_ours(c, &comm);
+    check_active_close(c, "client", &close, (reused, "killed"), TOLERANCE, &comm);
 
     let retry: Vec<_> = client_records
         .iter()
@@ -523,8 +615,8 @@ fn half_close_times_fin_wait2_on_the_full_socket() {
 
     let s = record_of(&run, server_addr, client_addr);
     check_record(s, Some("server"), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
-    assert_phase(s, "CLOSE_WAIT", shut.to(server_closed), TOLERANCE);
-    assert_ends(s, server_closed, TOLERANCE);
+    assert_phase(s, "CLOSE_WAIT", close.first.to(close.second), TOLERANCE);
+    assert_ends(s, close.second, TOLERANCE);
     assert_ours(s, &comm);
 }
 
@@ -535,59 +627,33 @@ fn passive_close_of_the_client_when_the_server_closes_first() {
     let Connection {
         place,
         tracer,
-        mut client,
+        client,
         server,
         client_addr,
         server_addr,
     } = connection("passive", false);
     let comm = thread_comm();
 
-    let (server_closed, ()) = Moment::of(|| timed(|| drop(server)));
-    let fin_wait2 = place.wait_for_state(
-        server_addr,
-        client_addr,
-        Some(FIN_WAIT2),
-        server_closed.lo,
-        Duration::from_secs(1),
-        SPIN,
+    let close = orderly_close(
+        &place,
+        (server_addr, client_addr),
+        || drop(server),
+        client,
+        SecondClose::AfterFirstClose(200 * MS),
     );
-    read_eof(&mut client);
-    sleep_until(server_closed.hi + 200 * MS);
-    let (client_closed, ()) = Moment::of(|| timed(|| drop(client)));
-    assert_eq!(place.state(server_addr, client_addr), Some(TIME_WAIT));
-    sleep_until(client_closed.hi + 100 * MS);
+    sleep_until(close.second.hi + 100 * MS);
     let killed = place.kill_time_wait();
     thread::sleep(Duration::from_millis(200));
     let run = tracer.stop();
     check_run(&run);
 
     let c = record_of(&run, client_addr, server_addr);
-    check_record(c, Some("client"), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
-    assert_phase(c, "CLOSE_WAIT", server_closed.to(client_closed), TOLERANCE);
-    assert_phase(
-        c,
-        "LAST_ACK",
-        (0, client_closed.hi - client_closed.lo),
-        TOLERANCE,
-    );
-    assert!(c["timewait_end"].is_null(), "{c}");
-    assert_ends(c, client_closed, TOLERANCE);
-    assert_ours(c, &comm);
+    check_passive_close(c, "client", &close, &comm);
 
     let s = record_of(&run, server_addr, client_addr);
-    check_record(
-        s,
-        Some("server"),
-        "active",
-        &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
-    );
+    // FIN_WAIT2 ends on the timewait socket.
     let tw_tolerance = TOLERANCE + resolution(s);
-    assert_phase(s, "FIN_WAIT1", server_closed.to(fin_wait2), TOLERANCE);
-    assert_phase(s, "FIN_WAIT2", fin_wait2.to(client_closed), tw_tolerance);
-    assert_phase(s, "TIME_WAIT", client_closed.to(killed), tw_tolerance);
-    assert_timewait_end(s, "killed");
-    assert_ends(s, killed, TOLERANCE);
-    assert_ours(s, &comm);
+    check_active_close(s, "server", &close, (killed, "killed"), tw_tolerance, &comm);
 }
 
 /// SO_LINGER {on, 0}: close() sends an RST (ESTABLISHED -> CLOSE); the server goes
@@ -725,7 +791,6 @@ fn simultaneous_close_goes_through_closing() {
     let s = record_of(&run, server_addr, client_addr);
     let mut simultaneous = 0;
     for (r, side) in [(c, "client"), (s, "server")] {
-        let tw_tolerance = TOLERANCE + resolution(r);
         if r["close"] == "simultaneous" {
             simultaneous += 1;
             check_record(
@@ -755,10 +820,7 @@ fn simultaneous_close_goes_through_closing() {
             let sum = phase(r, "FIN_WAIT1").unwrap() + phase(r, "FIN_WAIT2").unwrap();
             assert_within(r, "FIN_WAIT1 + FIN_WAIT2", sum, shut.to(crossed), TOLERANCE);
         }
-        assert_phase(r, "TIME_WAIT", crossed.to(killed), tw_tolerance);
-        assert_timewait_end(r, "killed");
-        assert_ends(r, killed, TOLERANCE);
-        assert_ours(r, &comm);
+        assert_time_wait_ended(r, crossed, (killed, "killed"), &comm);
     }
     assert!(
         simultaneous >= 1,
@@ -779,40 +841,24 @@ fn orphaned_fin_wait2_times_out() {
     const FIN_TIMEOUT: u64 = 2_000 * MS;
     let place = place("fintimeout");
     place.ns.sysctl("net.ipv4.tcp_fin_timeout", "2");
-    let tracer = Tracing::start(place.server_addr.port());
-    let server_addr = place.server_addr;
-    let (client, server) = place.ns.run(|| {
-        let listener = TcpListener::bind(server_addr).expect("bind in the namespace");
-        let client = TcpStream::connect(server_addr).expect("connect");
-        let (server, _) = listener.accept().expect("accept");
-        (client, server)
-    });
-    let client_addr = client.local_addr().unwrap();
+    let Connection {
+        place,
+        tracer,
+        client,
+        server,
+        client_addr,
+        server_addr,
+    } = connection_in(place, false);
     let comm = thread_comm();
 
-    let (closed, ()) = Moment::of(|| timed(|| drop(client)));
-    let fin_wait2 = place.wait_for_state(
+    let (closed, fin_wait2) = place.close_to_fin_wait2(client_addr, server_addr, || drop(client));
+    let timed_out = place.wait_for_expiry(
         client_addr,
         server_addr,
-        Some(FIN_WAIT2),
-        closed.lo,
-        Duration::from_secs(1),
-        SPIN,
-    );
-    sleep_until(fin_wait2.hi + FIN_TIMEOUT - 100 * MS);
-    let before = mono_ns();
-    assert_eq!(
-        place.state(client_addr, server_addr),
-        Some(FIN_WAIT2),
-        "FIN_WAIT2 lasts tcp_fin_timeout"
-    );
-    let timed_out = place.wait_for_state(
-        client_addr,
-        server_addr,
-        None,
-        before,
+        FIN_WAIT2,
+        fin_wait2.hi + FIN_TIMEOUT,
         Duration::from_secs(5),
-        POLL,
+        "FIN_WAIT2 lasts tcp_fin_timeout",
     );
     thread::sleep(Duration::from_millis(300));
     let run = tracer.stop();
