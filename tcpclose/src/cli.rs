@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Parser;
 use tcpclose_common::DEFAULT_RING_BYTES;
 
-use tcpclose::states::DEFAULT_MAX_SOCKETS;
+use tcpclose::{hung::Thresholds, states::DEFAULT_MAX_SOCKETS, teardown::Phase};
 
 use crate::tracer::KernelFilter;
 
@@ -60,6 +60,11 @@ pub struct Cli {
     #[arg(short, long, value_name = "D", value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
+    /// Every D, print the leak view: per teardown state, the processes with the most sockets
+    /// hung now and the most newly hung during the interval. Printed on exit too.
+    #[arg(short, long, value_name = "D", value_parser = parse_duration)]
+    pub interval: Option<Duration>,
+
     /// Only sockets whose local or remote port is N (repeatable).
     #[arg(short, long = "port", value_name = "N")]
     pub ports: Vec<u16>,
@@ -86,12 +91,73 @@ pub struct Cli {
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS)]
     pub max_sockets: usize,
 
+    /// Report sockets stuck in a teardown state while they are stuck. `--hung D` sets one
+    /// threshold for FIN_WAIT1, FIN_WAIT2, CLOSING, CLOSE_WAIT and LAST_ACK; `--hung STATE=D`
+    /// sets one state's, TIME_WAIT included (repeatable; D may be `off`); `--hung off` turns
+    /// reporting off. Defaults: CLOSE_WAIT=60s (the application has not closed a socket its peer
+    /// closed: a leak), FIN_WAIT1=30s, CLOSING=30s, LAST_ACK=30s (the peer does not acknowledge
+    /// our FIN), FIN_WAIT2=90s (the peer never sends its FIN), TIME_WAIT off (it always lasts 60 s).
+    #[arg(long, value_name = "[STATE=]D", value_parser = parse_hung)]
+    pub hung: Vec<HungSetting>,
+
     /// Ring buffer size in bytes (a power of two, at least one page). For tests.
     #[arg(long, hide = true, value_parser = parse_ring_bytes, default_value_t = DEFAULT_RING_BYTES)]
     pub ring_bytes: u32,
 }
 
+/// One `--hung` argument.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HungSetting {
+    /// Every teardown state but TIME_WAIT; `None`: off.
+    All(Option<u64>),
+    One(Phase, Option<u64>),
+}
+
+fn parse_hung(s: &str) -> Result<HungSetting, String> {
+    let threshold = |d: &str| -> Result<Option<u64>, String> {
+        if d == "off" {
+            return Ok(None);
+        }
+        let d = parse_duration(d)?;
+        Ok(Some(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+    };
+    match s.split_once('=') {
+        None => Ok(HungSetting::All(threshold(s)?)),
+        Some((state, d)) => {
+            let phase = Phase::ALL
+                .into_iter()
+                .find(|p| p.name().eq_ignore_ascii_case(state.trim()))
+                .ok_or_else(|| {
+                    let names: Vec<&str> = Phase::ALL.iter().map(|p| p.name()).collect();
+                    format!("unknown state `{state}`: one of {}", names.join(", "))
+                })?;
+            Ok(HungSetting::One(phase, threshold(d)?))
+        }
+    }
+}
+
 impl Cli {
+    /// The hung thresholds: the defaults, changed by each `--hung` in order.
+    pub fn hung_thresholds(&self) -> Thresholds {
+        let mut t = Thresholds::DEFAULT;
+        for setting in &self.hung {
+            match *setting {
+                HungSetting::All(ns) => {
+                    for phase in Phase::ALL {
+                        if phase != Phase::TimeWait {
+                            t.set(phase, ns);
+                        }
+                    }
+                    if ns.is_none() {
+                        t.set(Phase::TimeWait, None);
+                    }
+                }
+                HungSetting::One(phase, ns) => t.set(phase, ns),
+            }
+        }
+        t
+    }
+
     pub fn kernel_filter(&self) -> KernelFilter {
         KernelFilter {
             ipv4_only: self.ipv4,
@@ -141,6 +207,45 @@ mod tests {
         assert!(parse_duration("abc").is_err());
         assert!(parse_duration("0s").is_err());
         assert!(parse_duration("-5s").is_err());
+    }
+
+    #[test]
+    fn hung_thresholds() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from([&["tcpclose"], args].concat()).map(|c| c.hung_thresholds())
+        };
+        assert_eq!(parse(&[]).unwrap(), Thresholds::DEFAULT);
+        let t = parse(&[
+            "--hung",
+            "2s",
+            "--hung",
+            "close_wait=500ms",
+            "--hung",
+            "TIME_WAIT=70s",
+        ])
+        .unwrap();
+        assert_eq!(t.get(Phase::FinWait1), Some(2_000_000_000));
+        assert_eq!(t.get(Phase::CloseWait), Some(500_000_000));
+        assert_eq!(t.get(Phase::TimeWait), Some(70_000_000_000));
+        let t = parse(&["--hung", "LAST_ACK=off"]).unwrap();
+        assert_eq!(t.get(Phase::LastAck), None);
+        assert_eq!(
+            t.get(Phase::CloseWait),
+            Thresholds::DEFAULT.get(Phase::CloseWait)
+        );
+        assert!(
+            parse(&["--hung", "TIME_WAIT=1s", "--hung", "off"])
+                .unwrap()
+                .is_empty()
+        );
+        let err = parse(&["--hung", "ESTABLISHED=1s"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown state") && err.contains("CLOSE_WAIT"),
+            "{err}"
+        );
+        assert!(parse(&["--hung", "CLOSE_WAIT=soon"]).is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod btf;
 pub mod event;
+pub mod hung;
 pub mod render;
 pub mod states;
 pub mod teardown;

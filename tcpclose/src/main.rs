@@ -2,6 +2,7 @@
 
 mod cli;
 mod run;
+mod sockets;
 mod system;
 mod tracer;
 

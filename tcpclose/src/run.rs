@@ -6,15 +6,31 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use std::{
+    collections::{HashMap, HashSet},
+    net::SocketAddr,
+};
+
 use tcpclose::{
     event::{Record, Transition},
-    render::{EventPrinter, Format, Summary, TeardownPrinter, WallClock, clock_ns},
+    hung::{Alert, AlertKind, Holder, LeakView},
+    render::{
+        AlertPrinter, EventPrinter, Format, OwnedAlert, Summary, TeardownPrinter, WallClock,
+        clock_ns,
+    },
     states::SocketStates,
-    teardown::{Correlator, Teardown},
+    teardown::{Correlator, ExistingSocket, Teardown},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{cli::Cli, tracer::Tracer};
+use crate::{
+    cli::Cli,
+    sockets,
+    tracer::{KernelFilter, Tracer},
+};
+
+/// Processes shown per state in the leak view.
+const LEAKS_SHOWN: usize = 10;
 
 /// How often the ring buffer is drained when the kernel program has not asked for it (it only
 /// wakes the consumer once a backlog builds up). Bounds the delay from kernel to output.
@@ -25,6 +41,10 @@ const BATCH: usize = 4096;
 pub async fn run(cli: Cli) -> Result<()> {
     let format = if cli.json { Format::Json } else { Format::Text };
     let mut tracer = Tracer::attach(&cli.kernel_filter(), cli.ring_bytes, !cli.events)?;
+    let mut interval = tokio::time::interval(cli.interval.unwrap_or(Duration::MAX / 4));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The first tick is immediate.
+    interval.tick().await;
     let started = Instant::now();
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
@@ -33,6 +53,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    let filter = cli.kernel_filter();
     let view = if cli.events {
         View::Events {
             states: SocketStates::new(cli.max_sockets),
@@ -40,11 +61,20 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     } else {
         let colour = format == Format::Text && io::stdout().is_terminal();
-        View::Teardowns {
-            correlator: Correlator::new(cli.max_sockets),
-            printer: TeardownPrinter::new(format, WallClock::now(), colour),
-            done: Vec::new(),
+        let mut correlator = Correlator::watching(cli.max_sockets, cli.hung_thresholds());
+        if !cli.hung_thresholds().is_empty() {
+            adopt_existing(&mut correlator, &filter);
         }
+        View::Teardowns(Box::new(Teardowns {
+            correlator,
+            printer: TeardownPrinter::new(format, WallClock::now(), colour),
+            alert_printer: AlertPrinter::new(format, WallClock::now(), colour),
+            done: Vec::new(),
+            alerts: Vec::new(),
+            holders: HashMap::new(),
+            leaks: LeakView::default(),
+            leaks_shown_ns: now_ns(),
+        }))
     };
     let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0));
     if cli.events {
@@ -63,6 +93,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             // The previous drain stopped at its cap: go on after letting other tasks run.
             () = tokio::task::yield_now(), if drained == BATCH => {}
             ready = tracer.backlog() => ready.context("waiting on the ring buffer")?,
+            _ = interval.tick(), if cli.interval.is_some() => session.show_leaks(),
             _ = tick.tick() => {}
         }
         drained = tracer.drain(BATCH, |record| session.handle(record));
@@ -79,6 +110,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     tracer.detach();
     while tracer.drain(BATCH, |record| session.handle(record)) > 0 {}
     session.expire();
+    session.show_leaks();
     session.flush()?;
     let counters = tracer.counters()?;
     let mut summary = Summary {
@@ -94,7 +126,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     match &session.view {
         View::Events { states, .. } => summary.untracked = states.untracked(),
-        View::Teardowns { correlator, .. } => {
+        View::Teardowns(t) => {
+            let correlator = &t.correlator;
             let losses = correlator.losses();
             summary.evicted = losses.evicted;
             summary.unfinished = losses.unfinished;
@@ -119,13 +152,21 @@ enum View {
         states: SocketStates,
         printer: EventPrinter,
     },
-    /// One record per finished connection (the default).
-    Teardowns {
-        correlator: Correlator,
-        printer: TeardownPrinter,
-        /// Records completed by the current event, reused.
-        done: Vec<Teardown>,
-    },
+    /// One record per finished connection (the default), and hung teardowns as they happen.
+    Teardowns(Box<Teardowns>),
+}
+
+struct Teardowns {
+    correlator: Correlator,
+    printer: TeardownPrinter,
+    alert_printer: AlertPrinter,
+    /// Records completed by the current event, reused.
+    done: Vec<Teardown>,
+    alerts: Vec<Alert>,
+    /// Who held each socket reported hung, until it is resolved.
+    holders: HashMap<(SocketAddr, SocketAddr), Vec<Holder>>,
+    leaks: LeakView,
+    leaks_shown_ns: u64,
 }
 
 /// Turns records into output lines.
@@ -136,6 +177,7 @@ struct Session {
     transitions: u64,
     timewait_events: u64,
     teardowns: u64,
+    hung_alerts: u64,
     undecodable: u64,
     /// False once stdout is closed (e.g. piped into `head`): tracing stops.
     output_open: bool,
@@ -151,6 +193,7 @@ impl Session {
             transitions: 0,
             timewait_events: 0,
             teardowns: 0,
+            hung_alerts: 0,
             undecodable: 0,
             output_open: true,
             write_error: None,
@@ -179,10 +222,8 @@ impl Session {
             Record::Timewait(timer) => {
                 self.timewait_events += 1;
                 match &mut self.view {
-                    View::Teardowns {
-                        correlator, done, ..
-                    } => {
-                        correlator.on_timewait(&timer, done);
+                    View::Teardowns(t) => {
+                        t.correlator.on_timewait(&timer, &mut t.done);
                         self.print_done()
                     }
                     // Timer programs are not attached in this view.
@@ -202,37 +243,64 @@ impl Session {
                 }
                 printer.print(&mut self.out, t, in_old_ns)
             }
-            View::Teardowns {
-                correlator, done, ..
-            } => {
-                correlator.on_transition(t, done);
+            View::Teardowns(td) => {
+                td.correlator.on_transition(t, &mut td.done);
                 self.print_done()
             }
         }
     }
 
-    /// Completes what only time completes (see [`Correlator::expire`]).
+    /// Completes what only time completes (see [`Correlator::expire`]) and reports sockets that
+    /// have hung, or stopped hanging, since the last call.
     fn expire(&mut self) {
-        if let View::Teardowns {
-            correlator, done, ..
-        } = &mut self.view
+        let View::Teardowns(t) = &mut self.view else {
+            return;
+        };
+        let now = now_ns();
+        t.correlator.expire(now, &mut t.done);
+        t.correlator.poll_hung(now, &mut t.alerts);
+        let mut result = self.print_done();
+        if let View::Teardowns(t) = &mut self.view
+            && !t.alerts.is_empty()
         {
-            let now = u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0);
-            correlator.expire(now, done);
-            let result = self.print_done();
-            self.keep_error(result);
+            let alerts = attribute(std::mem::take(&mut t.alerts), &mut t.holders);
+            for a in &alerts {
+                t.leaks.observe(&a.alert, a.holder().as_ref());
+                if self.write_error.is_none() && result.is_ok() {
+                    result = t.alert_printer.print(&mut self.out, a);
+                }
+            }
+            self.hung_alerts += alerts.len() as u64;
         }
+        self.keep_error(result);
+    }
+
+    /// Prints the leak view and starts a new interval.
+    fn show_leaks(&mut self) {
+        let View::Teardowns(t) = &mut self.view else {
+            return;
+        };
+        let now = now_ns();
+        let leaks = t.leaks.report(LEAKS_SHOWN);
+        let result = t.alert_printer.print_leaks(
+            &mut self.out,
+            &leaks,
+            now,
+            now.saturating_sub(t.leaks_shown_ns),
+        );
+        t.leaks_shown_ns = now;
+        self.keep_error(result);
     }
 
     fn print_done(&mut self) -> io::Result<()> {
-        let View::Teardowns { printer, done, .. } = &mut self.view else {
+        let View::Teardowns(t) = &mut self.view else {
             return Ok(());
         };
-        self.teardowns += done.len() as u64;
+        self.teardowns += t.done.len() as u64;
         let mut result = Ok(());
-        for teardown in done.drain(..) {
+        for teardown in t.done.drain(..) {
             if self.write_error.is_none() && result.is_ok() {
-                result = printer.print(&mut self.out, &teardown);
+                result = t.printer.print(&mut self.out, &teardown);
             }
         }
         result
@@ -264,4 +332,87 @@ impl Session {
             Err(err) => Err(err).context("writing to standard output"),
         }
     }
+}
+
+/// CLOCK_MONOTONIC now, the clock of the kernel's timestamps.
+fn now_ns() -> u64 {
+    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
+}
+
+/// Follows the sockets already in a teardown state (a process may have been leaking CLOSE_WAIT
+/// for an hour): the programs are attached, so anything that changes after this snapshot is in
+/// the ring, and the engine reconciles the two (see [`Correlator::adopt_existing`]).
+fn adopt_existing(correlator: &mut Correlator, filter: &KernelFilter) {
+    let seen_ns = now_ns();
+    match sockets::snapshot() {
+        Ok(found) => {
+            for s in found
+                .iter()
+                .filter(|s| filter.admits(s.family, s.local.port(), s.remote.port()))
+            {
+                correlator.adopt_existing(&ExistingSocket {
+                    family: s.family,
+                    local: s.local,
+                    remote: s.remote,
+                    state: s.state,
+                    seen_ns,
+                });
+            }
+        }
+        Err(err) => eprintln!(
+            "tcpclose: warning: cannot list the sockets that predate tracing ({err:#}); \
+             hung sockets among them will not be reported"
+        ),
+    }
+}
+
+/// Names the processes holding newly hung sockets, the way `ss -p` does (sock_diag for the
+/// inode, `/proc/*/fd` for the holders), once per batch of alerts. Sockets reported again and
+/// resolved ones keep the holders found the first time.
+fn attribute(
+    alerts: Vec<Alert>,
+    known: &mut HashMap<(SocketAddr, SocketAddr), Vec<Holder>>,
+) -> Vec<OwnedAlert> {
+    let fresh: Vec<&Alert> = alerts
+        .iter()
+        .filter(|a| matches!(a.kind, AlertKind::Hung { again: false, .. }))
+        .collect();
+    let mut inodes: HashMap<(SocketAddr, SocketAddr), u64> = HashMap::new();
+    for a in &fresh {
+        // Containers reuse addresses (127.0.0.1 in each): of the sockets with this 4-tuple in
+        // any namespace, the one in the hung state. Timewait sockets and orphans have no file,
+        // hence no holder (inode 0).
+        if let Ok(found) = sockets::lookup_all_namespaces(a.local, a.remote)
+            && let Some(info) = found
+                .iter()
+                .find(|i| i.state == a.phase.state() && i.inode != 0)
+        {
+            inodes.insert((a.local, a.remote), info.inode);
+        }
+    }
+    if !inodes.is_empty() {
+        let wanted: HashSet<u64> = inodes.values().copied().collect();
+        match sockets::ProcessIndex::scan(&wanted) {
+            Ok(index) => {
+                for (tuple, inode) in &inodes {
+                    known.insert(*tuple, index.owners_of(*inode).to_vec());
+                }
+            }
+            Err(err) => eprintln!("tcpclose: warning: cannot read /proc to name owners: {err:#}"),
+        }
+    }
+    alerts
+        .into_iter()
+        .map(|alert| {
+            let tuple = (alert.local, alert.remote);
+            let holders = match alert.kind {
+                AlertKind::Resolved { .. } => known.remove(&tuple),
+                AlertKind::Hung { .. } => known.get(&tuple).cloned(),
+            };
+            OwnedAlert {
+                alert,
+                holders: holders.unwrap_or_default(),
+            }
+        })
+        .collect()
 }

@@ -13,7 +13,10 @@
 
 use std::{collections::HashMap, net::SocketAddr};
 
-use crate::event::{Family, Task, TcpState, TimerAction, TimewaitTimer, Transition};
+use crate::{
+    event::{Family, Task, TcpState, TimerAction, TimewaitTimer, Transition},
+    hung::{Alert, AlertKind, HungWatch, REPORT_AGAIN_NS, SocketKey, Thresholds},
+};
 
 /// TCP_TIMEWAIT_LEN: TIME_WAIT lasts 60 s from the peer's FIN (`include/net/tcp.h`), fixed.
 pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
@@ -63,7 +66,7 @@ impl CloseKind {
 }
 
 /// A teardown phase: a state a connection passes through while it closes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Phase {
     FinWait1,
     FinWait2,
@@ -180,6 +183,23 @@ struct Life {
     phases: Phases,
     owner: Option<Task>,
     last_ns: u64,
+    /// Identity of this life, never reused (a socket address is).
+    id: u64,
+    /// When it was last reported hung in its current phase.
+    hung_at_ns: Option<u64>,
+    /// `since_ns` is when tcpclose first saw it in `state`, which it may have entered earlier.
+    since_is_lower_bound: bool,
+}
+
+/// A socket that existed before tracing began, as a snapshot of the kernel's sockets shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExistingSocket {
+    pub family: Family,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    pub state: TcpState,
+    /// When the snapshot saw it (kernel CLOCK_MONOTONIC ns).
+    pub seen_ns: u64,
 }
 
 /// A full socket handed to a timewait socket, waiting for the timewait socket's end.
@@ -222,10 +242,16 @@ pub struct Correlator {
     /// in inet_twsk_schedule() before tcp_done() closes the full socket), by 4-tuple: their
     /// events, replayed when the handoff comes.
     unclaimed: HashMap<(SocketAddr, SocketAddr), Vec<TimewaitTimer>>,
+    /// Sockets in a teardown state found at start-up, by 4-tuple, until an event reveals their
+    /// kernel address.
+    existing: HashMap<(SocketAddr, SocketAddr), Life>,
     /// Timewait sockets whose timer was cancelled, by address: killed, unless the timer is
     /// queued again or fires within [`CANCEL_GRACE_NS`].
     cancelled: HashMap<u64, TimewaitTimer>,
     max_sockets: usize,
+    watch: HungWatch,
+    alerts: Vec<Alert>,
+    next_id: u64,
     /// How long a handoff waits for its timewait socket to appear before it is emitted without.
     handoff_wait_ns: u64,
     losses: Losses,
@@ -234,12 +260,22 @@ pub struct Correlator {
 impl Correlator {
     /// `max_sockets` bounds the sockets followed at once (full and timewait together).
     pub fn new(max_sockets: usize) -> Self {
+        Self::watching(max_sockets, Thresholds::NONE)
+    }
+
+    /// Also reports sockets that stay in a teardown phase longer than its threshold: see
+    /// [`Correlator::poll_hung`].
+    pub fn watching(max_sockets: usize, thresholds: Thresholds) -> Self {
         Self {
+            watch: HungWatch::new(thresholds),
+            alerts: Vec::new(),
+            next_id: 0,
             lives: HashMap::new(),
             handoffs: HashMap::new(),
             timewait: HashMap::new(),
             cancelled: HashMap::new(),
             unclaimed: HashMap::new(),
+            existing: HashMap::new(),
             max_sockets: max_sockets.max(8),
             handoff_wait_ns: 2_000_000_000,
             losses: Losses::default(),
@@ -252,7 +288,51 @@ impl Correlator {
 
     /// Sockets followed now.
     pub fn len(&self) -> usize {
-        self.lives.len() + self.handoffs.len() + self.timewait.len() + self.unclaimed.len()
+        self.lives.len()
+            + self.handoffs.len()
+            + self.timewait.len()
+            + self.unclaimed.len()
+            + self.existing.len()
+    }
+
+    /// Follows a socket that was in a teardown state before tracing began: it is watched for
+    /// hangs (its age a lower bound) and completed by the events that reveal it. Sockets in other
+    /// states need nothing: their first event starts them mid-life.
+    pub fn adopt_existing(&mut self, s: &ExistingSocket) {
+        let Some(phase) = Phase::of(s.state) else {
+            return;
+        };
+        if self.len() >= self.max_sockets {
+            self.losses.evicted += 1;
+            return;
+        }
+        let key = (s.local, s.remote);
+        let life = Life {
+            family: s.family,
+            local: s.local,
+            remote: s.remote,
+            side: None,
+            born_ns: None,
+            complete: false,
+            state: s.state,
+            since_ns: Some(s.seen_ns),
+            close: None,
+            teardown_start_ns: None,
+            phases: Phases::default(),
+            owner: None,
+            last_ns: s.seen_ns,
+            id: self.next_id,
+            hung_at_ns: None,
+            since_is_lower_bound: true,
+        };
+        self.next_id += 1;
+        self.watch.watch(
+            life.id,
+            SocketKey::Existing(s.local, s.remote),
+            phase,
+            s.seen_ns,
+        );
+        self.existing.insert(key, life);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -302,19 +382,48 @@ impl Correlator {
                     phases: Phases::default(),
                     owner: t.owner().copied(),
                     last_ns: t.ts_ns,
+                    id: self.next_id,
+                    hung_at_ns: None,
+                    since_is_lower_bound: false,
                 },
             );
+            self.next_id += 1;
             return;
         }
 
         if !self.lives.contains_key(&t.skaddr) {
+            let life = match self.existing.remove(&(t.local, t.remote)) {
+                // Found at start-up, now moving on: the same socket.
+                Some(existing) if existing.state == t.old => existing,
+                // Found at start-up already in `t.new`: this event came before the snapshot, and
+                // times the state better than the snapshot did.
+                _ => {
+                    self.next_id += 1;
+                    Life::first_seen(t, self.next_id - 1)
+                }
+            };
             self.make_room();
-            self.lives.insert(t.skaddr, Life::first_seen(t));
+            self.lives.insert(t.skaddr, life);
         }
         let Some(life) = self.lives.get_mut(&t.skaddr) else {
             return;
         };
+        let before = life.phase();
         life.advance(t);
+        // An orphaned FIN_WAIT2 goes on on the timewait socket: judged there.
+        let handed_over = t.new == Close && t.old == FinWait2;
+        if !handed_over {
+            let after = life.phase().filter(|_| t.new != Close);
+            phase_changed(
+                &mut self.watch,
+                &mut self.alerts,
+                life,
+                SocketKey::Full(t.skaddr),
+                before,
+                after,
+                t.ts_ns,
+            );
+        }
         if t.new != Close {
             return;
         }
@@ -342,6 +451,21 @@ impl Correlator {
         let first = !self.timewait.contains_key(&ev.twaddr);
         if first {
             let Some(handoff) = self.handoffs.remove(&(ev.local, ev.remote)) else {
+                if let Some(mut life) = self.existing.remove(&(ev.local, ev.remote)) {
+                    // A timewait socket found at start-up: its first timer event is its end (or a
+                    // move; either way it is no longer where it was found hung).
+                    let before = life.phase();
+                    phase_changed(
+                        &mut self.watch,
+                        &mut self.alerts,
+                        &mut life,
+                        SocketKey::Existing(ev.local, ev.remote),
+                        before,
+                        None,
+                        ev.ts_ns,
+                    );
+                    return;
+                }
                 self.keep_unclaimed(ev);
                 return;
             };
@@ -351,23 +475,124 @@ impl Correlator {
         let Some(handoff) = self.timewait.get_mut(&ev.twaddr) else {
             return;
         };
+        let key = SocketKey::Timewait(ev.twaddr);
+        // Before the first timer event the handoff's phase is unknown: a hang carried over from
+        // the full socket is judged against the phase the timer reveals.
+        let before = if first {
+            handoff.life.hung_at_ns.map(|_| handoff.carried_phase())
+        } else {
+            handoff.phase()
+        };
         match ev.action {
             TimerAction::Armed => {
                 self.cancelled.remove(&ev.twaddr);
                 handoff.observe_timer(ev, first);
+                let after = handoff.phase();
+                phase_changed(
+                    &mut self.watch,
+                    &mut self.alerts,
+                    &mut handoff.life,
+                    key,
+                    before,
+                    after,
+                    ev.ts_ns,
+                );
             }
             // Judged by what follows: see `expire`.
             TimerAction::Cancelled => {
                 self.cancelled.entry(ev.twaddr).or_insert(*ev);
+                if first {
+                    let after = handoff.phase();
+                    phase_changed(
+                        &mut self.watch,
+                        &mut self.alerts,
+                        &mut handoff.life,
+                        key,
+                        before,
+                        after,
+                        ev.ts_ns,
+                    );
+                }
             }
             TimerAction::Fired => {
                 self.cancelled.remove(&ev.twaddr);
                 handoff.observe_timer(ev, first);
-                if let Some(handoff) = self.timewait.remove(&ev.twaddr) {
+                if let Some(mut handoff) = self.timewait.remove(&ev.twaddr) {
+                    let before = before.or(handoff.phase());
+                    phase_changed(
+                        &mut self.watch,
+                        &mut self.alerts,
+                        &mut handoff.life,
+                        key,
+                        before,
+                        None,
+                        ev.ts_ns,
+                    );
                     out.push(handoff.into_teardown(ev.ts_ns, TimewaitEnd::Expired));
                 }
             }
         }
+    }
+
+    /// Pushes onto `out` the alerts due at `now_ns`: sockets that have just passed their phase's
+    /// threshold (or were reported at least [`REPORT_AGAIN_NS`] ago and are still there), and
+    /// reported sockets that have moved on since the last call.
+    pub fn poll_hung(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
+        while let Some((id, key)) = self.watch.next_due(now_ns) {
+            let (life, phase) = match key {
+                SocketKey::Full(sk) => match self.lives.get_mut(&sk) {
+                    Some(life) => {
+                        let phase = life.phase();
+                        (life, phase)
+                    }
+                    None => continue,
+                },
+                SocketKey::Timewait(tw) => match self.timewait.get_mut(&tw) {
+                    Some(handoff) => {
+                        let phase = handoff.phase();
+                        (&mut handoff.life, phase)
+                    }
+                    None => continue,
+                },
+                SocketKey::Existing(local, remote) => match self.existing.get_mut(&(local, remote))
+                {
+                    Some(life) => {
+                        let phase = life.phase();
+                        (life, phase)
+                    }
+                    None => continue,
+                },
+            };
+            let Some((phase, since_ns, lower_bound)) = phase else {
+                continue;
+            };
+            let Some(threshold) = self.watch.thresholds().get(phase) else {
+                continue;
+            };
+            // Stale entries (the life moved on, or was reported since) are skipped.
+            let due = match life.hung_at_ns {
+                Some(at) => at.saturating_add(REPORT_AGAIN_NS),
+                None => since_ns.saturating_add(threshold),
+            };
+            if life.id != id || now_ns < due {
+                continue;
+            }
+            let again = life.hung_at_ns.is_some();
+            life.hung_at_ns = Some(now_ns);
+            self.watch.again(id, key, now_ns);
+            out.push(life.alert(
+                AlertKind::Hung {
+                    age_ns: now_ns.saturating_sub(since_ns),
+                    again,
+                },
+                phase,
+                since_ns,
+                lower_bound,
+                key,
+                now_ns,
+            ));
+        }
+        out.append(&mut self.alerts);
     }
 
     /// Keeps the events of a timewait socket created just now, whose full socket's `-> CLOSE` is
@@ -412,7 +637,17 @@ impl Correlator {
                     continue;
                 };
                 if let Some(mut handoff) = self.timewait.remove(&twaddr) {
+                    let before = handoff.phase();
                     handoff.observe_timer(&ev, false);
+                    phase_changed(
+                        &mut self.watch,
+                        &mut self.alerts,
+                        &mut handoff.life,
+                        SocketKey::Timewait(twaddr),
+                        before,
+                        None,
+                        ev.ts_ns,
+                    );
                     out.push(handoff.into_teardown(ev.ts_ns, TimewaitEnd::Killed));
                 }
             }
@@ -468,9 +703,47 @@ impl Correlator {
     }
 }
 
+/// A followed socket went from phase `before` to phase `after` (either may be none) at `ts_ns`:
+/// a hang reported in `before` is resolved, and `after` is watched.
+fn phase_changed(
+    watch: &mut HungWatch,
+    alerts: &mut Vec<Alert>,
+    life: &mut Life,
+    key: SocketKey,
+    before: Option<(Phase, u64, bool)>,
+    after: Option<(Phase, u64, bool)>,
+    ts_ns: u64,
+) {
+    let same = matches!((before, after), (Some(b), Some(a)) if b.0 == a.0);
+    if same {
+        // Same phase, new place (full socket to timewait socket): watch it there.
+        match (life.hung_at_ns, after) {
+            (Some(reported), _) => watch.again(life.id, key, reported),
+            (None, Some((phase, since, _))) => watch.watch(life.id, key, phase, since),
+            (None, None) => {}
+        }
+        return;
+    }
+    if let (Some(_), Some((phase, since, lower_bound))) = (life.hung_at_ns.take(), before) {
+        alerts.push(life.alert(
+            AlertKind::Resolved {
+                stuck_ns: ts_ns.saturating_sub(since),
+            },
+            phase,
+            since,
+            lower_bound,
+            key,
+            ts_ns,
+        ));
+    }
+    if let Some((phase, since, _)) = after {
+        watch.watch(life.id, key, phase, since);
+    }
+}
+
 impl Life {
     /// A socket first seen mid-life: what it did before is unknown.
-    fn first_seen(t: &Transition) -> Self {
+    fn first_seen(t: &Transition, id: u64) -> Self {
         Self {
             family: t.family,
             local: t.local,
@@ -485,6 +758,39 @@ impl Life {
             phases: Phases::default(),
             owner: None,
             last_ns: t.ts_ns,
+            id,
+            hung_at_ns: None,
+            since_is_lower_bound: false,
+        }
+    }
+
+    /// The teardown phase it is in, since when, and whether that is a lower bound.
+    fn phase(&self) -> Option<(Phase, u64, bool)> {
+        let phase = Phase::of(self.state)?;
+        Some((phase, self.since_ns?, self.since_is_lower_bound))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn alert(
+        &self,
+        kind: AlertKind,
+        phase: Phase,
+        since_ns: u64,
+        since_is_lower_bound: bool,
+        key: SocketKey,
+        ts_ns: u64,
+    ) -> Alert {
+        Alert {
+            kind,
+            phase,
+            ts_ns,
+            since_ns,
+            since_is_lower_bound,
+            family: self.family,
+            local: self.local,
+            remote: self.remote,
+            owner: self.owner,
+            key,
         }
     }
 
@@ -495,7 +801,10 @@ impl Life {
             self.complete = false;
             self.since_ns = None;
         }
-        let in_old = self.since_ns.and_then(|since| t.ts_ns.checked_sub(since));
+        let in_old = self
+            .since_ns
+            .filter(|_| !self.since_is_lower_bound)
+            .and_then(|since| t.ts_ns.checked_sub(since));
         if let Some(phase) = Phase::of(t.old) {
             match in_old {
                 Some(ns) => self.phases.add(phase, ns),
@@ -540,6 +849,7 @@ impl Life {
         }
         self.state = t.new;
         self.since_ns = Some(t.ts_ns);
+        self.since_is_lower_bound = false;
         self.last_ns = t.ts_ns;
     }
 
@@ -574,6 +884,24 @@ impl Handoff {
             at_ns,
             time_wait_from_ns: None,
             resolution_ns: None,
+        }
+    }
+
+    /// The phase the timewait socket is in, since when, and whether that is a lower bound.
+    fn phase(&self) -> Option<(Phase, u64, bool)> {
+        match self.substate {
+            TcpState::TimeWait => Some((Phase::TimeWait, self.time_wait_from_ns?, false)),
+            TcpState::FinWait2 => Some(self.carried_phase()),
+            _ => None,
+        }
+    }
+
+    /// The full socket's FIN_WAIT2, going on after the handoff: it began when the full socket
+    /// entered it (its FIN_WAIT2 time before the handoff is known when it was seen whole).
+    fn carried_phase(&self) -> (Phase, u64, bool) {
+        match self.life.phases.get(Phase::FinWait2) {
+            Some(before) => (Phase::FinWait2, self.at_ns.saturating_sub(before), false),
+            None => (Phase::FinWait2, self.at_ns, true),
         }
     }
 
@@ -1062,5 +1390,224 @@ mod tests {
         ));
         assert_eq!(t.phases.get(Phase::CloseWait), None);
         assert!(!t.complete);
+    }
+
+    fn thresholds(phases: &[(Phase, u64)]) -> Thresholds {
+        let mut t = Thresholds::NONE;
+        for &(phase, ms) in phases {
+            t.set(phase, Some(ms * MS));
+        }
+        t
+    }
+
+    fn poll(c: &mut Correlator, ms: u64) -> Vec<Alert> {
+        let mut out = Vec::new();
+        c.poll_hung(ms * MS, &mut out);
+        out
+    }
+
+    #[test]
+    fn a_leaked_close_wait_is_reported_again_slowly_then_resolved() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &[(100, Established, CloseWait)]);
+        assert!(poll(&mut c, 1_099).is_empty());
+        let hung = poll(&mut c, 1_200);
+        assert_eq!(hung.len(), 1, "{hung:?}");
+        assert_eq!(hung[0].phase, Phase::CloseWait);
+        assert_eq!(
+            hung[0].kind,
+            AlertKind::Hung {
+                age_ns: 1_100 * MS,
+                again: false
+            }
+        );
+        assert_eq!(hung[0].since_ns, 100 * MS);
+        assert!(!hung[0].since_is_lower_bound);
+        assert_eq!(hung[0].local, CLIENT.parse().unwrap());
+        // Not flooded: nothing until REPORT_AGAIN_NS has passed.
+        for ms in (1_300..61_200).step_by(1_000) {
+            assert!(poll(&mut c, ms).is_empty(), "at {ms} ms");
+        }
+        let again = poll(&mut c, 61_200);
+        assert_eq!(again.len(), 1);
+        assert!(matches!(again[0].kind, AlertKind::Hung { again: true, .. }));
+        // The application finally closes it.
+        feed(&mut c, 1, &[(70_000, CloseWait, LastAck)]);
+        let resolved = poll(&mut c, 70_001);
+        assert_eq!(resolved.len(), 1, "{resolved:?}");
+        assert_eq!(
+            resolved[0].kind,
+            AlertKind::Resolved {
+                stuck_ns: 69_900 * MS
+            }
+        );
+        assert_eq!(resolved[0].phase, Phase::CloseWait);
+        assert_eq!(resolved[0].owner.map(|o| o.pid), Some(7));
+        // LAST_ACK is not watched; the end resolves nothing more.
+        feed(&mut c, 1, &[(70_001, LastAck, Close)]);
+        assert!(poll(&mut c, 200_000).is_empty());
+    }
+
+    #[test]
+    fn short_phases_and_reused_addresses_raise_nothing() {
+        let mut c = Correlator::watching(
+            64,
+            thresholds(&[(Phase::CloseWait, 1_000), (Phase::LastAck, 1_000)]),
+        );
+        feed(&mut c, 1, &OPEN);
+        feed(
+            &mut c,
+            1,
+            &[
+                (100, Established, CloseWait),
+                (900, CloseWait, LastAck),
+                (901, LastAck, Close),
+            ],
+        );
+        // The same socket address, a new life, in CLOSE_WAIT since 1 500 ms: the first life's
+        // entry must not report the second early.
+        feed(
+            &mut c,
+            1,
+            &[(1_000, Close, SynSent), (1_001, SynSent, Established)],
+        );
+        feed(&mut c, 1, &[(1_500, Established, CloseWait)]);
+        assert!(poll(&mut c, 2_400).is_empty());
+        assert_eq!(poll(&mut c, 2_500).len(), 1);
+    }
+
+    #[test]
+    fn an_orphaned_fin_wait2_hangs_across_the_handoff() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::FinWait2, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        // shutdown(SHUT_WR) at 100 ms: FIN_WAIT2 on the full socket from 101 ms.
+        feed(
+            &mut c,
+            1,
+            &[(100, Established, FinWait1), (101, FinWait1, FinWait2)],
+        );
+        let hung = poll(&mut c, 1_200);
+        assert_eq!(hung.len(), 1);
+        assert_eq!(hung[0].key, SocketKey::Full(1));
+        // close() at 5 s: handed to a timewait socket, still FIN_WAIT2. Not resolved.
+        timer(&mut c, 5_000, FinWait2, TimerAction::Armed, 90_000);
+        feed(&mut c, 1, &[(5_000, FinWait2, Close)]);
+        assert!(poll(&mut c, 5_001).is_empty());
+        // Still reported again, at its new place.
+        let again = poll(&mut c, 61_200);
+        assert_eq!(again.len(), 1, "{again:?}");
+        assert_eq!(again[0].key, SocketKey::Timewait(0xbeef));
+        // The peer's FIN at 62 s ends FIN_WAIT2: resolved after 61.899 s.
+        timer(&mut c, 62_000, TimeWait, TimerAction::Armed, 122_000);
+        let resolved = poll(&mut c, 62_001);
+        assert_eq!(resolved.len(), 1, "{resolved:?}");
+        assert_eq!(
+            resolved[0].kind,
+            AlertKind::Resolved {
+                stuck_ns: 61_899 * MS
+            }
+        );
+        assert_eq!(resolved[0].key, SocketKey::Timewait(0xbeef));
+    }
+
+    #[test]
+    fn a_timewait_fin_wait2_is_watched_from_the_full_sockets_entry() {
+        // close() with the peer silent: orphaned at once; hung while on the timewait socket.
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::FinWait2, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101);
+        assert!(poll(&mut c, 1_000).is_empty());
+        let hung = poll(&mut c, 1_101);
+        assert_eq!(hung.len(), 1, "{hung:?}");
+        assert_eq!(hung[0].since_ns, 101 * MS);
+        assert_eq!(hung[0].key, SocketKey::Timewait(0xbeef));
+        // tcp_fin_timeout: the timer fires in FIN_WAIT2; the hang ends with the socket.
+        let t = one(timer(&mut c, 60_101, FinWait2, TimerAction::Fired, 60_101));
+        assert_eq!(t.close, CloseKind::FinTimeout);
+        let resolved = poll(&mut c, 60_102);
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(
+            resolved[0].kind,
+            AlertKind::Resolved {
+                stuck_ns: 60_000 * MS
+            }
+        );
+    }
+
+    fn existing(state: TcpState, seen_ms: u64) -> ExistingSocket {
+        ExistingSocket {
+            family: Family::Ipv4,
+            local: CLIENT.parse().unwrap(),
+            remote: SERVER.parse().unwrap(),
+            state,
+            seen_ns: seen_ms * MS,
+        }
+    }
+
+    #[test]
+    fn a_socket_found_at_start_up_is_watched_and_adopted_by_its_next_event() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 1_000)]));
+        c.adopt_existing(&existing(CloseWait, 10));
+        // Not a teardown state: nothing to follow.
+        c.adopt_existing(&ExistingSocket {
+            local: "10.0.0.1:1".parse().unwrap(),
+            ..existing(Established, 10)
+        });
+        assert_eq!(c.len(), 1);
+        let hung = poll(&mut c, 1_010);
+        assert_eq!(hung.len(), 1);
+        assert!(hung[0].since_is_lower_bound);
+        assert_eq!(
+            hung[0].kind,
+            AlertKind::Hung {
+                age_ns: 1_000 * MS,
+                again: false
+            }
+        );
+        // The application closes it: the event reveals the socket's address.
+        let none = feed(&mut c, 9, &[(5_000, CloseWait, LastAck)]);
+        assert!(none.is_empty());
+        let resolved = poll(&mut c, 5_001);
+        assert_eq!(resolved.len(), 1, "{resolved:?}");
+        assert!(resolved[0].since_is_lower_bound);
+        assert_eq!(
+            resolved[0].kind,
+            AlertKind::Resolved {
+                stuck_ns: 4_990 * MS
+            }
+        );
+        let t = one(feed(&mut c, 9, &[(5_002, LastAck, Close)]));
+        assert_eq!(t.close, CloseKind::Passive);
+        assert!(!t.complete);
+        assert_eq!(t.phases.get(Phase::CloseWait), None, "seen only in part");
+        assert_eq!(t.phases.get(Phase::LastAck), Some(2 * MS));
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn an_event_from_before_the_snapshot_is_not_counted_twice() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 1_000)]));
+        c.adopt_existing(&existing(CloseWait, 10));
+        // Drained after the snapshot, but it happened before: it times the state exactly.
+        feed(&mut c, 9, &[(5, Established, CloseWait)]);
+        assert_eq!(c.len(), 1, "one socket, not two");
+        let hung = poll(&mut c, 1_010);
+        assert_eq!(hung.len(), 1, "{hung:?}");
+        assert!(!hung[0].since_is_lower_bound);
+        assert_eq!(hung[0].since_ns, 5 * MS);
+    }
+
+    #[test]
+    fn a_timewait_socket_found_at_start_up_ends_with_its_timer() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::TimeWait, 1_000)]));
+        c.adopt_existing(&existing(TimeWait, 10));
+        assert_eq!(poll(&mut c, 1_010).len(), 1);
+        assert!(timer(&mut c, 30_000, TimeWait, TimerAction::Fired, 30_000).is_empty());
+        let resolved = poll(&mut c, 30_001);
+        assert_eq!(resolved.len(), 1);
+        assert!(matches!(resolved[0].kind, AlertKind::Resolved { .. }));
+        assert!(c.is_empty());
     }
 }

@@ -50,6 +50,21 @@ impl KernelFilter {
         }
     }
 
+    /// Whether a socket passes the filters, as the kernel programs decide it.
+    pub fn admits(&self, family: tcpclose::event::Family, local: u16, remote: u16) -> bool {
+        use tcpclose::event::Family;
+        let family_ok = match family {
+            Family::Ipv4 => !self.ipv6_only,
+            Family::Ipv6 => !self.ipv4_only,
+        };
+        let ports_ok = !self.has_ports()
+            || self.ports.contains(&local)
+            || self.ports.contains(&remote)
+            || self.local_ports.contains(&local)
+            || self.remote_ports.contains(&remote);
+        family_ok && ports_ok
+    }
+
     fn has_ports(&self) -> bool {
         !(self.ports.is_empty() && self.local_ports.is_empty() && self.remote_ports.is_empty())
     }

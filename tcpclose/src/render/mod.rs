@@ -12,6 +12,9 @@ use serde::Serialize;
 
 mod teardown;
 
+mod alert;
+
+pub use alert::{AlertPrinter, OwnedAlert};
 pub use teardown::{TeardownPrinter, human};
 
 use crate::event::Transition;

@@ -1,0 +1,387 @@
+//! Hung teardowns: sockets that have stayed in a teardown state longer than its threshold and are
+//! still there. Pure, like the correlation engine that feeds it: the engine tells it when a
+//! socket enters a watched phase, asks it what is due at `now`, and tells it when a reported
+//! socket moves on.
+
+use std::{cmp::Reverse, collections::BinaryHeap, fmt, net::SocketAddr, time::Duration};
+
+use crate::{
+    event::{Family, Task},
+    teardown::Phase,
+};
+
+/// A process holding a socket, as `/proc/<pid>/fd` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+pub struct Holder {
+    pub pid: u32,
+    pub comm: String,
+}
+
+/// How long a socket may stay in each teardown phase before it is reported; `None`: not watched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Thresholds([Option<u64>; 6]);
+
+impl Thresholds {
+    /// Nothing watched.
+    pub const NONE: Thresholds = Thresholds([None; 6]);
+
+    /// Defaults for production: longer than any healthy teardown takes, short enough to catch a
+    /// leak while it builds up. CLOSE_WAIT is up to the application (a healthy one closes within
+    /// a request's time); FIN_WAIT1, CLOSING and LAST_ACK wait on the peer's ACK and end by
+    /// retransmission timeout within about 2 minutes (tcp_orphan_retries); FIN_WAIT2 of an
+    /// orphan ends after tcp_fin_timeout (60 s by default); TIME_WAIT always lasts 60 s, so it is
+    /// not watched unless asked for.
+    pub const DEFAULT: Thresholds = Thresholds([
+        Some(30_000_000_000), // FIN_WAIT1
+        Some(90_000_000_000), // FIN_WAIT2
+        Some(30_000_000_000), // CLOSING
+        None,                 // TIME_WAIT
+        Some(60_000_000_000), // CLOSE_WAIT
+        Some(30_000_000_000), // LAST_ACK
+    ]);
+
+    pub fn get(&self, phase: Phase) -> Option<u64> {
+        self.0[phase as usize]
+    }
+
+    pub fn set(&mut self, phase: Phase, ns: Option<u64>) {
+        self.0[phase as usize] = ns;
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.iter().all(Option::is_none)
+    }
+}
+
+impl fmt::Display for Thresholds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        for phase in Phase::ALL {
+            if let Some(ns) = self.get(phase) {
+                if !first {
+                    f.write_str(", ")?;
+                }
+                first = false;
+                write!(f, "{}={:?}", phase.name(), Duration::from_nanos(ns))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a followed socket lives in the engine's tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SocketKey {
+    /// A full socket, by kernel address.
+    Full(u64),
+    /// A timewait socket, by kernel address.
+    Timewait(u64),
+    /// A socket found at start-up, by local and remote address, until an event reveals it.
+    Existing(SocketAddr, SocketAddr),
+}
+
+/// What the engine reports about a socket that hangs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alert {
+    pub kind: AlertKind,
+    pub phase: Phase,
+    /// When the alert was made (kernel CLOCK_MONOTONIC ns).
+    pub ts_ns: u64,
+    /// When the socket entered `phase`, as far as tcpclose knows.
+    pub since_ns: u64,
+    /// Whether the socket was already in `phase` before `since_ns` (first seen there).
+    pub since_is_lower_bound: bool,
+    pub family: Family,
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// The owner, when a system-call transition revealed it.
+    pub owner: Option<Task>,
+    pub key: SocketKey,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AlertKind {
+    /// In `phase` for `age_ns` and still there; `again` when it was reported before.
+    Hung { age_ns: u64, again: bool },
+    /// A socket reported hung has left `phase` after `stuck_ns` in it.
+    Resolved { stuck_ns: u64 },
+}
+
+/// When to look at a socket again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Due {
+    at_ns: u64,
+    life: u64,
+    key: SocketKey,
+}
+
+/// The watch list: a queue of the moments sockets would become hung. Entries go stale when their
+/// socket moves on; the engine checks each one when it falls due, so that moving on costs nothing
+/// here.
+#[derive(Debug)]
+pub struct HungWatch {
+    thresholds: Thresholds,
+    due: BinaryHeap<Reverse<Due>>,
+    /// A socket still hung is reported again after this long.
+    again_ns: u64,
+}
+
+/// A still-hung socket is reported again every so often, never more often than this.
+pub const REPORT_AGAIN_NS: u64 = 60_000_000_000;
+
+impl HungWatch {
+    pub fn new(thresholds: Thresholds) -> Self {
+        Self {
+            thresholds,
+            due: BinaryHeap::new(),
+            again_ns: REPORT_AGAIN_NS,
+        }
+    }
+
+    pub fn thresholds(&self) -> &Thresholds {
+        &self.thresholds
+    }
+
+    /// A socket (life `life`, at `key`) is in `phase` since `since_ns`: look at it when its
+    /// threshold is up.
+    pub fn watch(&mut self, life: u64, key: SocketKey, phase: Phase, since_ns: u64) {
+        if let Some(threshold) = self.thresholds.get(phase) {
+            self.due.push(Reverse(Due {
+                at_ns: since_ns.saturating_add(threshold),
+                life,
+                key,
+            }));
+        }
+    }
+
+    /// Looks again at a socket reported at `now_ns`, later.
+    pub fn again(&mut self, life: u64, key: SocketKey, now_ns: u64) {
+        self.due.push(Reverse(Due {
+            at_ns: now_ns.saturating_add(self.again_ns),
+            life,
+            key,
+        }));
+    }
+
+    /// Takes the next socket due at `now_ns`: `(life, key)`.
+    pub fn next_due(&mut self, now_ns: u64) -> Option<(u64, SocketKey)> {
+        match self.due.peek() {
+            Some(Reverse(due)) if due.at_ns <= now_ns => {
+                let due = self.due.pop()?.0;
+                Some((due.life, due.key))
+            }
+            _ => None,
+        }
+    }
+
+    /// Entries queued (some stale).
+    pub fn len(&self) -> usize {
+        self.due.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.due.is_empty()
+    }
+}
+
+/// Who leaks: per process and teardown state, the sockets hung now and the new ones over an
+/// interval. Fed with every alert once its owner is known.
+#[derive(Debug, Default)]
+pub struct LeakView {
+    /// (owner, phase) -> sockets hung now.
+    hung_now: std::collections::HashMap<(Option<Holder>, Phase), u64>,
+    /// (owner, phase) -> sockets that became hung since the last report.
+    new: std::collections::HashMap<(Option<Holder>, Phase), u64>,
+}
+
+/// One line of the leak view.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Leak {
+    pub state: &'static str,
+    pub pid: Option<u32>,
+    pub comm: Option<String>,
+    /// Sockets of this process hung in `state` now.
+    pub hung_now: u64,
+    /// Sockets that became hung during the interval.
+    pub new: u64,
+}
+
+impl LeakView {
+    /// Counts an alert about a socket held by `owner` (`None`: unknown).
+    pub fn observe(&mut self, alert: &Alert, owner: Option<&Holder>) {
+        let key = (owner.cloned(), alert.phase);
+        match alert.kind {
+            AlertKind::Hung { again: false, .. } => {
+                *self.hung_now.entry(key.clone()).or_default() += 1;
+                *self.new.entry(key).or_default() += 1;
+            }
+            AlertKind::Hung { again: true, .. } => {}
+            AlertKind::Resolved { .. } => {
+                if let Some(n) = self.hung_now.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.hung_now.remove(&key);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `top` processes per state by sockets hung now, then by new ones; starts a new
+    /// interval.
+    pub fn report(&mut self, top: usize) -> Vec<Leak> {
+        let mut keys: Vec<(Option<Holder>, Phase)> = self
+            .hung_now
+            .keys()
+            .chain(self.new.keys())
+            .cloned()
+            .collect();
+        keys.sort_by(|a, b| (a.1 as usize, &a.0).cmp(&(b.1 as usize, &b.0)));
+        keys.dedup();
+        let mut leaks: Vec<Leak> = keys
+            .into_iter()
+            .map(|key| Leak {
+                state: key.1.name(),
+                pid: key.0.as_ref().map(|h| h.pid),
+                comm: key.0.as_ref().map(|h| h.comm.clone()),
+                hung_now: self.hung_now.get(&key).copied().unwrap_or(0),
+                new: self.new.get(&key).copied().unwrap_or(0),
+            })
+            .collect();
+        leaks.sort_by(|a, b| {
+            (
+                Phase::ALL.iter().position(|p| p.name() == a.state),
+                b.hung_now,
+                b.new,
+            )
+                .cmp(&(
+                    Phase::ALL.iter().position(|p| p.name() == b.state),
+                    a.hung_now,
+                    a.new,
+                ))
+        });
+        let mut shown_per_state = std::collections::HashMap::<&str, usize>::new();
+        leaks.retain(|l| {
+            let n = shown_per_state.entry(l.state).or_default();
+            *n += 1;
+            *n <= top
+        });
+        self.new.clear();
+        leaks
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_in_order_of_deadline() {
+        let mut t = Thresholds::NONE;
+        t.set(Phase::CloseWait, Some(100));
+        t.set(Phase::LastAck, Some(10));
+        let mut w = HungWatch::new(t);
+        w.watch(1, SocketKey::Full(1), Phase::CloseWait, 0);
+        w.watch(2, SocketKey::Full(2), Phase::LastAck, 50);
+        // Not watched: no entry.
+        w.watch(3, SocketKey::Full(3), Phase::TimeWait, 0);
+        assert_eq!(w.len(), 2);
+        assert_eq!(w.next_due(59), None);
+        assert_eq!(w.next_due(60), Some((2, SocketKey::Full(2))));
+        assert_eq!(w.next_due(99), None);
+        assert_eq!(w.next_due(1_000), Some((1, SocketKey::Full(1))));
+        assert!(w.is_empty());
+        w.again(1, SocketKey::Full(1), 1_000);
+        assert_eq!(w.next_due(1_000 + REPORT_AGAIN_NS - 1), None);
+        assert!(w.next_due(1_000 + REPORT_AGAIN_NS).is_some());
+    }
+
+    fn alert(kind: AlertKind, phase: Phase, port: u16) -> Alert {
+        Alert {
+            kind,
+            phase,
+            ts_ns: 0,
+            since_ns: 0,
+            since_is_lower_bound: false,
+            family: Family::Ipv4,
+            local: SocketAddr::from(([127, 0, 0, 1], port)),
+            remote: SocketAddr::from(([127, 0, 0, 1], 80)),
+            owner: None,
+            key: SocketKey::Full(u64::from(port)),
+        }
+    }
+
+    #[test]
+    fn leak_view_ranks_processes_per_state() {
+        let leaky = Holder {
+            pid: 10,
+            comm: "leaky".into(),
+        };
+        let tidy = Holder {
+            pid: 20,
+            comm: "tidy".into(),
+        };
+        let hung = AlertKind::Hung {
+            age_ns: 1,
+            again: false,
+        };
+        let mut v = LeakView::default();
+        for port in 0..5 {
+            v.observe(&alert(hung, Phase::CloseWait, port), Some(&leaky));
+        }
+        v.observe(&alert(hung, Phase::CloseWait, 9), Some(&tidy));
+        v.observe(&alert(hung, Phase::LastAck, 8), None);
+        // Reported again: not counted twice.
+        v.observe(
+            &alert(
+                AlertKind::Hung {
+                    age_ns: 2,
+                    again: true,
+                },
+                Phase::CloseWait,
+                0,
+            ),
+            Some(&leaky),
+        );
+        v.observe(
+            &alert(AlertKind::Resolved { stuck_ns: 3 }, Phase::CloseWait, 9),
+            Some(&tidy),
+        );
+        let report = v.report(10);
+        assert_eq!(report.len(), 3, "{report:?}");
+        assert_eq!(
+            (
+                report[0].state,
+                report[0].pid,
+                report[0].hung_now,
+                report[0].new
+            ),
+            ("CLOSE_WAIT", Some(10), 5, 5)
+        );
+        assert_eq!(
+            (
+                report[1].state,
+                report[1].pid,
+                report[1].hung_now,
+                report[1].new
+            ),
+            ("CLOSE_WAIT", Some(20), 0, 1)
+        );
+        assert_eq!((report[2].state, report[2].pid), ("LAST_ACK", None));
+        // A new interval: nothing new, still hung.
+        let report = v.report(1);
+        assert_eq!(report.len(), 2);
+        assert_eq!((report[0].hung_now, report[0].new), (5, 0));
+    }
+
+    #[test]
+    fn defaults_leave_time_wait_alone() {
+        assert_eq!(Thresholds::DEFAULT.get(Phase::TimeWait), None);
+        assert!(Thresholds::DEFAULT.get(Phase::CloseWait).is_some());
+        assert!(Thresholds::NONE.is_empty());
+        assert_eq!(
+            Thresholds::DEFAULT.to_string(),
+            "FIN_WAIT1=30s, FIN_WAIT2=90s, CLOSING=30s, CLOSE_WAIT=60s, LAST_ACK=30s"
+        );
+    }
+}

@@ -1,0 +1,315 @@
+//! Lines about hung teardowns: a socket that has stayed too long in a teardown state (`hung`),
+//! and the same socket when it finally moves on (`resolved`).
+
+use std::{
+    borrow::Cow,
+    io::{self, Write},
+    net::IpAddr,
+};
+
+use jiff::{Timestamp, tz::TimeZone};
+use serde::Serialize;
+
+use super::{Format, WallClock, human};
+use crate::{
+    event::Task,
+    hung::{Alert, AlertKind, Holder, Leak},
+};
+
+/// An alert with what tcpclose found out about its owner.
+#[derive(Clone, Debug)]
+pub struct OwnedAlert {
+    pub alert: Alert,
+    /// Processes holding the socket now (from sock_diag and `/proc/*/fd`); empty when the
+    /// socket has no file (an orphan, a timewait socket) or the lookup found none.
+    pub holders: Vec<Holder>,
+}
+
+impl OwnedAlert {
+    /// The process to name, as a holder: see [`OwnedAlert::owner`].
+    pub fn holder(&self) -> Option<Holder> {
+        self.owner().map(|(pid, comm)| Holder {
+            pid,
+            comm: comm.into_owned(),
+        })
+    }
+
+    /// The process to name: the first holder found now, else the task of the last system call.
+    fn owner(&self) -> Option<(u32, Cow<'_, str>)> {
+        match self.holders.first() {
+            Some(h) => Some((h.pid, Cow::Borrowed(h.comm.as_str()))),
+            None => self.alert.owner.as_ref().map(|o: &Task| (o.pid, o.comm())),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct AlertRecord<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    time: Timestamp,
+    ts_ns: u64,
+    state: &'static str,
+    /// Wall-clock time the socket entered `state`.
+    since: Timestamp,
+    since_ns: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    age_ns: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stuck_ns: Option<u64>,
+    /// The socket was already in `state` when tcpclose first saw it: the age is at least this.
+    age_is_lower_bound: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    again: Option<bool>,
+    family: &'static str,
+    laddr: IpAddr,
+    lport: u16,
+    raddr: IpAddr,
+    rport: u16,
+    pid: Option<u32>,
+    comm: Option<Cow<'a, str>>,
+    /// Every process holding the socket now (a socket may be shared after fork).
+    holders: &'a [Holder],
+}
+
+/// Writes [`OwnedAlert`]s as text lines that stand out, or as JSON lines.
+pub struct AlertPrinter {
+    format: Format,
+    colour: bool,
+    clock: WallClock,
+    zone: TimeZone,
+}
+
+const BOLD_RED: &str = "\x1b[1;31m";
+const GREEN: &str = "\x1b[32m";
+const RESET: &str = "\x1b[0m";
+
+impl AlertPrinter {
+    pub fn new(format: Format, clock: WallClock, colour: bool) -> Self {
+        Self {
+            format,
+            colour,
+            clock,
+            zone: TimeZone::system(),
+        }
+    }
+
+    /// Prints the leak view: per state, the processes with the most sockets hung now and the
+    /// most that became hung during the last `interval_ns`. Text output skips an empty view.
+    pub fn print_leaks(
+        &self,
+        out: &mut impl Write,
+        leaks: &[Leak],
+        now_ns: u64,
+        interval_ns: u64,
+    ) -> io::Result<()> {
+        match self.format {
+            Format::Json => {
+                #[derive(Serialize)]
+                struct Record<'a> {
+                    #[serde(rename = "type")]
+                    kind: &'static str,
+                    time: Timestamp,
+                    ts_ns: u64,
+                    interval_ns: u64,
+                    leaks: &'a [Leak],
+                }
+                serde_json::to_writer(
+                    &mut *out,
+                    &Record {
+                        kind: "leaks",
+                        time: self.clock.timestamp(now_ns),
+                        ts_ns: now_ns,
+                        interval_ns,
+                        leaks,
+                    },
+                )?;
+                out.write_all(b"\n")
+            }
+            Format::Text if leaks.is_empty() => Ok(()),
+            Format::Text => {
+                writeln!(
+                    out,
+                    "-- hung sockets by process: now, and new in the last {} --",
+                    human(interval_ns)
+                )?;
+                writeln!(
+                    out,
+                    "{:<11} {:>7} {:<15} {:>8} {:>8}",
+                    "STATE", "PID", "COMM", "HUNG", "NEW"
+                )?;
+                for l in leaks {
+                    let pid = l.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
+                    writeln!(
+                        out,
+                        "{:<11} {pid:>7} {:<15} {:>8} {:>8}",
+                        l.state,
+                        l.comm.as_deref().unwrap_or("?"),
+                        l.hung_now,
+                        l.new
+                    )?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    pub fn print(&self, out: &mut impl Write, a: &OwnedAlert) -> io::Result<()> {
+        let alert = &a.alert;
+        let owner = a.owner();
+        match self.format {
+            Format::Json => {
+                let (kind, age_ns, stuck_ns, again) = match alert.kind {
+                    AlertKind::Hung { age_ns, again } => ("hung", Some(age_ns), None, Some(again)),
+                    AlertKind::Resolved { stuck_ns } => ("resolved", None, Some(stuck_ns), None),
+                };
+                let record = AlertRecord {
+                    kind,
+                    time: self.clock.timestamp(alert.ts_ns),
+                    ts_ns: alert.ts_ns,
+                    state: alert.phase.name(),
+                    since: self.clock.timestamp(alert.since_ns),
+                    since_ns: alert.since_ns,
+                    age_ns,
+                    stuck_ns,
+                    age_is_lower_bound: alert.since_is_lower_bound,
+                    again,
+                    family: alert.family.name(),
+                    laddr: alert.local.ip(),
+                    lport: alert.local.port(),
+                    raddr: alert.remote.ip(),
+                    rport: alert.remote.port(),
+                    pid: owner.as_ref().map(|o| o.0),
+                    comm: owner.map(|o| o.1),
+                    holders: &a.holders,
+                };
+                serde_json::to_writer(&mut *out, &record)?;
+                out.write_all(b"\n")
+            }
+            Format::Text => {
+                let time = self
+                    .clock
+                    .timestamp(alert.ts_ns)
+                    .to_zoned(self.zone.clone())
+                    .strftime("%H:%M:%S%.3f");
+                let (pid, comm) = match owner {
+                    Some((pid, comm)) => (pid.to_string(), comm),
+                    None => ("?".to_owned(), Cow::Borrowed("?")),
+                };
+                let at_least = if alert.since_is_lower_bound { ">" } else { "" };
+                let (label, colour, what) = match alert.kind {
+                    AlertKind::Hung { age_ns, again } => (
+                        if again { "STILL HUNG" } else { "HUNG" },
+                        BOLD_RED,
+                        format!("in {} for {at_least}{}", alert.phase.name(), human(age_ns)),
+                    ),
+                    AlertKind::Resolved { stuck_ns } => (
+                        "RESOLVED",
+                        GREEN,
+                        format!(
+                            "left {} after {at_least}{}",
+                            alert.phase.name(),
+                            human(stuck_ns)
+                        ),
+                    ),
+                };
+                let label = format!("{label:<10}");
+                let label = if self.colour {
+                    format!("{colour}{label}{RESET}")
+                } else {
+                    label
+                };
+                let others = match a.holders.len() {
+                    0 | 1 => String::new(),
+                    n => format!(" (+{} more processes)", n - 1),
+                };
+                writeln!(
+                    out,
+                    "{time:<12} {pid:>7} {comm:<15} {} -> {}  {label} {what}{others}",
+                    alert.local, alert.remote
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{event::Family, hung::SocketKey, teardown::Phase};
+
+    const MS: u64 = 1_000_000;
+
+    fn alert(kind: AlertKind) -> OwnedAlert {
+        OwnedAlert {
+            alert: Alert {
+                kind,
+                phase: Phase::CloseWait,
+                ts_ns: 5_000 * MS,
+                since_ns: 1_000 * MS,
+                since_is_lower_bound: false,
+                family: Family::Ipv4,
+                local: "127.0.0.1:8080".parse().unwrap(),
+                remote: "127.0.0.1:40000".parse().unwrap(),
+                owner: None,
+                key: SocketKey::Full(1),
+            },
+            holders: vec![Holder {
+                pid: 42,
+                comm: "leaky".into(),
+            }],
+        }
+    }
+
+    #[test]
+    fn json_records_follow_the_contract() {
+        let p = AlertPrinter::new(Format::Json, WallClock::with_offset(0), false);
+        let mut out = Vec::new();
+        p.print(
+            &mut out,
+            &alert(AlertKind::Hung {
+                age_ns: 4_000 * MS,
+                again: false,
+            }),
+        )
+        .unwrap();
+        p.print(&mut out, &alert(AlertKind::Resolved { stuck_ns: 9 * MS }))
+            .unwrap();
+        let lines: Vec<serde_json::Value> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        let hung = &lines[0];
+        assert_eq!(hung["type"], "hung");
+        assert_eq!(hung["state"], "CLOSE_WAIT");
+        assert_eq!(hung["since"], "1970-01-01T00:00:01Z");
+        assert_eq!(hung["age_ns"], 4_000 * MS);
+        assert_eq!(hung["age_is_lower_bound"], false);
+        assert_eq!(hung["pid"], 42);
+        assert_eq!(hung["comm"], "leaky");
+        assert_eq!(hung["lport"], 8080);
+        assert_eq!(hung["raddr"], "127.0.0.1");
+        assert_eq!(hung["holders"][0]["pid"], 42);
+        let resolved = &lines[1];
+        assert_eq!(resolved["type"], "resolved");
+        assert_eq!(resolved["stuck_ns"], 9 * MS);
+        assert!(resolved.get("age_ns").is_none());
+    }
+
+    #[test]
+    fn text_stands_out_and_names_the_owner() {
+        let p = AlertPrinter::new(Format::Text, WallClock::with_offset(0), true);
+        let mut out = Vec::new();
+        let mut a = alert(AlertKind::Hung {
+            age_ns: 4_000 * MS,
+            again: false,
+        });
+        a.alert.since_is_lower_bound = true;
+        p.print(&mut out, &a).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("42 leaky"), "{text}");
+        assert!(text.contains("\x1b[1;31mHUNG"), "{text}");
+        assert!(text.contains("in CLOSE_WAIT for >4.00s"), "{text}");
+    }
+}
