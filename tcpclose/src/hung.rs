@@ -1,9 +1,8 @@
 //! Hung teardowns: sockets that have stayed in a teardown state longer than its threshold and are
-//! still there. Pure, like the correlation engine that feeds it: the engine tells it when a
-//! socket enters a watched phase, asks it what is due at `now`, and tells it when a reported
-//! socket moves on.
+//! still there. The correlation engine finds them ([`crate::teardown::Correlator::poll_hung`]);
+//! this module holds the thresholds, the alerts and the leak view. Pure, like the engine.
 
-use std::{cmp::Reverse, collections::BinaryHeap, fmt, net::SocketAddr, time::Duration};
+use std::{fmt, net::SocketAddr, time::Duration};
 
 use crate::{
     event::{Family, Task},
@@ -107,82 +106,11 @@ pub enum AlertKind {
     Resolved { stuck_ns: u64 },
 }
 
-/// When to look at a socket again.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-struct Due {
-    at_ns: u64,
-    life: u64,
-    key: SocketKey,
-}
-
-/// The watch list: a queue of the moments sockets would become hung. Entries go stale when their
-/// socket moves on; the engine checks each one when it falls due, so that moving on costs nothing
-/// here.
-#[derive(Debug)]
-pub struct HungWatch {
-    thresholds: Thresholds,
-    due: BinaryHeap<Reverse<Due>>,
-    /// A socket still hung is reported again after this long.
-    again_ns: u64,
-}
-
 /// A still-hung socket is reported again every so often, never more often than this.
 pub const REPORT_AGAIN_NS: u64 = 60_000_000_000;
 
-impl HungWatch {
-    pub fn new(thresholds: Thresholds) -> Self {
-        Self {
-            thresholds,
-            due: BinaryHeap::new(),
-            again_ns: REPORT_AGAIN_NS,
-        }
-    }
-
-    pub fn thresholds(&self) -> &Thresholds {
-        &self.thresholds
-    }
-
-    /// A socket (life `life`, at `key`) is in `phase` since `since_ns`: look at it when its
-    /// threshold is up.
-    pub fn watch(&mut self, life: u64, key: SocketKey, phase: Phase, since_ns: u64) {
-        if let Some(threshold) = self.thresholds.get(phase) {
-            self.due.push(Reverse(Due {
-                at_ns: since_ns.saturating_add(threshold),
-                life,
-                key,
-            }));
-        }
-    }
-
-    /// Looks again at a socket reported at `now_ns`, later.
-    pub fn again(&mut self, life: u64, key: SocketKey, now_ns: u64) {
-        self.due.push(Reverse(Due {
-            at_ns: now_ns.saturating_add(self.again_ns),
-            life,
-            key,
-        }));
-    }
-
-    /// Takes the next socket due at `now_ns`: `(life, key)`.
-    pub fn next_due(&mut self, now_ns: u64) -> Option<(u64, SocketKey)> {
-        match self.due.peek() {
-            Some(Reverse(due)) if due.at_ns <= now_ns => {
-                let due = self.due.pop()?.0;
-                Some((due.life, due.key))
-            }
-            _ => None,
-        }
-    }
-
-    /// Entries queued (some stale).
-    pub fn len(&self) -> usize {
-        self.due.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.due.is_empty()
-    }
-}
+/// How often the engine looks for hung sockets: a report comes at most this late.
+pub const SWEEP_NS: u64 = 200_000_000;
 
 /// Who leaks: per process and teardown state, the sockets hung now and the new ones over an
 /// interval. Fed with every alert once its owner is known.
@@ -274,27 +202,6 @@ impl LeakView {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn due_in_order_of_deadline() {
-        let mut t = Thresholds::NONE;
-        t.set(Phase::CloseWait, Some(100));
-        t.set(Phase::LastAck, Some(10));
-        let mut w = HungWatch::new(t);
-        w.watch(1, SocketKey::Full(1), Phase::CloseWait, 0);
-        w.watch(2, SocketKey::Full(2), Phase::LastAck, 50);
-        // Not watched: no entry.
-        w.watch(3, SocketKey::Full(3), Phase::TimeWait, 0);
-        assert_eq!(w.len(), 2);
-        assert_eq!(w.next_due(59), None);
-        assert_eq!(w.next_due(60), Some((2, SocketKey::Full(2))));
-        assert_eq!(w.next_due(99), None);
-        assert_eq!(w.next_due(1_000), Some((1, SocketKey::Full(1))));
-        assert!(w.is_empty());
-        w.again(1, SocketKey::Full(1), 1_000);
-        assert_eq!(w.next_due(1_000 + REPORT_AGAIN_NS - 1), None);
-        assert!(w.next_due(1_000 + REPORT_AGAIN_NS).is_some());
-    }
 
     fn alert(kind: AlertKind, phase: Phase, port: u16) -> Alert {
         Alert {

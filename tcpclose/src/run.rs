@@ -121,6 +121,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         timewait_events: session.timewait_events,
         timewait_lost: counters.timewait_lost,
         teardowns: session.teardowns,
+        hung_alerts: session.hung_alerts,
         duration_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
         ..Summary::default()
     };

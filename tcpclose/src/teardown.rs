@@ -15,7 +15,7 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use crate::{
     event::{Family, Task, TcpState, TimerAction, TimewaitTimer, Transition},
-    hung::{Alert, AlertKind, HungWatch, REPORT_AGAIN_NS, SocketKey, Thresholds},
+    hung::{Alert, AlertKind, REPORT_AGAIN_NS, SWEEP_NS, SocketKey, Thresholds},
 };
 
 /// TCP_TIMEWAIT_LEN: TIME_WAIT lasts 60 s from the peer's FIN (`include/net/tcp.h`), fixed.
@@ -183,8 +183,6 @@ struct Life {
     phases: Phases,
     owner: Option<Task>,
     last_ns: u64,
-    /// Identity of this life, never reused (a socket address is).
-    id: u64,
     /// When it was last reported hung in its current phase.
     hung_at_ns: Option<u64>,
     /// `since_ns` is when tcpclose first saw it in `state`, which it may have entered earlier.
@@ -249,9 +247,10 @@ pub struct Correlator {
     /// queued again or fires within [`CANCEL_GRACE_NS`].
     cancelled: HashMap<u64, TimewaitTimer>,
     max_sockets: usize,
-    watch: HungWatch,
+    thresholds: Thresholds,
+    /// When the tables were last swept for hung sockets.
+    swept_ns: Option<u64>,
     alerts: Vec<Alert>,
-    next_id: u64,
     /// How long a handoff waits for its timewait socket to appear before it is emitted without.
     handoff_wait_ns: u64,
     losses: Losses,
@@ -267,9 +266,9 @@ impl Correlator {
     /// [`Correlator::poll_hung`].
     pub fn watching(max_sockets: usize, thresholds: Thresholds) -> Self {
         Self {
-            watch: HungWatch::new(thresholds),
+            thresholds,
+            swept_ns: None,
             alerts: Vec::new(),
-            next_id: 0,
             lives: HashMap::new(),
             handoffs: HashMap::new(),
             timewait: HashMap::new(),
@@ -299,9 +298,9 @@ impl Correlator {
     /// hangs (its age a lower bound) and completed by the events that reveal it. Sockets in other
     /// states need nothing: their first event starts them mid-life.
     pub fn adopt_existing(&mut self, s: &ExistingSocket) {
-        let Some(phase) = Phase::of(s.state) else {
+        if Phase::of(s.state).is_none() {
             return;
-        };
+        }
         if self.len() >= self.max_sockets {
             self.losses.evicted += 1;
             return;
@@ -321,17 +320,9 @@ impl Correlator {
             phases: Phases::default(),
             owner: None,
             last_ns: s.seen_ns,
-            id: self.next_id,
             hung_at_ns: None,
             since_is_lower_bound: true,
         };
-        self.next_id += 1;
-        self.watch.watch(
-            life.id,
-            SocketKey::Existing(s.local, s.remote),
-            phase,
-            s.seen_ns,
-        );
         self.existing.insert(key, life);
     }
 
@@ -382,12 +373,10 @@ impl Correlator {
                     phases: Phases::default(),
                     owner: t.owner().copied(),
                     last_ns: t.ts_ns,
-                    id: self.next_id,
                     hung_at_ns: None,
                     since_is_lower_bound: false,
                 },
             );
-            self.next_id += 1;
             return;
         }
 
@@ -397,10 +386,7 @@ impl Correlator {
                 Some(existing) if existing.state == t.old => existing,
                 // Found at start-up already in `t.new`: this event came before the snapshot, and
                 // times the state better than the snapshot did.
-                _ => {
-                    self.next_id += 1;
-                    Life::first_seen(t, self.next_id - 1)
-                }
+                _ => Life::first_seen(t),
             };
             self.make_room();
             self.lives.insert(t.skaddr, life);
@@ -415,7 +401,6 @@ impl Correlator {
         if !handed_over {
             let after = life.phase().filter(|_| t.new != Close);
             phase_changed(
-                &mut self.watch,
                 &mut self.alerts,
                 life,
                 SocketKey::Full(t.skaddr),
@@ -456,7 +441,6 @@ impl Correlator {
                     // move; either way it is no longer where it was found hung).
                     let before = life.phase();
                     phase_changed(
-                        &mut self.watch,
                         &mut self.alerts,
                         &mut life,
                         SocketKey::Existing(ev.local, ev.remote),
@@ -489,7 +473,6 @@ impl Correlator {
                 handoff.observe_timer(ev, first);
                 let after = handoff.phase();
                 phase_changed(
-                    &mut self.watch,
                     &mut self.alerts,
                     &mut handoff.life,
                     key,
@@ -504,7 +487,6 @@ impl Correlator {
                 if first {
                     let after = handoff.phase();
                     phase_changed(
-                        &mut self.watch,
                         &mut self.alerts,
                         &mut handoff.life,
                         key,
@@ -520,7 +502,6 @@ impl Correlator {
                 if let Some(mut handoff) = self.timewait.remove(&ev.twaddr) {
                     let before = before.or(handoff.phase());
                     phase_changed(
-                        &mut self.watch,
                         &mut self.alerts,
                         &mut handoff.life,
                         key,
@@ -534,63 +515,38 @@ impl Correlator {
         }
     }
 
-    /// Pushes onto `out` the alerts due at `now_ns`: sockets that have just passed their phase's
-    /// threshold (or were reported at least [`REPORT_AGAIN_NS`] ago and are still there), and
-    /// reported sockets that have moved on since the last call.
+    /// Pushes onto `out` the alerts due at `now_ns`: sockets that have stayed in their phase
+    /// longer than its threshold (or were reported at least [`REPORT_AGAIN_NS`] ago and are still
+    /// there), and reported sockets that have moved on since the last call. The tables are swept
+    /// at most every [`SWEEP_NS`]: a sweep costs a pass over the followed sockets and nothing is
+    /// kept per socket in between, so memory stays bounded by the table whatever the churn.
     pub fn poll_hung(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
-        while let Some((id, key)) = self.watch.next_due(now_ns) {
-            let (life, phase) = match key {
-                SocketKey::Full(sk) => match self.lives.get_mut(&sk) {
-                    Some(life) => {
-                        let phase = life.phase();
-                        (life, phase)
-                    }
-                    None => continue,
-                },
-                SocketKey::Timewait(tw) => match self.timewait.get_mut(&tw) {
-                    Some(handoff) => {
-                        let phase = handoff.phase();
-                        (&mut handoff.life, phase)
-                    }
-                    None => continue,
-                },
-                SocketKey::Existing(local, remote) => match self.existing.get_mut(&(local, remote))
-                {
-                    Some(life) => {
-                        let phase = life.phase();
-                        (life, phase)
-                    }
-                    None => continue,
-                },
-            };
-            let Some((phase, since_ns, lower_bound)) = phase else {
-                continue;
-            };
-            let Some(threshold) = self.watch.thresholds().get(phase) else {
-                continue;
-            };
-            // Stale entries (the life moved on, or was reported since) are skipped.
-            let due = match life.hung_at_ns {
-                Some(at) => at.saturating_add(REPORT_AGAIN_NS),
-                None => since_ns.saturating_add(threshold),
-            };
-            if life.id != id || now_ns < due {
-                continue;
+        let due = self
+            .swept_ns
+            .is_none_or(|swept| now_ns.saturating_sub(swept) >= SWEEP_NS);
+        if due && !self.thresholds.is_empty() {
+            self.swept_ns = Some(now_ns);
+            let t = &self.thresholds;
+            for (sk, life) in &mut self.lives {
+                let phase = life.phase();
+                check_hung(t, life, phase, SocketKey::Full(*sk), now_ns, out);
             }
-            let again = life.hung_at_ns.is_some();
-            life.hung_at_ns = Some(now_ns);
-            self.watch.again(id, key, now_ns);
-            out.push(life.alert(
-                AlertKind::Hung {
-                    age_ns: now_ns.saturating_sub(since_ns),
-                    again,
-                },
-                phase,
-                since_ns,
-                lower_bound,
-                key,
-                now_ns,
-            ));
+            for (tw, handoff) in &mut self.timewait {
+                let phase = handoff.phase();
+                check_hung(
+                    t,
+                    &mut handoff.life,
+                    phase,
+                    SocketKey::Timewait(*tw),
+                    now_ns,
+                    out,
+                );
+            }
+            for ((local, remote), life) in &mut self.existing {
+                let phase = life.phase();
+                let key = SocketKey::Existing(*local, *remote);
+                check_hung(t, life, phase, key, now_ns, out);
+            }
         }
         out.append(&mut self.alerts);
     }
@@ -640,7 +596,6 @@ impl Correlator {
                     let before = handoff.phase();
                     handoff.observe_timer(&ev, false);
                     phase_changed(
-                        &mut self.watch,
                         &mut self.alerts,
                         &mut handoff.life,
                         SocketKey::Timewait(twaddr),
@@ -703,10 +658,48 @@ impl Correlator {
     }
 }
 
+/// Reports `life` if it has stayed in `phase` past its threshold, or again if it was reported
+/// [`REPORT_AGAIN_NS`] ago and is still there.
+fn check_hung(
+    thresholds: &Thresholds,
+    life: &mut Life,
+    phase: Option<(Phase, u64, bool)>,
+    key: SocketKey,
+    now_ns: u64,
+    out: &mut Vec<Alert>,
+) {
+    let Some((phase, since_ns, lower_bound)) = phase else {
+        return;
+    };
+    let Some(threshold) = thresholds.get(phase) else {
+        return;
+    };
+    let due = match life.hung_at_ns {
+        Some(at) => at.saturating_add(REPORT_AGAIN_NS),
+        None => since_ns.saturating_add(threshold),
+    };
+    if now_ns < due {
+        return;
+    }
+    let again = life.hung_at_ns.is_some();
+    life.hung_at_ns = Some(now_ns);
+    out.push(life.alert(
+        AlertKind::Hung {
+            age_ns: now_ns.saturating_sub(since_ns),
+            again,
+        },
+        phase,
+        since_ns,
+        lower_bound,
+        key,
+        now_ns,
+    ));
+}
+
 /// A followed socket went from phase `before` to phase `after` (either may be none) at `ts_ns`:
-/// a hang reported in `before` is resolved, and `after` is watched.
+/// a hang reported in `before` is resolved. (The same phase at a new place, full socket to
+/// timewait socket, goes on hanging.)
 fn phase_changed(
-    watch: &mut HungWatch,
     alerts: &mut Vec<Alert>,
     life: &mut Life,
     key: SocketKey,
@@ -714,14 +707,7 @@ fn phase_changed(
     after: Option<(Phase, u64, bool)>,
     ts_ns: u64,
 ) {
-    let same = matches!((before, after), (Some(b), Some(a)) if b.0 == a.0);
-    if same {
-        // Same phase, new place (full socket to timewait socket): watch it there.
-        match (life.hung_at_ns, after) {
-            (Some(reported), _) => watch.again(life.id, key, reported),
-            (None, Some((phase, since, _))) => watch.watch(life.id, key, phase, since),
-            (None, None) => {}
-        }
+    if matches!((before, after), (Some(b), Some(a)) if b.0 == a.0) {
         return;
     }
     if let (Some(_), Some((phase, since, lower_bound))) = (life.hung_at_ns.take(), before) {
@@ -736,14 +722,11 @@ fn phase_changed(
             ts_ns,
         ));
     }
-    if let Some((phase, since, _)) = after {
-        watch.watch(life.id, key, phase, since);
-    }
 }
 
 impl Life {
     /// A socket first seen mid-life: what it did before is unknown.
-    fn first_seen(t: &Transition, id: u64) -> Self {
+    fn first_seen(t: &Transition) -> Self {
         Self {
             family: t.family,
             local: t.local,
@@ -758,7 +741,6 @@ impl Life {
             phases: Phases::default(),
             owner: None,
             last_ns: t.ts_ns,
-            id,
             hung_at_ns: None,
             since_is_lower_bound: false,
         }
@@ -1411,7 +1393,9 @@ mod tests {
         let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 1_000)]));
         feed(&mut c, 1, &OPEN);
         feed(&mut c, 1, &[(100, Established, CloseWait)]);
-        assert!(poll(&mut c, 1_099).is_empty());
+        assert!(poll(&mut c, 1_000).is_empty());
+        // Swept at most every SWEEP_NS: reported at the first sweep past the threshold.
+        assert!(poll(&mut c, 1_150).is_empty(), "not swept again yet");
         let hung = poll(&mut c, 1_200);
         assert_eq!(hung.len(), 1, "{hung:?}");
         assert_eq!(hung[0].phase, Phase::CloseWait);
@@ -1473,7 +1457,7 @@ mod tests {
             &[(1_000, Close, SynSent), (1_001, SynSent, Established)],
         );
         feed(&mut c, 1, &[(1_500, Established, CloseWait)]);
-        assert!(poll(&mut c, 2_400).is_empty());
+        assert!(poll(&mut c, 2_300).is_empty());
         assert_eq!(poll(&mut c, 2_500).len(), 1);
     }
 
@@ -1518,7 +1502,7 @@ mod tests {
         feed(&mut c, 1, &OPEN);
         feed(&mut c, 1, &ORPHANED_CLOSE);
         timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101);
-        assert!(poll(&mut c, 1_000).is_empty());
+        assert!(poll(&mut c, 900).is_empty());
         let hung = poll(&mut c, 1_101);
         assert_eq!(hung.len(), 1, "{hung:?}");
         assert_eq!(hung[0].since_ns, 101 * MS);

@@ -223,6 +223,8 @@ pub struct Summary {
     pub untracked: u64,
     /// Teardown records printed.
     pub teardowns: u64,
+    /// Hung and resolved alerts printed.
+    pub hung_alerts: u64,
     /// Timewait timer events received, and dropped because the ring buffer was full.
     pub timewait_events: u64,
     pub timewait_lost: u64,
@@ -275,6 +277,7 @@ impl Summary {
                     (self.unfinished, "lives cut short by a lost event"),
                     (self.timewait_unseen, "without their timewait socket"),
                     (self.in_progress, "still closing (not printed)"),
+                    (self.hung_alerts, "hung/resolved alerts"),
                 ];
                 for (n, what) in notes {
                     if n > 0 {
