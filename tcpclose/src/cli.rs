@@ -11,8 +11,12 @@ use crate::tracer::KernelFilter;
 
 const EXAMPLES: &str = "\
 Examples:
-  tcpclose                          one line per connection that ends, with its phases timed
+  tcpclose                          one line per connection that ends, with its phases timed,
+                                    and a HUNG line for each socket stuck in a teardown state
   tcpclose --port 443 --json        the same for port 443, as JSON lines (pipe into jq)
+  tcpclose --hung CLOSE_WAIT=5s -i 30s
+                                    who leaks CLOSE_WAIT: alerts after 5 s, and every 30 s the
+                                    processes with the most hung sockets
   tcpclose --events                 every TCP state change on this host, live
   tcpclose --events --json -d 10s   JSON lines for 10 seconds, then a summary record
 
@@ -30,6 +34,9 @@ Teardown records (the default):
             its timer. `~` marks durations whose boundary came from a timer expiry, good
             to one jiffy (resolution_ns in JSON). A client that closes first is reported
             when its TIME_WAIT ends, 60 s later.
+  HUNG      a socket in a teardown state longer than its --hung threshold, still there,
+            named with the process holding it now (as `ss -p` finds it); `>` before the
+            age: it was already there when tcpclose started. RESOLVED when it moves on.
   (partial) tcpclose did not see the whole life (it started mid-way, or an event was
             lost): phases it did not see whole are absent, never 0.
 
@@ -62,7 +69,7 @@ pub struct Cli {
 
     /// Every D, print the leak view: per teardown state, the processes with the most sockets
     /// hung now and the most newly hung during the interval. Printed on exit too.
-    #[arg(short, long, value_name = "D", value_parser = parse_duration)]
+    #[arg(short, long, value_name = "D", value_parser = parse_duration, conflicts_with = "events")]
     pub interval: Option<Duration>,
 
     /// Only sockets whose local or remote port is N (repeatable).
@@ -97,7 +104,7 @@ pub struct Cli {
     /// reporting off. Defaults: CLOSE_WAIT=60s (the application has not closed a socket its peer
     /// closed: a leak), FIN_WAIT1=30s, CLOSING=30s, LAST_ACK=30s (the peer does not acknowledge
     /// our FIN), FIN_WAIT2=90s (the peer never sends its FIN), TIME_WAIT off (it always lasts 60 s).
-    #[arg(long, value_name = "[STATE=]D", value_parser = parse_hung)]
+    #[arg(long, value_name = "[STATE=]D", value_parser = parse_hung, conflicts_with = "events")]
     pub hung: Vec<HungSetting>,
 
     /// Ring buffer size in bytes (a power of two, at least one page). For tests.

@@ -379,14 +379,27 @@ fn attribute(
         .filter(|a| matches!(a.kind, AlertKind::Hung { again: false, .. }))
         .collect();
     let mut inodes: HashMap<(SocketAddr, SocketAddr), u64> = HashMap::new();
+    // Many at once (a leak building up): one dump of our namespace answers most of them.
+    let ours: HashMap<(SocketAddr, SocketAddr), sockets::SocketInfo> = if fresh.len() > 8 {
+        sockets::snapshot()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| ((i.local, i.remote), i))
+            .collect()
+    } else {
+        HashMap::new()
+    };
     for a in &fresh {
+        let in_state = |i: &sockets::SocketInfo| i.state == a.phase.state() && i.inode != 0;
+        if let Some(info) = ours.get(&(a.local, a.remote)).filter(|i| in_state(i)) {
+            inodes.insert((a.local, a.remote), info.inode);
+            continue;
+        }
         // Containers reuse addresses (127.0.0.1 in each): of the sockets with this 4-tuple in
         // any namespace, the one in the hung state. Timewait sockets and orphans have no file,
         // hence no holder (inode 0).
         if let Ok(found) = sockets::lookup_all_namespaces(a.local, a.remote)
-            && let Some(info) = found
-                .iter()
-                .find(|i| i.state == a.phase.state() && i.inode != 0)
+            && let Some(info) = found.iter().find(|i| in_state(i))
         {
             inodes.insert((a.local, a.remote), info.inode);
         }
