@@ -1594,4 +1594,102 @@ mod tests {
         assert!(matches!(resolved[0].kind, AlertKind::Resolved { .. }));
         assert!(c.is_empty());
     }
+
+    /// Random event streams (states, orders, clocks, timers, snapshots in any combination) never
+    /// make the engine panic or outgrow its cap, and what it reports stays self-consistent.
+    #[test]
+    fn random_streams_keep_the_engine_sound() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: u64| {
+            // xorshift64*
+            seed ^= seed >> 12;
+            seed ^= seed << 25;
+            seed ^= seed >> 27;
+            seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        };
+        let t = Thresholds::DEFAULT;
+        let mut c = Correlator::watching(32, t);
+        let (mut out, mut alerts) = (Vec::new(), Vec::new());
+        let mut now = 0u64;
+        let tuple = |n: u64| SocketAddr::new([10, 0, 0, 1].into(), 40_000 + n as u16);
+        for _ in 0..200_000 {
+            // Mostly forward, sometimes backwards.
+            now = if next(50) == 0 {
+                now.saturating_sub(next(1_000) * MS)
+            } else {
+                now + next(5_000) * MS
+            };
+            match next(10) {
+                0..=6 => {
+                    let sk = next(64);
+                    let tr = Transition {
+                        ts_ns: now,
+                        skaddr: sk,
+                        family: Family::Ipv4,
+                        local: tuple(sk),
+                        remote: SERVER.parse().unwrap(),
+                        old: TcpState::ALL[next(12) as usize],
+                        new: TcpState::ALL[next(12) as usize],
+                        task: Task::new(1, 1, "x"),
+                    };
+                    c.on_transition(&tr, &mut out);
+                }
+                7 | 8 => {
+                    let n = next(64);
+                    let ev = TimewaitTimer {
+                        ts_ns: now,
+                        twaddr: 0x1000 + next(16),
+                        family: Family::Ipv4,
+                        local: tuple(n),
+                        remote: SERVER.parse().unwrap(),
+                        substate: [FinWait2, TimeWait][next(2) as usize],
+                        action: [
+                            TimerAction::Armed,
+                            TimerAction::Fired,
+                            TimerAction::Cancelled,
+                        ][next(3) as usize],
+                        expires_ns: now + next(70_000) * MS,
+                        jiffy_ns: 4 * MS,
+                    };
+                    c.on_timewait(&ev, &mut out);
+                }
+                _ => {
+                    let n = next(64);
+                    c.adopt_existing(&ExistingSocket {
+                        family: Family::Ipv4,
+                        local: tuple(n),
+                        remote: SERVER.parse().unwrap(),
+                        state: TcpState::ALL[next(12) as usize],
+                        seen_ns: now,
+                    });
+                }
+            }
+            if next(20) == 0 {
+                c.expire(now, &mut out);
+                c.poll_hung(now, &mut alerts);
+            }
+            assert!(c.len() <= 32 + 8, "{} followed", c.len());
+            for r in out.drain(..) {
+                if let (Some(total), Some(life)) = (r.teardown_ns, r.lifetime_ns) {
+                    assert!(total <= life || !r.complete, "{r:?}");
+                }
+                if r.complete {
+                    let sum: u64 = r.phases.iter().map(|(_, ns)| ns).sum();
+                    if let Some(total) = r.teardown_ns {
+                        assert!(sum <= total, "phases longer than the teardown: {r:?}");
+                    }
+                }
+            }
+            for a in alerts.drain(..) {
+                if let AlertKind::Hung {
+                    age_ns,
+                    again: false,
+                } = a.kind
+                {
+                    let threshold = t.get(a.phase).expect("only watched phases hang");
+                    assert!(age_ns >= threshold, "{a:?}");
+                }
+            }
+        }
+    }
 }
