@@ -67,8 +67,10 @@ pub struct Cli {
     #[arg(short, long, value_name = "D", value_parser = parse_duration)]
     pub duration: Option<Duration>,
 
-    /// Every D, print the leak view: per teardown state, the processes with the most sockets
-    /// hung now and the most newly hung during the interval. Printed on exit too.
+    /// Every D, print the teardown latency distributions since start (a log2 histogram per
+    /// phase, percentiles per phase and close kind) and the leak view (per teardown state, the
+    /// processes with the most sockets hung now and the most newly hung during the interval).
+    /// Both are printed on exit too.
     #[arg(short, long, value_name = "D", value_parser = parse_duration, conflicts_with = "events")]
     pub interval: Option<Duration>,
 
@@ -107,9 +109,41 @@ pub struct Cli {
     #[arg(long, value_name = "[STATE=]D", value_parser = parse_hung, conflicts_with = "events")]
     pub hung: Vec<HungSetting>,
 
+    /// Split the distributions by local port, remote port or command (of the owner, when a
+    /// system call revealed it); the 10 largest groups are shown, the rest as "other".
+    #[arg(long, value_name = "KEY", conflicts_with = "events")]
+    pub group_by: Option<GroupByArg>,
+
     /// Ring buffer size in bytes (a power of two, at least one page). For tests.
     #[arg(long, hide = true, value_parser = parse_ring_bytes, default_value_t = DEFAULT_RING_BYTES)]
     pub ring_bytes: u32,
+}
+
+/// `--group-by` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum GroupByArg {
+    Lport,
+    Rport,
+    Comm,
+}
+
+impl GroupByArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lport => "lport",
+            Self::Rport => "rport",
+            Self::Comm => "comm",
+        }
+    }
+
+    pub fn group_by(self) -> tcpclose::stats::GroupBy {
+        use tcpclose::stats::GroupBy;
+        match self {
+            Self::Lport => GroupBy::Lport,
+            Self::Rport => GroupBy::Rport,
+            Self::Comm => GroupBy::Comm,
+        }
+    }
 }
 
 /// One `--hung` argument.

@@ -8,4 +8,5 @@ pub mod event;
 pub mod hung;
 pub mod render;
 pub mod states;
+pub mod stats;
 pub mod teardown;

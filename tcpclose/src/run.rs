@@ -16,9 +16,10 @@ use tcpclose::{
     hung::{Alert, AlertKind, Holder, LeakView},
     render::{
         AlertPrinter, EventPrinter, Format, OwnedAlert, Summary, TeardownPrinter, WallClock,
-        clock_ns,
+        clock_ns, print_distributions,
     },
     states::SocketStates,
+    stats::Distributions,
     teardown::{Correlator, ExistingSocket, Teardown},
 };
 use tokio::signal::unix::{SignalKind, signal};
@@ -31,6 +32,9 @@ use crate::{
 
 /// Processes shown per state in the leak view.
 const LEAKS_SHOWN: usize = 10;
+/// Groups shown with --group-by; four times as many are kept apart before the rest goes to
+/// "other" (bounded memory: a distribution is ~40 KiB).
+const GROUPS_SHOWN: usize = 10;
 
 /// How often the ring buffer is drained when the kernel program has not asked for it (it only
 /// wakes the consumer once a backlog builds up). Bounds the delay from kernel to output.
@@ -74,6 +78,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             holders: HashMap::new(),
             leaks: LeakView::default(),
             leaks_shown_ns: now_ns(),
+            distributions: Distributions::new(cli.group_by.map(|g| g.group_by()), GROUPS_SHOWN * 4),
+            group_by: cli.group_by.map(|g| g.name()),
+            format,
+            clock: WallClock::now(),
         }))
     };
     let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0));
@@ -93,7 +101,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             // The previous drain stopped at its cap: go on after letting other tasks run.
             () = tokio::task::yield_now(), if drained == BATCH => {}
             ready = tracer.backlog() => ready.context("waiting on the ring buffer")?,
-            _ = interval.tick(), if cli.interval.is_some() => session.show_leaks(),
+            _ = interval.tick(), if cli.interval.is_some() => session.show_aggregates(),
             _ = tick.tick() => {}
         }
         drained = tracer.drain(BATCH, |record| session.handle(record));
@@ -110,7 +118,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     tracer.detach();
     while tracer.drain(BATCH, |record| session.handle(record)) > 0 {}
     session.expire();
-    session.show_leaks();
+    session.show_aggregates();
     session.flush()?;
     let counters = tracer.counters()?;
     let mut summary = Summary {
@@ -168,6 +176,10 @@ struct Teardowns {
     holders: HashMap<(SocketAddr, SocketAddr), Vec<Holder>>,
     leaks: LeakView,
     leaks_shown_ns: u64,
+    distributions: Distributions,
+    group_by: Option<&'static str>,
+    format: Format,
+    clock: WallClock,
 }
 
 /// Turns records into output lines.
@@ -276,19 +288,24 @@ impl Session {
         self.keep_error(result);
     }
 
-    /// Prints the leak view and starts a new interval.
-    fn show_leaks(&mut self) {
+    /// Prints the distributions and the leak view, and starts a new leak interval.
+    fn show_aggregates(&mut self) {
         let View::Teardowns(t) = &mut self.view else {
             return;
         };
         let now = now_ns();
-        let leaks = t.leaks.report(LEAKS_SHOWN);
-        let result = t.alert_printer.print_leaks(
-            &mut self.out,
-            &leaks,
-            now,
-            now.saturating_sub(t.leaks_shown_ns),
-        );
+        let groups = t.distributions.report(GROUPS_SHOWN);
+        let result =
+            print_distributions(&mut self.out, t.format, &t.clock, now, t.group_by, &groups)
+                .and_then(|()| {
+                    let leaks = t.leaks.report(LEAKS_SHOWN);
+                    t.alert_printer.print_leaks(
+                        &mut self.out,
+                        &leaks,
+                        now,
+                        now.saturating_sub(t.leaks_shown_ns),
+                    )
+                });
         t.leaks_shown_ns = now;
         self.keep_error(result);
     }
@@ -300,6 +317,7 @@ impl Session {
         self.teardowns += t.done.len() as u64;
         let mut result = Ok(());
         for teardown in t.done.drain(..) {
+            t.distributions.record(&teardown);
             if self.write_error.is_none() && result.is_ok() {
                 result = t.printer.print(&mut self.out, &teardown);
             }

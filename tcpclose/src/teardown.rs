@@ -34,7 +34,7 @@ pub enum Side {
 }
 
 /// How a connection ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum CloseKind {
     /// We sent the first FIN (ESTABLISHED -> FIN_WAIT1).
     Active,

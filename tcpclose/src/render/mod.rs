@@ -14,7 +14,10 @@ mod teardown;
 
 mod alert;
 
+mod histogram;
+
 pub use alert::{AlertPrinter, OwnedAlert};
+pub use histogram::print_distributions;
 pub use teardown::{TeardownPrinter, human};
 
 use crate::event::Transition;
