@@ -109,6 +109,12 @@ pub struct Cli {
     #[arg(long, value_name = "[STATE=]D", value_parser = parse_hung, conflicts_with = "events")]
     pub hung: Vec<HungSetting>,
 
+    /// Serve Prometheus metrics on http://ADDR/metrics: a bare port listens on 127.0.0.1 only;
+    /// name the interface to listen elsewhere (0.0.0.0:9464, [::]:9464). Metric names and
+    /// meanings: README, "Metrics".
+    #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_listen, conflicts_with = "events")]
+    pub metrics: Option<std::net::SocketAddr>,
+
     /// Split the distributions by local port, remote port or command (of the owner, when a
     /// system call revealed it); the 10 largest groups are shown, the rest as "other".
     #[arg(long, value_name = "KEY", conflicts_with = "events")]

@@ -155,6 +155,22 @@ impl LeakView {
         }
     }
 
+    /// Sockets hung now, per phase.
+    pub fn hung_by_phase(&self) -> Vec<(Phase, u64)> {
+        Phase::ALL
+            .into_iter()
+            .map(|phase| {
+                let n = self
+                    .hung_now
+                    .iter()
+                    .filter(|((_, p), _)| *p == phase)
+                    .map(|(_, n)| n)
+                    .sum();
+                (phase, n)
+            })
+            .collect()
+    }
+
     /// The `top` processes per state by sockets hung now, then by new ones; starts a new
     /// interval.
     pub fn report(&mut self, top: usize) -> Vec<Leak> {

@@ -1,6 +1,7 @@
 //! The `tcpclose` command.
 
 mod cli;
+mod metrics;
 mod run;
 mod sockets;
 mod system;

@@ -9,6 +9,7 @@ use anyhow::{Context as _, Result};
 use std::{
     collections::{HashMap, HashSet},
     net::SocketAddr,
+    sync::{Arc, Mutex},
 };
 
 use tcpclose::{
@@ -26,10 +27,13 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::Cli,
+    metrics::{self, Metrics},
     sockets,
     tracer::{KernelFilter, Tracer},
 };
 
+/// How often the metrics exposition is refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(1);
 /// Processes shown per state in the leak view.
 const LEAKS_SHOWN: usize = 10;
 /// Groups shown with --group-by; four times as many are kept apart before the rest goes to
@@ -57,6 +61,23 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut tick = tokio::time::interval(POLL_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
+    // The run loop refreshes the exposition every second; scrapes read the last one.
+    let metrics = match cli.metrics {
+        Some(addr) => {
+            let exposition = Arc::new(Mutex::new(String::new()));
+            let server = metrics::serve(addr, exposition.clone()).await?;
+            tokio::spawn(server);
+            let m = Metrics::new();
+            metrics::touch_all(&m);
+            Some(Exported {
+                metrics: m,
+                exposition,
+            })
+        }
+        None => None,
+    };
+    let mut refresh = tokio::time::interval(METRICS_REFRESH);
+    refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let filter = cli.kernel_filter();
     let view = if cli.events {
         View::Events {
@@ -82,6 +103,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             group_by: cli.group_by.map(|g| g.name()),
             format,
             clock: WallClock::now(),
+            metrics,
         }))
     };
     let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0));
@@ -102,6 +124,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             () = tokio::task::yield_now(), if drained == BATCH => {}
             ready = tracer.backlog() => ready.context("waiting on the ring buffer")?,
             _ = interval.tick(), if cli.interval.is_some() => session.show_aggregates(),
+            _ = refresh.tick(), if cli.metrics.is_some() => {
+                let counters = tracer.counters()?;
+                session.refresh_metrics(counters.lost + counters.timewait_lost);
+            }
             _ = tick.tick() => {}
         }
         drained = tracer.drain(BATCH, |record| session.handle(record));
@@ -180,6 +206,13 @@ struct Teardowns {
     group_by: Option<&'static str>,
     format: Format,
     clock: WallClock,
+    metrics: Option<Exported>,
+}
+
+/// The metrics and the exposition the server hands out.
+struct Exported {
+    metrics: Metrics,
+    exposition: Arc<Mutex<String>>,
 }
 
 /// Turns records into output lines.
@@ -257,6 +290,9 @@ impl Session {
                 printer.print(&mut self.out, t, in_old_ns)
             }
             View::Teardowns(td) => {
+                if let Some(m) = &mut td.metrics {
+                    m.metrics.transition(t.old, t.new);
+                }
                 td.correlator.on_transition(t, &mut td.done);
                 self.print_done()
             }
@@ -286,6 +322,26 @@ impl Session {
             self.hung_alerts += alerts.len() as u64;
         }
         self.keep_error(result);
+    }
+
+    /// Brings the gauges up to date and encodes the exposition for the next scrapes.
+    fn refresh_metrics(&mut self, lost_total: u64) {
+        let View::Teardowns(t) = &mut self.view else {
+            return;
+        };
+        let Some(m) = &mut t.metrics else {
+            return;
+        };
+        m.metrics.update(
+            &t.correlator.state_counts(),
+            &t.leaks.hung_by_phase(),
+            t.correlator.len(),
+            lost_total,
+        );
+        let text = m.metrics.encode();
+        if let Ok(mut exposition) = m.exposition.lock() {
+            *exposition = text;
+        }
     }
 
     /// Prints the distributions and the leak view, and starts a new leak interval.
@@ -318,6 +374,9 @@ impl Session {
         let mut result = Ok(());
         for teardown in t.done.drain(..) {
             t.distributions.record(&teardown);
+            if let Some(m) = &t.metrics {
+                m.metrics.teardown(&teardown);
+            }
             if self.write_error.is_none() && result.is_ok() {
                 result = t.printer.print(&mut self.out, &teardown);
             }

@@ -330,6 +330,24 @@ impl Correlator {
         self.len() == 0
     }
 
+    /// Sockets followed now, by state (timewait sockets by their substate; handoffs not yet
+    /// claimed by their timewait socket are not counted). A pass over the tables.
+    pub fn state_counts(&self) -> Vec<(TcpState, u64)> {
+        let mut counts = [0u64; 13];
+        for life in self.lives.values().chain(self.existing.values()) {
+            counts[life.state as usize] += 1;
+        }
+        for handoff in self.timewait.values() {
+            if matches!(handoff.substate, TcpState::FinWait2 | TcpState::TimeWait) {
+                counts[handoff.substate as usize] += 1;
+            }
+        }
+        TcpState::ALL
+            .into_iter()
+            .map(|s| (s, counts[s as usize]))
+            .collect()
+    }
+
     /// Connections whose teardown has begun and not ended yet (e.g. in TIME_WAIT).
     pub fn in_progress(&self) -> usize {
         self.handoffs.len()
