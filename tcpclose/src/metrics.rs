@@ -374,7 +374,41 @@ mod tests {
         m.transition(TcpState::Established, TcpState::CloseWait);
         m.update(&[(TcpState::CloseWait, 3)], &[(Phase::CloseWait, 2)], 7, 5);
         m.update(&[], &[], 0, 9);
+        let mut phases = tcpclose::teardown::Phases::default();
+        phases.add(Phase::CloseWait, 300_000_000);
+        m.teardown(&Teardown {
+            end_ns: 0,
+            family: tcpclose::event::Family::Ipv4,
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            side: None,
+            close: CloseKind::Passive,
+            phases,
+            teardown_ns: None,
+            lifetime_ns: None,
+            complete: true,
+            owner: None,
+            resolution_ns: None,
+            timewait_end: None,
+        });
         let text = m.encode();
+        // 300 ms lands in the (0.2048, 0.4096] bucket.
+        assert!(
+            text.contains(
+                "tcpclose_teardown_phase_seconds_bucket{le=\"0.2048\",phase=\"CLOSE_WAIT\",close=\"passive\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "tcpclose_teardown_phase_seconds_bucket{le=\"0.4096\",phase=\"CLOSE_WAIT\",close=\"passive\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcpclose_teardowns_total{close=\"passive\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains("tcpclose_transitions_total{from=\"ESTABLISHED\",to=\"CLOSE_WAIT\"} 2"),
             "{text}"
