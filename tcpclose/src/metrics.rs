@@ -24,7 +24,6 @@ use prometheus_client::{
         family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
-        info::Info,
     },
     registry::Registry,
 };
@@ -135,12 +134,18 @@ impl Metrics {
             "Sockets in tcpclose's table (bounded by --max-sockets)",
             tracked.clone(),
         );
-        registry.register(
-            "tcpclose_build",
-            "tcpclose's version",
-            Info::new(BuildLabels {
+        // A gauge set to 1 rather than an OpenMetrics `info`: the classic text parsers
+        // (promtool 2.x among them) refuse the `info` type.
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
-            }),
+            })
+            .set(1);
+        registry.register(
+            "tcpclose_build_info",
+            "tcpclose's version, as a label of a gauge set to 1",
+            build_info,
         );
         Self {
             registry,
@@ -311,7 +316,7 @@ async fn answer(
     );
     let response = if method != b"GET" && method != b"HEAD" {
         plain(405, "Method Not Allowed", "only GET\n")
-    } else if path != b"/metrics" {
+    } else if path.split(|&b| b == b'?').next() != Some(b"/metrics") {
         plain(
             404,
             "Not Found",

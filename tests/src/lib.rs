@@ -9,7 +9,7 @@ use std::{
     io::{BufRead, BufReader, Read},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Output, Stdio},
-    sync::{RwLock, mpsc},
+    sync::{Arc, Condvar, Mutex, RwLock, mpsc},
     thread,
     time::{Duration, Instant},
 };
@@ -45,7 +45,8 @@ pub fn require_root() {
 /// A running `tcpclose --json`.
 pub struct Tracer {
     child: Child,
-    stdout: thread::JoinHandle<String>,
+    stdout: thread::JoinHandle<()>,
+    printed: Arc<Printed>,
     stderr: mpsc::Receiver<String>,
     stderr_seen: String,
 }
@@ -71,12 +72,19 @@ impl Tracer {
                 .stderr(Stdio::piped()),
         )
         .expect("spawning tcpclose");
-        let mut out = child.stdout.take().expect("stdout");
+        let out = child.stdout.take().expect("stdout");
+        let printed = Arc::new(Printed::default());
+        let shared = printed.clone();
         let stdout = thread::spawn(move || {
-            let mut s = String::new();
-            out.read_to_string(&mut s)
-                .expect("reading tcpclose's stdout");
-            s
+            for line in BufReader::new(out).lines() {
+                let line = line.expect("reading tcpclose's stdout");
+                shared
+                    .lines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(line);
+                shared.more.notify_all();
+            }
         });
         let err = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
@@ -91,6 +99,7 @@ impl Tracer {
         let mut tracer = Self {
             child,
             stdout,
+            printed,
             stderr: rx,
             stderr_seen: String::new(),
         };
@@ -121,6 +130,34 @@ impl Tracer {
         self.child.id() as i32
     }
 
+    /// Waits, while tcpclose runs on, until `done` holds for the records it has printed so far
+    /// (a record is a line; a line only counts once complete), for up to `timeout`. Returns those
+    /// records; on timeout, `Err` with them.
+    pub fn wait_for_records(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[Value]) -> bool,
+    ) -> Result<Vec<Value>, Vec<Value>> {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.printed.lines.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            let records: Vec<Value> = lines.iter().map(|line| parse_record(line)).collect();
+            if done(&records) {
+                return Ok(records);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(records);
+            }
+            lines = self
+                .printed
+                .more
+                .wait_timeout(lines, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
     /// Sends `signal`, waits for the exit, returns everything it printed.
     pub fn stop_with(self, signal: i32) -> Run {
         // SAFETY: plain kill(2) on our own child.
@@ -145,24 +182,33 @@ impl Tracer {
             }
             thread::sleep(Duration::from_millis(20));
         };
-        let stdout = self.stdout.join().expect("stdout reader");
+        self.stdout.join().expect("stdout reader");
+        let lines =
+            std::mem::take(&mut *self.printed.lines.lock().unwrap_or_else(|e| e.into_inner()));
         let mut stderr = self.stderr_seen;
         while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(2)) {
             stderr.push_str(&line);
             stderr.push('\n');
         }
-        let records = stdout
-            .lines()
-            .map(|line| {
-                serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
-            })
-            .collect();
+        let records = lines.iter().map(|line| parse_record(line)).collect();
         Run {
             status,
             records,
             stderr,
         }
     }
+}
+
+/// What tcpclose has printed on its standard output so far, line by line.
+#[derive(Default)]
+struct Printed {
+    lines: Mutex<Vec<String>>,
+    /// Notified at each new line.
+    more: Condvar,
+}
+
+fn parse_record(line: &str) -> Value {
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
 }
 
 impl Run {
@@ -337,6 +383,39 @@ pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
     cmd.spawn()
 }
 
+/// Spawns `cmd` with [`spawn`] so that it inherits `fds` (at the same numbers, close-on-exec
+/// cleared in the child only): the child holds those files, e.g. sockets whose holder a test
+/// checks, for as long as it runs, and the caller may close its own copies.
+pub fn spawn_holding(
+    cmd: &mut Command,
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> std::io::Result<Child> {
+    use std::os::{fd::AsRawFd, unix::process::CommandExt};
+    let raw: Vec<i32> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: the closure runs in the child between fork and exec; it allocates nothing and only
+    // calls fcntl(2), which is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &raw {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+    };
+    spawn(cmd)
+}
+
+/// The calling process's `comm` (its main thread's), as `/proc/PID/comm` shows it to others.
+pub fn process_comm() -> String {
+    std::fs::read_to_string("/proc/self/comm")
+        .expect("reading /proc/self/comm")
+        .trim_end()
+        .to_owned()
+}
+
 /// Runs `cmd` to completion (stdin from /dev/null), spawned with [`spawn`]; panics unless it
 /// succeeds, and returns its output.
 pub fn run_ok(cmd: &mut Command) -> Output {
@@ -507,4 +586,69 @@ fn set_int_option(
     } else {
         Err(std::io::Error::last_os_error())
     }
+}
+
+/// An HTTP answer: status code, header lines (`Name: value`, as sent) and body.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<String>,
+    pub body: String,
+}
+
+impl HttpResponse {
+    /// The value of header `name` (case-insensitive), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find_map(|h| {
+            let (n, v) = h.split_once(':')?;
+            n.trim().eq_ignore_ascii_case(name).then_some(v.trim())
+        })
+    }
+}
+
+/// `GET target` (a path with its query string, already percent-encoded) from `addr`, as
+/// HTTP/1.0: the server closes the connection after the answer, whose body is never chunked.
+/// Errors are those of connecting (e.g. `ConnectionRefused`), of the exchange (within
+/// `timeout`), or a malformed answer.
+pub fn http_get(
+    addr: std::net::SocketAddr,
+    target: &str,
+    timeout: Duration,
+) -> std::io::Result<HttpResponse> {
+    use std::io::Write as _;
+    let malformed = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    write!(
+        stream,
+        "GET {target} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: tcpclose-tests\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8(raw).map_err(|_| malformed("answer is not UTF-8"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| malformed("answer without an end of headers"))?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| malformed("answer without a status code"))?;
+    Ok(HttpResponse {
+        status,
+        headers: lines.map(str::to_owned).collect(),
+        body: body.to_owned(),
+    })
+}
+
+/// A TCP port free on 127.0.0.1 right now (bound, read, released: another process could take it
+/// before the caller does, which only makes the caller's bind fail loudly).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("binding 127.0.0.1:0")
+        .port()
 }

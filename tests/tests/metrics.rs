@@ -1,0 +1,781 @@
+//! Prometheus metrics (`--metrics ADDR`): scraped by a real Prometheus server, parsed by
+//! `promtool`, with bounded label values, and served on loopback only when given a bare port.
+//!
+//! The Prometheus tools come from the Debian package `prometheus`. Where it is missing these tests
+//! fail when `CI=true`, and elsewhere say (past the test harness's output capture) that they did
+//! not run.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::Value;
+use tcpclose_tests::{
+    BoundSocket, Tracer, binary, free_port, http_get, run_ok, set_linger_zero, spawn, timed,
+};
+
+const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
+
+const PHASES: [&str; 6] = [
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "CLOSING",
+    "TIME_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+];
+const CLOSES: [&str; 6] = [
+    "active",
+    "passive",
+    "simultaneous",
+    "reset",
+    "failed",
+    "fin_timeout",
+];
+const STATES: [&str; 12] = [
+    "ESTABLISHED",
+    "SYN_SENT",
+    "SYN_RECV",
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "TIME_WAIT",
+    "CLOSE",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+    "LISTEN",
+    "CLOSING",
+    "NEW_SYN_RECV",
+];
+
+/// Whether `tool` is on PATH. When it is not: a failure under `CI=true`, elsewhere a notice on
+/// the real standard error (not the harness's captured one) and `false`.
+fn have(tool: &str) -> bool {
+    let found = std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::metadata(dir.join(tool))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    });
+    if found {
+        return true;
+    }
+    let message = format!(
+        "`{tool}` is not on PATH: install the Debian package `prometheus` to run this test"
+    );
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{message} (CI=true: tests never skip in CI)");
+    }
+    let _ = writeln!(std::io::stderr(), "NOT RUN: {message}");
+    false
+}
+
+/// Kills a tracer (SIGKILL, by pid) when a test panics before stopping it: a failed assertion
+/// leaves no tcpclose running. Disarmed by [`Running::stop`].
+struct Running(Option<Tracer>);
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        Self(Some(Tracer::start(args)))
+    }
+
+    fn stop(mut self) -> tcpclose_tests::Run {
+        let run = self.0.take().expect("running").stop();
+        assert!(
+            run.status.success(),
+            "tcpclose: {}\n{}",
+            run.status,
+            run.stderr
+        );
+        run
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(tracer) = &self.0 {
+            // SAFETY: plain kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(tracer.pid(), libc::SIGKILL) };
+        }
+    }
+}
+
+/// Seconds since the epoch, as Prometheus timestamps its samples.
+fn wall_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs_f64()
+}
+
+/// The histogram's bucket bounds as exposed: 0.0001 * 2^k s for k = 0..=20, then +Inf.
+fn bucket_bounds() -> Vec<String> {
+    (0..=20)
+        .map(|k| {
+            let n = 1u64 << k;
+            format!("{}.{:04}", n / 10_000, n % 10_000)
+        })
+        .chain(["+Inf".to_owned()])
+        .collect()
+}
+
+/// `tcpclose --version` without the name.
+fn version() -> String {
+    let out = run_ok(Command::new(binary()).arg("--version"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("no version in {text:?}"))
+        .to_owned()
+}
+
+/// A directory of the test's own under the system's temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "tcpclose-{tag}-{}-{:x}",
+            std::process::id(),
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Percent-encodes a query-string value.
+fn url_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A Prometheus server on loopback scraping one target every second as job `tcpclose`; killed on
+/// drop.
+struct Prometheus {
+    child: Child,
+    addr: SocketAddr,
+    dir: TempDir,
+}
+
+impl Prometheus {
+    fn start(target: SocketAddr) -> Self {
+        let dir = TempDir::new("prometheus");
+        let config = dir.0.join("prometheus.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+                 scrape_configs:\n  - job_name: tcpclose\n    static_configs:\n      \
+                 - targets: ['{target}']\n"
+            ),
+        )
+        .expect("writing prometheus.yml");
+        let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("prometheus.log");
+        let addr = SocketAddr::new(LOOPBACK, free_port());
+        let child = spawn(
+            Command::new("prometheus")
+                .arg(format!("--config.file={}", config.display()))
+                .arg(format!(
+                    "--storage.tsdb.path={}",
+                    dir.0.join("data").display()
+                ))
+                .arg(format!("--web.listen-address={addr}"))
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().expect("prometheus.log"))
+                .stderr(log),
+        )
+        .expect("starting prometheus");
+        let mut prometheus = Self { child, addr, dir };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(r) = http_get(addr, "/-/ready", HTTP_TIMEOUT)
+                && r.status == 200
+            {
+                return prometheus;
+            }
+            if let Ok(Some(status)) = prometheus.child.try_wait() {
+                panic!("prometheus exited ({status}):\n{}", prometheus.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "prometheus not ready on {addr} after 20 s:\n{}",
+                prometheus.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.0.join("prometheus.log")).unwrap_or_default()
+    }
+
+    /// An instant query, evaluated at `at` (seconds since the epoch) or now: each series' labels
+    /// and value.
+    fn query(&self, promql: &str, at: Option<f64>) -> Vec<(BTreeMap<String, String>, f64)> {
+        let mut target = format!("/api/v1/query?query={}", url_encode(promql));
+        if let Some(at) = at {
+            target.push_str(&format!("&time={at:.3}"));
+        }
+        let r = http_get(self.addr, &target, HTTP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("querying prometheus for {promql}: {e}"));
+        let json: Value = serde_json::from_str(&r.body)
+            .unwrap_or_else(|e| panic!("{promql}: not JSON ({e}): {}", r.body));
+        assert_eq!(json["status"], "success", "{promql}: {}", r.body);
+        assert_eq!(json["data"]["resultType"], "vector", "{promql}: {}", r.body);
+        json["data"]["result"]
+            .as_array()
+            .expect("result array")
+            .iter()
+            .map(|series| {
+                let labels = series["metric"]
+                    .as_object()
+                    .expect("metric")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
+                    .collect();
+                let value = series["value"][1]
+                    .as_str()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or_else(|| panic!("{promql}: bad value in {series}"));
+                (labels, value)
+            })
+            .collect()
+    }
+
+    /// The value of a query that selects at most one series.
+    fn value(&self, promql: &str, at: f64) -> Option<f64> {
+        let result = self.query(promql, Some(at));
+        assert!(
+            result.len() <= 1,
+            "{promql}: more than one series: {result:?}"
+        );
+        result.first().map(|(_, v)| *v)
+    }
+
+    /// Waits for a scrape of job `tcpclose` that started after `after` (seconds since the epoch)
+    /// and returns its timestamp.
+    fn scrape_after(&self, after: f64, deadline: Instant) -> f64 {
+        loop {
+            let latest = self.value("timestamp(up{job=\"tcpclose\"})", wall_secs());
+            if let Some(at) = latest
+                && at > after
+            {
+                return at;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no scrape of tcpclose after {after:.3} (latest: {latest:?}); prometheus log:\n{}",
+                self.log()
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// 1. A real Prometheus scrapes tcpclose: N connections whose server side stays 300 ms in
+///    CLOSE_WAIT appear as N observations of the CLOSE_WAIT/passive histogram, all in the
+///    (0.2048, 0.4096] bucket.
+#[test]
+fn prometheus_scrapes_the_close_wait_histogram() {
+    if !have("prometheus") {
+        return;
+    }
+    const N: usize = 20;
+    let bound = BoundSocket::new(LOOPBACK);
+    let port = bound.port;
+    let metrics = SocketAddr::new(LOOPBACK, free_port());
+    let tracer = Running::start(&[
+        "--port",
+        &port.to_string(),
+        "--metrics",
+        &metrics.port().to_string(),
+    ]);
+    let listener = bound.listen();
+    let prometheus = Prometheus::start(metrics);
+    let deadline = Instant::now() + Duration::from_secs(20);
+
+    // A good scrape before the connections.
+    let before = prometheus.scrape_after(0.0, deadline);
+    assert_eq!(
+        prometheus.value("up{job=\"tcpclose\"}", before),
+        Some(1.0),
+        "prometheus log:\n{}",
+        prometheus.log()
+    );
+
+    // N connections at once; every client closes first, every server 300 ms later.
+    let addr = listener.local_addr().unwrap();
+    let clients: Vec<TcpStream> = (0..N)
+        .map(|_| TcpStream::connect(addr).expect("connect"))
+        .collect();
+    let servers: Vec<TcpStream> = (0..N)
+        .map(|_| listener.accept().expect("accept").0)
+        .collect();
+    timed(|| {
+        drop(clients);
+        thread::sleep(Duration::from_millis(300));
+        drop(servers);
+    });
+    let last_close = wall_secs();
+
+    // The exposition is refreshed every second: a scrape that started 1.5 s after the last close
+    // reads one encoded after it. Later scrapes are awaited only if the count is still short.
+    const COUNT: &str = "tcpclose_teardown_phase_seconds_count{job=\"tcpclose\",phase=\"CLOSE_WAIT\",close=\"passive\"}";
+    let mut after = last_close + 1.5;
+    let (at, count) = loop {
+        let at = prometheus.scrape_after(after, deadline);
+        let count = prometheus.value(COUNT, at).unwrap_or(0.0);
+        if count >= N as f64 || Instant::now() > deadline {
+            break (at, count);
+        }
+        after = at;
+    };
+    assert_eq!(
+        prometheus.value("up{job=\"tcpclose\"}", at),
+        Some(1.0),
+        "scrape at {at}"
+    );
+    assert_eq!(count, N as f64, "{COUNT} at {at}");
+    let bucket = |le: &str| {
+        prometheus
+            .value(
+                &format!(
+                    "tcpclose_teardown_phase_seconds_bucket{{job=\"tcpclose\",phase=\"CLOSE_WAIT\",\
+                     close=\"passive\",le=\"{le}\"}}"
+                ),
+                at,
+            )
+            .unwrap_or_else(|| panic!("no bucket le={le} at {at}"))
+    };
+    let (above, below) = (bucket("0.4096"), bucket("0.2048"));
+    assert_eq!(
+        above - below,
+        N as f64,
+        "300 ms lands in (0.2048, 0.4096]: le=0.4096 {above}, le=0.2048 {below}"
+    );
+    let sum = prometheus
+        .value(
+            "tcpclose_teardown_phase_seconds_sum{job=\"tcpclose\",phase=\"CLOSE_WAIT\",close=\"passive\"}",
+            at,
+        )
+        .expect("CLOSE_WAIT sum");
+    let mean = sum / N as f64;
+    assert!(
+        (0.3..0.4096).contains(&mean),
+        "mean CLOSE_WAIT {mean} s (in seconds, at least the 300 ms slept)"
+    );
+    assert_eq!(
+        prometheus.value(
+            "tcpclose_teardowns_total{job=\"tcpclose\",close=\"passive\"}",
+            at
+        ),
+        Some(N as f64),
+        "server sides counted as passive teardowns"
+    );
+    assert_eq!(
+        prometheus.value("tcpclose_build_info{job=\"tcpclose\"}", at),
+        Some(1.0),
+        "build info ingested"
+    );
+
+    // What the scrape said agrees with the JSON records.
+    let run = tracer.stop();
+    let servers: Vec<&Value> = run
+        .of_type("teardown")
+        .filter(|t| t["side"] == "server" && t["lport"] == port)
+        .collect();
+    assert_eq!(servers.len(), N, "{servers:#?}");
+    for t in servers {
+        assert_eq!(t["close"], "passive", "{t}");
+        let ns = t["phases"]["CLOSE_WAIT"].as_u64().expect("CLOSE_WAIT");
+        assert!((300_000_000..409_600_000).contains(&ns), "{t}");
+    }
+}
+
+/// One sample of an exposition.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Sample {
+    fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The samples of a text exposition (comments skipped): `name{k="v",...} value [timestamp]`.
+fn parse_exposition(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| parse_sample(line).unwrap_or_else(|| panic!("cannot parse sample {line:?}")))
+        .collect()
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let name_end = line.find(['{', ' '])?;
+    let name = line[..name_end].to_owned();
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(inner) = rest.strip_prefix('{') {
+        rest = inner;
+        loop {
+            rest = rest.trim_start_matches(',');
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let (key, after) = rest.split_once("=\"")?;
+            let mut value = String::new();
+            let mut chars = after.char_indices();
+            let end = loop {
+                match chars.next()? {
+                    (i, '"') => break i,
+                    (_, '\\') => match chars.next()? {
+                        (_, 'n') => value.push('\n'),
+                        (_, c) => value.push(c),
+                    },
+                    (_, c) => value.push(c),
+                }
+            };
+            labels.push((key.to_owned(), value));
+            rest = &after[end + 1..];
+        }
+    }
+    let value = rest.split_whitespace().next()?.parse().ok()?;
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// Checks `body` with `promtool check metrics`. Parse errors (exit 1) fail. Lint problems (exit
+/// 3) fail too, except the one the OpenMetrics counter convention causes: the text-format linter
+/// takes `X_total` samples for a family of their own, without `X`'s HELP.
+fn promtool_check(body: &str) {
+    let mut child = spawn(
+        Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .expect("starting promtool");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(body.as_bytes())
+        .expect("writing to promtool");
+    let out = child.wait_with_output().expect("waiting for promtool");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    match out.status.code() {
+        Some(0) => {}
+        Some(3) => {
+            for problem in said.lines().filter(|l| !l.trim().is_empty()) {
+                let tolerated = problem.strip_suffix(" no help text").is_some_and(|name| {
+                    name.strip_suffix("_total").is_some_and(|family| {
+                        body.lines()
+                            .any(|l| l.starts_with(&format!("# HELP {family} ")))
+                    })
+                });
+                assert!(
+                    tolerated,
+                    "promtool lint problem {problem:?}; promtool said:\n{said}\nexposition:\n{body}"
+                );
+            }
+        }
+        _ => panic!(
+            "promtool check metrics cannot parse the exposition ({}):\n{said}\nexposition:\n{body}",
+            out.status
+        ),
+    }
+}
+
+/// 2. The exposition parses with Prometheus's text parser (promtool), and no label value varies
+///    per connection: label names and values come from fixed sets.
+#[test]
+fn exposition_parses_and_labels_are_bounded() {
+    if !have("promtool") {
+        return;
+    }
+    let bound = BoundSocket::new(LOOPBACK);
+    // Bound, never listening: connecting to it is refused (a "failed" teardown).
+    let refusing = BoundSocket::new(LOOPBACK);
+    let metrics = SocketAddr::new(LOOPBACK, free_port());
+    let tracer = Running::start(&[
+        "--port",
+        &bound.port.to_string(),
+        "--port",
+        &refusing.port.to_string(),
+        "--metrics",
+        &metrics.port().to_string(),
+    ]);
+    let listener = bound.listen();
+    let addr = listener.local_addr().unwrap();
+    // Passive (server side): the client closes first.
+    let client = TcpStream::connect(addr).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    timed(|| {
+        drop(client);
+        thread::sleep(Duration::from_millis(20));
+        drop(server);
+    });
+    // Reset, both sides: the server aborts.
+    let client = TcpStream::connect(addr).expect("connect");
+    let (server, _) = listener.accept().expect("accept");
+    set_linger_zero(&server);
+    timed(|| drop(server));
+    drop(client);
+    // Failed.
+    let refused = TcpStream::connect(SocketAddr::new(LOOPBACK, refusing.port))
+        .expect_err("connecting to a port nobody listens on");
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+    let teardowns = |samples: &[Sample], close: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == "tcpclose_teardowns_total" && s.label("close") == Some(close))
+            .map_or(0.0, |s| s.value)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (body, samples) = loop {
+        let r = http_get(metrics, "/metrics", HTTP_TIMEOUT).expect("GET /metrics");
+        assert_eq!(r.status, 200, "{r:?}");
+        let samples = parse_exposition(&r.body);
+        if ["passive", "reset", "failed"]
+            .iter()
+            .all(|close| teardowns(&samples, close) >= 1.0)
+        {
+            break (r.body, samples);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "teardowns not in the exposition after 10 s:\n{}",
+            r.body
+        );
+        thread::sleep(Duration::from_millis(200));
+    };
+
+    // Label names per metric, and every metric present.
+    let allowed: BTreeMap<&str, &[&str]> = [
+        (
+            "tcpclose_teardown_phase_seconds_bucket",
+            &["phase", "close", "le"][..],
+        ),
+        ("tcpclose_teardown_phase_seconds_count", &["phase", "close"]),
+        ("tcpclose_teardown_phase_seconds_sum", &["phase", "close"]),
+        ("tcpclose_teardowns_total", &["close"]),
+        ("tcpclose_transitions_total", &["from", "to"]),
+        ("tcpclose_sockets", &["state"]),
+        ("tcpclose_hung_sockets", &["state"]),
+        ("tcpclose_lost_events_total", &[]),
+        ("tcpclose_tracked_sockets", &[]),
+        ("tcpclose_build_info", &["version"]),
+    ]
+    .into_iter()
+    .collect();
+    let version = version();
+    let bounds = bucket_bounds();
+    for s in &samples {
+        let names = allowed
+            .get(s.name.as_str())
+            .unwrap_or_else(|| panic!("unknown metric {s:?}"));
+        let keys: BTreeSet<&str> = s.labels.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(
+            keys,
+            names.iter().copied().collect(),
+            "label names of {s:?}"
+        );
+        for (key, value) in &s.labels {
+            let known = match key.as_str() {
+                "phase" => PHASES.contains(&value.as_str()),
+                "close" => CLOSES.contains(&value.as_str()),
+                "from" | "to" => STATES.contains(&value.as_str()),
+                "state" if s.name == "tcpclose_hung_sockets" => PHASES.contains(&value.as_str()),
+                "state" => STATES.contains(&value.as_str()),
+                "version" => *value == version,
+                "le" => bounds.contains(value),
+                _ => false,
+            };
+            assert!(
+                known,
+                "label {key}={value:?} of {s:?} is not from its fixed set"
+            );
+        }
+    }
+    for name in allowed.keys() {
+        assert!(
+            samples.iter().any(|s| s.name == *name),
+            "{name} missing:\n{body}"
+        );
+    }
+    // Every histogram has all its buckets, cumulative, ending at its count.
+    let mut histograms = BTreeMap::<(String, String), Vec<(String, f64)>>::new();
+    for s in &samples {
+        if s.name == "tcpclose_teardown_phase_seconds_bucket" {
+            histograms
+                .entry((
+                    s.label("phase").unwrap().into(),
+                    s.label("close").unwrap().into(),
+                ))
+                .or_default()
+                .push((s.label("le").unwrap().into(), s.value));
+        }
+    }
+    assert!(
+        histograms.contains_key(&("CLOSE_WAIT".into(), "passive".into())),
+        "{body}"
+    );
+    for ((phase, close), buckets) in &histograms {
+        let les: Vec<&String> = buckets.iter().map(|(le, _)| le).collect();
+        assert_eq!(les, bounds.iter().collect::<Vec<_>>(), "{phase}/{close}");
+        assert!(
+            buckets.windows(2).all(|w| w[0].1 <= w[1].1),
+            "{phase}/{close} not cumulative: {buckets:?}"
+        );
+        let count = samples
+            .iter()
+            .find(|s| {
+                s.name == "tcpclose_teardown_phase_seconds_count"
+                    && s.label("phase") == Some(phase)
+                    && s.label("close") == Some(close)
+            })
+            .unwrap_or_else(|| panic!("no count for {phase}/{close}"));
+        assert_eq!(buckets.last().unwrap().1, count.value, "{phase}/{close}");
+    }
+
+    promtool_check(&body);
+    tracer.stop();
+}
+
+/// An IPv4 address of this machine outside 127.0.0.0/8: an existing one, else one the test adds
+/// to `lo` (which needs no kernel module) and removes on drop.
+struct OffLoopback {
+    ip: Ipv4Addr,
+    added: bool,
+}
+
+impl OffLoopback {
+    const ADDED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+
+    fn get() -> Self {
+        let out =
+            run_ok(Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global", "up"]));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let existing = text.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            fields.find(|f| *f == "inet")?;
+            fields.next()?.split('/').next()?.parse::<Ipv4Addr>().ok()
+        });
+        if let Some(ip) = existing.filter(|ip| !ip.is_loopback()) {
+            return Self { ip, added: false };
+        }
+        run_ok(Command::new("ip").args([
+            "addr",
+            "add",
+            &format!("{}/32", Self::ADDED),
+            "dev",
+            "lo",
+        ]));
+        Self {
+            ip: Self::ADDED,
+            added: true,
+        }
+    }
+}
+
+impl Drop for OffLoopback {
+    fn drop(&mut self) {
+        if self.added {
+            let _ = Command::new("ip")
+                .args(["addr", "del", &format!("{}/32", self.ip), "dev", "lo"])
+                .stdin(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// 3. `--metrics PORT` listens on 127.0.0.1 only, and serves nothing but `/metrics`.
+#[test]
+fn a_bare_port_listens_on_loopback_only() {
+    let off = OffLoopback::get();
+    let port = free_port();
+    let tracer = Running::start(&["--port", "1", "--metrics", &port.to_string()]);
+
+    // Control: the address takes local connections (to a listener on every address).
+    let control = TcpListener::bind("0.0.0.0:0").expect("bind 0.0.0.0:0");
+    let control_addr = SocketAddr::new(off.ip.into(), control.local_addr().unwrap().port());
+    TcpStream::connect_timeout(&control_addr, HTTP_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{control_addr} does not take local connections: {e}"));
+
+    let r = http_get(SocketAddr::new(LOOPBACK, port), "/metrics", HTTP_TIMEOUT)
+        .expect("GET /metrics on 127.0.0.1");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(
+        r.header("content-type")
+            .is_some_and(|t| t.starts_with("application/openmetrics-text")),
+        "{r:?}"
+    );
+    assert!(r.body.ends_with("# EOF\n"), "{r:?}");
+
+    let outside = SocketAddr::new(off.ip.into(), port);
+    match http_get(outside, "/metrics", HTTP_TIMEOUT) {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+        other => panic!("{outside} (off loopback) must refuse connections: {other:?}"),
+    }
+
+    for path in [
+        "/",
+        "/metric",
+        "/metrics/",
+        "/metricsx",
+        "/favicon.ico",
+        "/-/ready",
+    ] {
+        let r = http_get(SocketAddr::new(LOOPBACK, port), path, HTTP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(r.status, 404, "GET {path}: {r:?}");
+    }
+    tracer.stop();
+}
