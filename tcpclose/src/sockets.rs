@@ -351,7 +351,11 @@ fn query_namespaces(
         let Ok(file) = fs::File::open(&netns.path) else {
             continue;
         };
-        enter_netns(&file, &netns.path)?;
+        // A namespace we may not enter (no CAP_SYS_ADMIN, as in a least-privilege container)
+        // hides only its own sockets: go on with the others.
+        if enter_netns(&file, &netns.path).is_err() {
+            continue;
+        }
         let in_netns = || format!("in the network namespace {}", netns.path.display());
         let mut diag = Diag::open().with_context(in_netns)?;
         if let Some(socket) = diag.exact(local, remote).with_context(in_netns)? {

@@ -198,51 +198,30 @@ fn symbol_address(kallsyms: &str, name: &str) -> Option<u64> {
     })
 }
 
-/// The kernel's jiffy in ns (1 s / CONFIG_HZ), measured: `/proc/timer_list` prints the monotonic
-/// clock (`now at N nsecs`) and `jiffies` together; two readings `gap` apart give HZ, rounded to
-/// the nearest value a kernel can be built with.
-pub fn measure_jiffy_ns(gap: std::time::Duration) -> Result<u64> {
-    let read = || -> Result<(u64, u64)> {
-        let text = fs::read_to_string("/proc/timer_list").context("reading /proc/timer_list")?;
-        timer_list_clocks(&text).context("/proc/timer_list has no `now at` or `jiffies:` line")
+/// The kernel's jiffy in ns (TICK_NSEC, 1 s / CONFIG_HZ): the resolution of the coarse clocks,
+/// which `posix_get_coarse_res()` reports as `KTIME_LOW_RES`, one tick. No privilege needed, no
+/// measurement.
+pub fn jiffy_ns() -> Result<u64> {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
     };
-    let (ns0, j0) = read()?;
-    std::thread::sleep(gap);
-    let (ns1, j1) = read()?;
-    hz_from(ns1.saturating_sub(ns0), j1.wrapping_sub(j0))
-        .map(|hz| 1_000_000_000 / hz)
-        .context("the kernel's jiffies did not advance as any CONFIG_HZ would")
-}
-
-fn timer_list_clocks(text: &str) -> Option<(u64, u64)> {
-    let now = text.lines().find_map(|l| {
-        l.strip_prefix("now at ")?
-            .strip_suffix(" nsecs")?
-            .trim()
-            .parse()
-            .ok()
-    })?;
-    let jiffies = text
-        .lines()
-        .find_map(|l| l.strip_prefix("jiffies:")?.trim().parse().ok())?;
-    Some((now, jiffies))
-}
-
-/// The CONFIG_HZ nearest to `jiffies` elapsed in `ns`, if the measurement is plausible.
-fn hz_from(ns: u64, jiffies: u64) -> Option<u64> {
-    const CHOICES: [u64; 6] = [24, 100, 250, 300, 1000, 1024];
-    if ns < 50_000_000 {
-        return None;
+    // SAFETY: `res` is a valid, writable timespec.
+    if unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) } != 0 {
+        return Err(io::Error::last_os_error()).context("clock_getres(CLOCK_MONOTONIC_COARSE)");
     }
-    let measured = jiffies as f64 * 1e9 / ns as f64;
-    let nearest = CHOICES.into_iter().min_by(|a, b| {
-        (*a as f64 - measured)
-            .abs()
-            .total_cmp(&(*b as f64 - measured).abs())
-    })?;
-    // One jiffy more or less in the count moves the estimate by 1e9/ns Hz.
-    ((nearest as f64 - measured).abs() < nearest as f64 * 0.05 + 1.5e9 / ns as f64)
-        .then_some(nearest)
+    jiffy_from(res.tv_sec, res.tv_nsec).with_context(|| {
+        format!(
+            "the coarse clock's resolution ({}s {}ns) is no jiffy",
+            res.tv_sec, res.tv_nsec
+        )
+    })
+}
+
+/// A jiffy from a coarse clock resolution: HZ is between 24 and 1200 on every architecture.
+fn jiffy_from(sec: i64, nsec: i64) -> Option<u64> {
+    let ns = u64::try_from(sec).ok()?.checked_mul(1_000_000_000)? + u64::try_from(nsec).ok()?;
+    (800_000..=42_000_000).contains(&ns).then_some(ns)
 }
 
 /// Parses `field:<type> <name>[N]; offset:O; size:S; signed:X;` (tab-separated) for `name`.
@@ -339,17 +318,20 @@ print fmt: \"family=%s ...\"
     }
 
     #[test]
-    fn hz_from_two_readings() {
-        let text = "Timer List Version: v0.10\nnow at 1840370453008 nsecs\n\ncpu: 0\n\
-                    .last_jiffies   : 4295352325\njiffies: 4295352325\n";
-        assert_eq!(timer_list_clocks(text), Some((1840370453008, 4295352325)));
-        assert_eq!(hz_from(100_000_000, 25), Some(250));
-        assert_eq!(hz_from(100_000_000, 26), Some(250));
-        assert_eq!(hz_from(100_000_000, 30), Some(300));
-        assert_eq!(hz_from(100_000_000, 10), Some(100));
-        assert_eq!(hz_from(100_000_000, 101), Some(1000));
-        assert_eq!(hz_from(10_000_000, 3), None, "too short to tell");
-        assert_eq!(hz_from(100_000_000, 0), None);
+    fn jiffies_from_the_coarse_clock() {
+        assert_eq!(jiffy_from(0, 4_000_000), Some(4_000_000));
+        assert_eq!(jiffy_from(0, 1_000_000), Some(1_000_000));
+        assert_eq!(jiffy_from(0, 3_333_333), Some(3_333_333));
+        assert_eq!(
+            jiffy_from(0, 1),
+            None,
+            "a high-resolution clock, not a tick"
+        );
+        assert_eq!(jiffy_from(1, 0), None);
+        assert_eq!(jiffy_from(-1, 0), None);
+        // This machine's.
+        let jiffy = jiffy_ns().unwrap();
+        assert!((800_000..=42_000_000).contains(&jiffy), "{jiffy}");
     }
 
     #[test]

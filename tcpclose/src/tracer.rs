@@ -1,7 +1,7 @@
 //! The kernel side of a run: loads and attaches the eBPF program, hands out ring buffer records,
 //! reads the kernel counters, detaches.
 
-use std::{io, time::Duration};
+use std::io;
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
@@ -114,9 +114,6 @@ impl Tracer {
         system::check_tracepoint(&tracefs)?;
         system::raise_memlock_limit();
 
-        // HZ takes a tenth of a second to measure: measure it while the programs load.
-        let jiffy = follow_timewait
-            .then(|| std::thread::spawn(|| system::measure_jiffy_ns(Duration::from_millis(100))));
         let timewait = if follow_timewait {
             system::check_timer_tracepoints(&tracefs).and_then(|()| timewait_layout())
         } else {
@@ -154,13 +151,7 @@ impl Tracer {
             .map_err(explain_program_error)
             .context("attaching to the sock:inet_sock_set_state tracepoint")?;
 
-        let jiffy_ns = match jiffy {
-            Some(measuring) => measuring
-                .join()
-                .unwrap_or_else(|_| Err(anyhow!("measuring the kernel's HZ panicked"))),
-            None => Err(anyhow!("not asked to")),
-        };
-        let timewait_jiffy_ns = match timewait.and(jiffy_ns) {
+        let timewait_jiffy_ns = match timewait.and_then(|_| system::jiffy_ns()) {
             Err(_) if !follow_timewait => None,
             Ok(jiffy_ns) => {
                 for (name, event) in TIMER_PROGRAMS {
