@@ -13,15 +13,16 @@ use std::{
 };
 
 use tcpclose::{
+    event::TcpState,
     event::{Record, Transition},
-    hung::{Alert, AlertKind, Holder, LeakView},
+    hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
     render::{
         AlertPrinter, EventPrinter, Format, OwnedAlert, Summary, TeardownPrinter, WallClock,
         clock_ns, print_distributions,
     },
     states::SocketStates,
     stats::Distributions,
-    teardown::{Correlator, ExistingSocket, Teardown},
+    teardown::{Correlator, ExistingSocket, Phase, TIMEWAIT_LEN_NS, Teardown},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -312,7 +313,8 @@ impl Session {
         if let View::Teardowns(t) = &mut self.view
             && !t.alerts.is_empty()
         {
-            let alerts = attribute(std::mem::take(&mut t.alerts), &mut t.holders);
+            let alerts = confirm_fin_wait2(std::mem::take(&mut t.alerts), &mut t.correlator, now);
+            let alerts = attribute(alerts, &mut t.holders);
             for a in &alerts {
                 t.leaks.observe(&a.alert, a.holder().as_ref());
                 if self.write_error.is_none() && result.is_ok() {
@@ -422,7 +424,7 @@ fn now_ns() -> u64 {
 /// the ring, and the engine reconciles the two (see [`Correlator::adopt_existing`]).
 fn adopt_existing(correlator: &mut Correlator, filter: &KernelFilter) {
     let seen_ns = now_ns();
-    match sockets::snapshot() {
+    match sockets::snapshot_all_namespaces() {
         Ok(found) => {
             for s in found
                 .iter()
@@ -442,6 +444,37 @@ fn adopt_existing(correlator: &mut Correlator, filter: &KernelFilter) {
              hung sockets among them will not be reported"
         ),
     }
+}
+
+/// Checks the FIN_WAIT2 hangs of timewait sockets with sock_diag before reporting them. The
+/// peer's FIN moves a timewait socket from FIN_WAIT2 to TIME_WAIT without a timer event when
+/// tcp_timewait_state_process() re-arms the timer within its wheel bucket (2 s wide at 60 s
+/// and HZ=250), so the engine cannot tell a live orphan from one the FIN has already released.
+/// sock_diag can: a socket it shows in TIME_WAIT is withdrawn (not reported) and the engine is
+/// told when TIME_WAIT began, from the timer's remaining time.
+fn confirm_fin_wait2(alerts: Vec<Alert>, correlator: &mut Correlator, now_ns: u64) -> Vec<Alert> {
+    alerts
+        .into_iter()
+        .filter(|a| {
+            let (SocketKey::Timewait(tw), Phase::FinWait2, AlertKind::Hung { .. }) =
+                (a.key, a.phase, a.kind)
+            else {
+                return true;
+            };
+            let Ok(found) = sockets::lookup_all_namespaces(a.local, a.remote) else {
+                return true;
+            };
+            let Some(remaining_ms) = found
+                .iter()
+                .filter(|i| i.timewait && i.state == TcpState::TimeWait)
+                .find_map(|i| i.timewait_remaining_ms())
+            else {
+                return true;
+            };
+            let elapsed_ns = TIMEWAIT_LEN_NS.saturating_sub(u64::from(remaining_ms) * 1_000_000);
+            !correlator.timewait_in_time_wait(tw, now_ns.saturating_sub(elapsed_ns))
+        })
+        .collect()
 }
 
 /// Names the processes holding newly hung sockets, the way `ss -p` does (sock_diag for the

@@ -96,7 +96,6 @@ pub struct SocketInfo {
 
 impl SocketInfo {
     /// Time until a timewait socket's timer fires and the socket goes away.
-    #[cfg(test)]
     pub fn timewait_remaining_ms(&self) -> Option<u32> {
         self.timer
             .filter(|timer| timer.kind == TimerKind::TimeWait)
@@ -134,6 +133,39 @@ pub fn snapshot() -> Result<Vec<SocketInfo>> {
         diag.dump(&request, |socket| sockets.push(socket))
             .with_context(|| format!("listing {} TCP sockets", family_name(family)))?;
     }
+    Ok(sockets)
+}
+
+/// [`snapshot`] of our network namespace, then of every other one we may enter (the way
+/// [`lookup_all_namespaces`] finds and enters them; one that refuses entry is skipped). The
+/// tracepoint sees every namespace: so must the start-up snapshot.
+pub fn snapshot_all_namespaces() -> Result<Vec<SocketInfo>> {
+    let mut sockets = snapshot()?;
+    let namespaces = other_namespaces(current_netns()?)?;
+    if namespaces.is_empty() {
+        return Ok(sockets);
+    }
+    let others = std::thread::Builder::new()
+        .name("tcpclose-netns".into())
+        .spawn(move || {
+            let mut found = Vec::new();
+            for netns in &namespaces {
+                let Ok(file) = fs::File::open(&netns.path) else {
+                    continue;
+                };
+                if enter_netns(&file, &netns.path).is_err() {
+                    continue;
+                }
+                if let Ok(mut in_netns) = snapshot() {
+                    found.append(&mut in_netns);
+                }
+            }
+            found
+        })
+        .context("starting a thread to list other network namespaces")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the thread listing other network namespaces panicked"))?;
+    sockets.extend(others);
     Ok(sockets)
 }
 

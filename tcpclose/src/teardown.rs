@@ -25,6 +25,10 @@ pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 /// firing (`expire_timers()`); one not followed within this is a kill.
 pub const CANCEL_GRACE_NS: u64 = 10_000_000;
 
+/// `__mod_timer()` queues a timer again right after it detached it: an arming this long after a
+/// cancel is not a move.
+const MOVE_NS: u64 = 1_000_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     /// Opened by `connect()`.
@@ -213,6 +217,9 @@ struct Handoff {
     time_wait_from_ns: Option<u64>,
     /// Set when `time_wait_from_ns` was derived from the timer's expiry in jiffies.
     resolution_ns: Option<u64>,
+    /// `time_wait_from_ns` is an estimate from outside (sock_diag), to be replaced by the
+    /// timer's expiry when the timer fires.
+    provisional: bool,
 }
 
 /// Counts of what the engine could not follow.
@@ -328,6 +335,25 @@ impl Correlator {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// What sock_diag says of a timewait socket the engine believes in FIN_WAIT2: it is in
+    /// TIME_WAIT since about `since_ns`. The peer's FIN moved it there without a timer event
+    /// (tcp_timewait_state_process() re-armed the timer within its wheel bucket), so only the
+    /// expiry tells when: until the timer fires, `since_ns` stands in. Returns whether the engine
+    /// had it in FIN_WAIT2 (a hang reported there is withdrawn, not resolved).
+    pub fn timewait_in_time_wait(&mut self, twaddr: u64, since_ns: u64) -> bool {
+        let Some(handoff) = self.timewait.get_mut(&twaddr) else {
+            return false;
+        };
+        if handoff.substate != TcpState::FinWait2 {
+            return false;
+        }
+        handoff.substate = TcpState::TimeWait;
+        handoff.time_wait_from_ns = Some(since_ns.max(handoff.at_ns));
+        handoff.provisional = true;
+        handoff.life.hung_at_ns = None;
+        true
     }
 
     /// Sockets followed now, by state (timewait sockets by their substate; handoffs not yet
@@ -451,6 +477,7 @@ impl Correlator {
 
     /// Feeds one timewait timer event; pushes the teardowns it completes onto `out`.
     pub fn on_timewait(&mut self, ev: &TimewaitTimer, out: &mut Vec<Teardown>) {
+        self.end_if_replaced(ev, out);
         let first = !self.timewait.contains_key(&ev.twaddr);
         if first {
             let Some(handoff) = self.handoffs.remove(&(ev.local, ev.remote)) else {
@@ -567,6 +594,43 @@ impl Correlator {
             }
         }
         out.append(&mut self.alerts);
+    }
+
+    /// The kernel reuses a freed timewait socket's memory for the next one (slab), so an event at
+    /// a known address may belong to a new timewait socket whose predecessor's end was not seen
+    /// as such: its kill was a cancel that the new socket's arming seemed to answer. A different
+    /// 4-tuple, or an arming long after the cancel (a move re-arms within microseconds), means
+    /// a new socket: the old one ended at its cancel (or, without one, unseen).
+    fn end_if_replaced(&mut self, ev: &TimewaitTimer, out: &mut Vec<Teardown>) {
+        let Some(known) = self.timewait.get(&ev.twaddr) else {
+            return;
+        };
+        let cancel = self.cancelled.get(&ev.twaddr).copied();
+        let other_tuple = (known.life.local, known.life.remote) != (ev.local, ev.remote);
+        let late_arming = ev.action == TimerAction::Armed
+            && cancel.is_some_and(|c| ev.ts_ns.saturating_sub(c.ts_ns) > MOVE_NS);
+        if !other_tuple && !late_arming {
+            return;
+        }
+        self.cancelled.remove(&ev.twaddr);
+        let Some(mut old) = self.timewait.remove(&ev.twaddr) else {
+            return;
+        };
+        let key = SocketKey::Timewait(ev.twaddr);
+        let before = old.phase();
+        let end_ns = match cancel {
+            Some(c) => {
+                old.observe_timer(&c, false);
+                c.ts_ns
+            }
+            None => {
+                self.losses.unfinished += 1;
+                old.life.complete = false;
+                ev.ts_ns
+            }
+        };
+        phase_changed(&mut self.alerts, &mut old.life, key, before, None, end_ns);
+        out.push(old.into_teardown(end_ns, TimewaitEnd::Killed));
     }
 
     /// Keeps the events of a timewait socket created just now, whose full socket's `-> CLOSE` is
@@ -883,6 +947,7 @@ impl Handoff {
             life,
             at_ns,
             time_wait_from_ns: None,
+            provisional: false,
             resolution_ns: None,
         }
     }
@@ -906,7 +971,9 @@ impl Handoff {
     }
 
     fn observe_timer(&mut self, ev: &TimewaitTimer, first: bool) {
-        if ev.substate != TcpState::TimeWait || self.time_wait_from_ns.is_some() {
+        if ev.substate != TcpState::TimeWait
+            || (self.time_wait_from_ns.is_some() && !self.provisional)
+        {
             self.substate = ev.substate;
             return;
         }
@@ -924,6 +991,7 @@ impl Handoff {
                 .saturating_sub(TIMEWAIT_LEN_NS)
                 .max(self.at_ns)
         });
+        self.provisional = false;
         self.substate = TcpState::TimeWait;
     }
 
@@ -1709,5 +1777,66 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_fin_seen_only_by_sock_diag_withdraws_a_fin_wait2_hang() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::FinWait2, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101);
+        // The FIN at 400 ms re-armed the timer in the same bucket: no event.
+        let hung = poll(&mut c, 1_200);
+        assert_eq!(hung.len(), 1);
+        // sock_diag: TIME_WAIT, 59.2 s left at 1.2 s: since ~400 ms.
+        assert!(c.timewait_in_time_wait(0xbeef, 400 * MS));
+        assert!(!c.timewait_in_time_wait(0xbeef, 400 * MS), "only once");
+        assert!(
+            poll(&mut c, 5_000).is_empty(),
+            "no resolution for a withdrawn hang"
+        );
+        // The fire's expiry times TIME_WAIT to the jiffy, replacing the estimate.
+        let t = one(timer(&mut c, 60_402, TimeWait, TimerAction::Fired, 60_398));
+        assert_eq!(t.phases.get(Phase::FinWait2), Some(297 * MS));
+        assert_eq!(t.phases.get(Phase::TimeWait), Some(60_004 * MS));
+        assert_eq!(t.resolution_ns, Some(4 * MS));
+        assert!(poll(&mut c, 70_000).is_empty());
+    }
+
+    #[test]
+    fn a_timewait_socket_at_a_reused_address_is_a_new_one() {
+        let mut c = Correlator::new(64);
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, TimeWait, TimerAction::Armed, 60_101);
+        // Killed at 5 s (cancel); 3 ms later, at the same address, another connection's timewait
+        // socket is armed, before the grace would have judged the cancel.
+        assert!(timer(&mut c, 5_000, TimeWait, TimerAction::Cancelled, 60_101).is_empty());
+        let mut out = Vec::new();
+        let other = TimewaitTimer {
+            ts_ns: 5_003 * MS,
+            twaddr: 0xbeef,
+            family: Family::Ipv4,
+            local: "10.0.0.1:41000".parse().unwrap(),
+            remote: SERVER.parse().unwrap(),
+            substate: TimeWait,
+            action: TimerAction::Armed,
+            expires_ns: 65_003 * MS,
+            jiffy_ns: 4 * MS,
+        };
+        c.on_timewait(&other, &mut out);
+        let t = one(out);
+        assert_eq!(t.timewait_end, Some(TimewaitEnd::Killed));
+        assert_eq!(t.end_ns, 5_000 * MS);
+        assert_eq!(t.local, CLIENT.parse().unwrap());
+        assert!(t.complete);
+        // Same 4-tuple, armed well after the cancel: a new socket too.
+        let mut c = Correlator::new(64);
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, TimeWait, TimerAction::Armed, 60_101);
+        timer(&mut c, 5_000, TimeWait, TimerAction::Cancelled, 60_101);
+        let t = one(timer(&mut c, 5_005, TimeWait, TimerAction::Armed, 65_005));
+        assert_eq!(t.end_ns, 5_000 * MS);
     }
 }
