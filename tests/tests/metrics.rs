@@ -779,3 +779,57 @@ fn a_bare_port_listens_on_loopback_only() {
     }
     tracer.stop();
 }
+
+/// Scrapers that connect and never ask, or ask and never read, hold only their own connection:
+/// teardown records keep coming, nothing is lost, and a fresh scrape is answered.
+#[test]
+fn stuck_scrapers_do_not_stall_the_tracer() {
+    let port = free_port();
+    let server = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = server.local_addr().expect("local address");
+    let tracer = Tracer::start(&[
+        "--port",
+        &addr.port().to_string(),
+        "--metrics",
+        &port.to_string(),
+    ]);
+    let metrics = SocketAddr::new(LOOPBACK, port);
+    let stuck: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let mut s = TcpStream::connect(metrics).expect("connect to /metrics");
+            if i % 2 == 1 {
+                s.write_all(b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n")
+                    .expect("send a request");
+            }
+            s
+        })
+        .collect();
+    const CONNECTIONS: usize = 50;
+    for _ in 0..CONNECTIONS {
+        let client = TcpStream::connect(addr).expect("connect");
+        let (accepted, _) = server.accept().expect("accept");
+        // The client closes first: the server's record (passive) is due when it closes.
+        drop(client);
+        drop(accepted);
+    }
+    let servers = |records: &[Value]| {
+        records
+            .iter()
+            .filter(|r| r["type"] == "teardown" && r["side"] == "server")
+            .count()
+    };
+    if let Err(records) =
+        tracer.wait_for_records(Duration::from_secs(3), |r| servers(r) >= CONNECTIONS)
+    {
+        panic!(
+            "{} of {CONNECTIONS} server records within 3 s while scrapers were stuck",
+            servers(&records)
+        );
+    }
+    let r = http_get(metrics, "/metrics", HTTP_TIMEOUT).expect("a fresh scrape");
+    assert_eq!(r.status, 200, "{r:?}");
+    drop(stuck);
+    let run = tracer.stop();
+    assert!(run.status.success(), "{run:?}");
+    assert_eq!(run.summary()["lost"], 0, "{}", run.summary());
+}
