@@ -17,6 +17,7 @@ use std::{
 use serde_json::Value;
 
 pub mod netns;
+pub mod timing;
 
 /// The binary under test: `$TCPCLOSE_BIN` (set by `cargo xtask test`), else the release build.
 pub fn binary() -> PathBuf {

@@ -27,8 +27,12 @@ use std::{
 
 use serde_json::Value;
 use tcpclose_tests::{
-    BoundSocket, Run, Tracer, mono_ns, netns::Netns, process_comm, require_root, spawn_holding,
-    tcp_state, tcp_state::*, thread_comm, timed,
+    BoundSocket, Run, Tracer, mono_ns,
+    netns::Netns,
+    process_comm, require_root, spawn_holding, tcp_state,
+    tcp_state::*,
+    thread_comm, timed,
+    timing::{Moment, sleep_until, wait_for},
 };
 
 const MS: u64 = 1_000_000;
@@ -42,56 +46,6 @@ const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const SPIN: Duration = Duration::from_micros(100);
 /// Polling interval while waiting for a retransmission.
 const POLL: Duration = Duration::from_millis(1);
-
-/// When something happened, as far as the test can tell: between `lo` and `hi` (CLOCK_MONOTONIC).
-#[derive(Clone, Copy, Debug)]
-struct Moment {
-    lo: u64,
-    hi: u64,
-}
-
-impl Moment {
-    /// The span of `f`: a system call whose state change happens inside it.
-    fn of<T>(f: impl FnOnce() -> T) -> (Self, T) {
-        let lo = mono_ns();
-        let value = f();
-        (Self { lo, hi: mono_ns() }, value)
-    }
-
-    /// The shortest and longest time from `self` to `later`.
-    fn to(self, later: Moment) -> (u64, u64) {
-        (later.lo.saturating_sub(self.hi), later.hi - self.lo)
-    }
-}
-
-/// Polls `done` every `interval` until it holds: the change happened between the start of the
-/// last poll that did not see it (or `since`) and the end of the poll that did.
-fn wait_for(
-    what: &str,
-    since: u64,
-    timeout: Duration,
-    interval: Duration,
-    mut done: impl FnMut() -> bool,
-) -> Moment {
-    let deadline = mono_ns() + timeout.as_nanos() as u64;
-    let mut lo = since;
-    loop {
-        let start = mono_ns();
-        if done() {
-            return Moment { lo, hi: mono_ns() };
-        }
-        assert!(start < deadline, "{what}: not within {timeout:?}");
-        lo = start;
-        thread::sleep(interval);
-    }
-}
-
-fn sleep_until(t: u64) {
-    let now = mono_ns();
-    if t > now {
-        thread::sleep(Duration::from_nanos(t - now));
-    }
-}
 
 /// A running tracer, killed if the test fails before stopping it (it would run on otherwise).
 struct Tracing(Option<Tracer>);
