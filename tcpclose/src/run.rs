@@ -29,7 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cli::Cli,
     metrics::{self, Metrics},
-    sockets,
+    sockets, system,
     tracer::{KernelFilter, Tracer},
 };
 
@@ -107,6 +107,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             metrics,
         }))
     };
+    // Attached, listening, snapshot taken: what is left needs few privileges.
+    system::drop_capabilities()?;
     let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0));
     if cli.events {
         eprintln!("Tracing TCP state changes... Hit Ctrl-C to end.");

@@ -10,6 +10,8 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use tcpclose_common::{timer_tracepoint, tracepoint};
 
+const CAP_DAC_READ_SEARCH: u32 = 2;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -238,6 +240,65 @@ fn field_layout(format: &str, name: &str) -> Option<(usize, usize)> {
             |key: &str| -> Option<usize> { parts.next()?.strip_prefix(key)?.parse().ok() };
         Some((value("offset:")?, value("size:")?))
     })
+}
+
+/// Capabilities still useful once the programs are attached: reading other processes'
+/// `/proc/PID/fd` (CAP_DAC_READ_SEARCH to list, CAP_SYS_PTRACE to read the links) and entering
+/// other network namespaces (CAP_SYS_ADMIN, for `setns`), both for naming the owners of hung
+/// sockets. The ring buffer and the maps are read through file descriptors already open, which
+/// needs no capability; detaching is closing them.
+const KEPT_AFTER_ATTACH: [u32; 3] = [CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE, CAP_SYS_ADMIN];
+
+/// Drops every capability but [`KEPT_AFTER_ATTACH`] from the effective, permitted and
+/// inheritable sets (for good: permitted ones cannot come back), and the ambient set.
+pub fn drop_capabilities() -> Result<()> {
+    // struct __user_cap_header_struct and __user_cap_data_struct, _LINUX_CAPABILITY_VERSION_3.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let mut data = [Data::default(); 2];
+    // SAFETY: capget with a v3 header fills two data structs.
+    if unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error()).context("reading this process's capabilities");
+    }
+    let mut keep = [0u32; 2];
+    for cap in KEPT_AFTER_ATTACH {
+        keep[(cap / 32) as usize] |= 1 << (cap % 32);
+    }
+    for (d, k) in data.iter_mut().zip(keep) {
+        d.effective &= k;
+        d.permitted &= k;
+        d.inheritable = 0;
+    }
+    // SAFETY: capset with a v3 header reads two data structs.
+    if unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error()).context("dropping capabilities after attaching");
+    }
+    // SAFETY: prctl without pointers. Fails only on kernels without ambient capabilities (<4.3).
+    unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    };
+    Ok(())
 }
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (before 5.11); newer
