@@ -2,6 +2,7 @@
 
 mod cli;
 mod metrics;
+mod output;
 mod run;
 mod sockets;
 mod system;

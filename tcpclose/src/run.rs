@@ -1,7 +1,7 @@
 //! One tracing run: attach, drain the ring buffer until told to stop, detach, summarise.
 
 use std::{
-    io::{self, BufWriter, IsTerminal as _, Write},
+    io::{self, IsTerminal as _},
     time::{Duration, Instant},
 };
 
@@ -29,6 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{
     cli::Cli,
     metrics::{self, Metrics},
+    output::Output,
     sockets, system,
     tracer::{KernelFilter, Tracer},
 };
@@ -109,7 +110,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     };
     // Attached, listening, snapshot taken: what is left needs few privileges.
     system::drop_capabilities()?;
-    let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0));
+    let out = Output::stdout().context("starting the output thread")?;
+    let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0), out);
     if cli.events {
         eprintln!("Tracing TCP state changes... Hit Ctrl-C to end.");
     } else {
@@ -173,12 +175,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             summary.in_progress = correlator.in_progress() as u64;
         }
     }
-    match format {
-        Format::Json if session.output_open => {
-            summary.print(format, &mut session.out)?;
-            session.out.flush()?;
+    summary.output_lost = session.out.lines_dropped;
+    let complete = match format {
+        Format::Json if session.out.is_open() => {
+            summary.print(format, &mut session.out.buf)?;
+            session.out.finish().context("writing to standard output")?
         }
-        _ => summary.print(Format::Text, &mut io::stderr().lock())?,
+        _ => {
+            summary.print(Format::Text, &mut io::stderr().lock())?;
+            session.out.finish().context("writing to standard output")?;
+            true
+        }
+    };
+    if !complete {
+        // Standard output is not being read (or lost lines): say it where it can be seen.
+        summary.print(Format::Text, &mut io::stderr().lock())?;
     }
     Ok(())
 }
@@ -222,29 +233,26 @@ struct Exported {
 struct Session {
     view: View,
     jiffy_ns: u64,
-    out: BufWriter<io::StdoutLock<'static>>,
+    out: Output,
     transitions: u64,
     timewait_events: u64,
     teardowns: u64,
     hung_alerts: u64,
     undecodable: u64,
-    /// False once stdout is closed (e.g. piped into `head`): tracing stops.
-    output_open: bool,
     write_error: Option<io::Error>,
 }
 
 impl Session {
-    fn new(view: View, jiffy_ns: u64) -> Self {
+    fn new(view: View, jiffy_ns: u64, out: Output) -> Self {
         Self {
             view,
             jiffy_ns,
-            out: BufWriter::with_capacity(64 << 10, io::stdout().lock()),
+            out,
             transitions: 0,
             timewait_events: 0,
             teardowns: 0,
             hung_alerts: 0,
             undecodable: 0,
-            output_open: true,
             write_error: None,
         }
     }
@@ -290,7 +298,7 @@ impl Session {
                 if self.write_error.is_some() {
                     return Ok(());
                 }
-                printer.print(&mut self.out, t, in_old_ns)
+                printer.print(&mut self.out.buf, t, in_old_ns)
             }
             View::Teardowns(td) => {
                 if let Some(m) = &mut td.metrics {
@@ -320,7 +328,7 @@ impl Session {
             for a in &alerts {
                 t.leaks.observe(&a.alert, a.holder().as_ref());
                 if self.write_error.is_none() && result.is_ok() {
-                    result = t.alert_printer.print(&mut self.out, a);
+                    result = t.alert_printer.print(&mut self.out.buf, a);
                 }
             }
             self.hung_alerts += alerts.len() as u64;
@@ -355,17 +363,23 @@ impl Session {
         };
         let now = now_ns();
         let groups = t.distributions.report(GROUPS_SHOWN);
-        let result =
-            print_distributions(&mut self.out, t.format, &t.clock, now, t.group_by, &groups)
-                .and_then(|()| {
-                    let leaks = t.leaks.report(LEAKS_SHOWN);
-                    t.alert_printer.print_leaks(
-                        &mut self.out,
-                        &leaks,
-                        now,
-                        now.saturating_sub(t.leaks_shown_ns),
-                    )
-                });
+        let result = print_distributions(
+            &mut self.out.buf,
+            t.format,
+            &t.clock,
+            now,
+            t.group_by,
+            &groups,
+        )
+        .and_then(|()| {
+            let leaks = t.leaks.report(LEAKS_SHOWN);
+            t.alert_printer.print_leaks(
+                &mut self.out.buf,
+                &leaks,
+                now,
+                now.saturating_sub(t.leaks_shown_ns),
+            )
+        });
         t.leaks_shown_ns = now;
         self.keep_error(result);
     }
@@ -382,7 +396,7 @@ impl Session {
                 m.metrics.teardown(&teardown);
             }
             if self.write_error.is_none() && result.is_ok() {
-                result = t.printer.print(&mut self.out, &teardown);
+                result = t.printer.print(&mut self.out.buf, &teardown);
             }
         }
         result
@@ -396,23 +410,14 @@ impl Session {
         }
     }
 
-    /// Flushes output; returns whether it is still open. A closed pipe ends the run quietly;
-    /// other write errors are errors.
+    /// Hands this turn's lines to the output thread; returns whether the reader is still there
+    /// (a closed pipe, e.g. into `head`, ends the run quietly).
     fn flush(&mut self) -> Result<bool> {
-        let result = match self.write_error.take() {
-            Some(err) => Err(err),
-            None => self.out.flush(),
-        };
-        match result {
-            Ok(()) => Ok(self.output_open),
-            Err(err) if err.kind() == io::ErrorKind::BrokenPipe => {
-                self.output_open = false;
-                // Further writes would fail the same way.
-                self.write_error = Some(io::Error::from(io::ErrorKind::BrokenPipe));
-                Ok(false)
-            }
-            Err(err) => Err(err).context("writing to standard output"),
+        if let Some(err) = self.write_error.take() {
+            return Err(err).context("formatting output");
         }
+        self.out.hand_over();
+        Ok(self.out.is_open())
     }
 }
 

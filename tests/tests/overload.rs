@@ -91,3 +91,61 @@ fn a_full_socket_table_evicts_and_counts() {
     );
     assert_eq!(summary["lost"].as_u64(), Some(0), "{summary}");
 }
+
+/// Standard output that nobody reads (a pipe into a program that stopped reading) must not stop
+/// the ring buffer from draining: output is dropped and counted, kernel events are not lost.
+#[test]
+fn a_stuck_reader_drops_output_not_events() {
+    use std::{
+        io::{BufRead as _, BufReader, Read as _},
+        process::Stdio,
+    };
+    tcpclose_tests::require_root();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let mut child = tcpclose_tests::spawn(
+        std::process::Command::new(tcpclose_tests::binary())
+            .args(["--events", "--json", "--port", &port])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .expect("spawning tcpclose");
+    // Held, never read.
+    let _stdout = child.stdout.take().expect("stdout");
+    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.starts_with("Tracing") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("reading stderr") > 0,
+            "tcpclose ended before it was ready"
+        );
+    }
+    // About 20 MB of JSON lines: more than the pipe and the 16 MiB output queue hold.
+    const CONNECTIONS: usize = 12_000;
+    let acceptor = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            drop(listener.accept().expect("accept"));
+        }
+    });
+    for _ in 0..CONNECTIONS {
+        drop(TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).expect("connect"));
+    }
+    acceptor.join().unwrap();
+    thread::sleep(Duration::from_millis(500));
+    // SAFETY: plain kill(2) of our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let started = std::time::Instant::now();
+    let status = child.wait().expect("waiting for tcpclose");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "tcpclose must end although its reader is stuck"
+    );
+    let mut text = String::new();
+    stderr.read_to_string(&mut text).unwrap();
+    assert!(status.success(), "{status}: {text}");
+    // The JSON summary cannot reach stdout: it is on stderr, in text.
+    assert!(text.contains(" 0 lost (ring buffer full)"), "{text}");
+    assert!(text.contains("output lines dropped"), "{text}");
+}

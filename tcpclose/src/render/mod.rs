@@ -237,6 +237,9 @@ pub struct Summary {
     pub unfinished: u64,
     /// Records printed without their timewait phases: the timewait socket was never seen.
     pub timewait_unseen: u64,
+    /// Output lines dropped because standard output did not keep up (its reader stopped
+    /// reading): tracing went on rather than lose kernel events.
+    pub output_lost: u64,
     /// Connections still closing when tracing ended (e.g. in TIME_WAIT): not printed.
     pub in_progress: u64,
     pub duration_ns: u64,
@@ -281,6 +284,7 @@ impl Summary {
                     (self.timewait_unseen, "without their timewait socket"),
                     (self.in_progress, "still closing (not printed)"),
                     (self.hung_alerts, "hung/resolved alerts"),
+                    (self.output_lost, "output lines dropped (stdout too slow)"),
                 ];
                 for (n, what) in notes {
                     if n > 0 {
