@@ -83,6 +83,10 @@ pub struct Metrics {
     hung: Family<StateLabels, Gauge>,
     lost: Counter,
     lost_seen: u64,
+    matched: Counter,
+    matched_seen: u64,
+    received: Counter,
+    received_seen: u64,
     tracked: Gauge,
 }
 
@@ -128,6 +132,19 @@ impl Metrics {
             "Kernel events dropped because the ring buffer was full",
             lost.clone(),
         );
+        let matched = Counter::default();
+        registry.register(
+            "tcpclose_kernel_events",
+            "Events the kernel programs accepted (after the port and family filters): each is \
+             received or lost",
+            matched.clone(),
+        );
+        let received = Counter::default();
+        registry.register(
+            "tcpclose_received_events",
+            "Events read from the ring buffer",
+            received.clone(),
+        );
         let tracked = Gauge::default();
         registry.register(
             "tcpclose_tracked_sockets",
@@ -157,6 +174,10 @@ impl Metrics {
             hung,
             lost,
             lost_seen: 0,
+            matched,
+            matched_seen: 0,
+            received,
+            received_seen: 0,
             tracked,
         }
     }
@@ -187,14 +208,15 @@ impl Metrics {
         }
     }
 
-    /// Sets the gauges: sockets followed per state, hung per teardown state, table size, and the
-    /// kernel's count of lost events (monotonic).
+    /// Sets the gauges: sockets followed per state, hung per teardown state, table size; and
+    /// brings the event counters to the totals so far (`matched = received + lost`, give or take
+    /// what is in the ring).
     pub fn update(
         &mut self,
         sockets: &[(TcpState, u64)],
         hung: &[(Phase, u64)],
         tracked: usize,
-        lost_total: u64,
+        events: EventTotals,
     ) {
         for state in TcpState::ALL {
             let n = sockets
@@ -219,9 +241,15 @@ impl Metrics {
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
         self.tracked.set(i64::try_from(tracked).unwrap_or(i64::MAX));
-        if lost_total > self.lost_seen {
-            self.lost.inc_by(lost_total - self.lost_seen);
-            self.lost_seen = lost_total;
+        for (counter, seen, total) in [
+            (&self.lost, &mut self.lost_seen, events.lost),
+            (&self.matched, &mut self.matched_seen, events.matched),
+            (&self.received, &mut self.received_seen, events.received),
+        ] {
+            if total > *seen {
+                counter.inc_by(total - *seen);
+                *seen = total;
+            }
         }
     }
 
@@ -232,6 +260,14 @@ impl Metrics {
         let _ = encode(&mut text, &self.registry);
         text
     }
+}
+
+/// Totals since start of the kernel's events.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventTotals {
+    pub matched: u64,
+    pub received: u64,
+    pub lost: u64,
 }
 
 /// Close kinds, so that every one appears in the exposition from the start (a counter that
@@ -377,8 +413,18 @@ mod tests {
         touch_all(&m);
         m.transition(TcpState::Established, TcpState::CloseWait);
         m.transition(TcpState::Established, TcpState::CloseWait);
-        m.update(&[(TcpState::CloseWait, 3)], &[(Phase::CloseWait, 2)], 7, 5);
-        m.update(&[], &[], 0, 9);
+        let events = |lost| EventTotals {
+            matched: 100 + lost,
+            received: 100,
+            lost,
+        };
+        m.update(
+            &[(TcpState::CloseWait, 3)],
+            &[(Phase::CloseWait, 2)],
+            7,
+            events(5),
+        );
+        m.update(&[], &[], 0, events(9));
         let mut phases = tcpclose::teardown::Phases::default();
         phases.add(Phase::CloseWait, 300_000_000);
         m.teardown(&Teardown {
@@ -419,6 +465,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tcpclose_lost_events_total 9"), "{text}");
+        assert!(text.contains("tcpclose_kernel_events_total 109"), "{text}");
+        assert!(
+            text.contains("tcpclose_received_events_total 100"),
+            "{text}"
+        );
         assert!(
             text.contains("tcpclose_hung_sockets{state=\"CLOSE_WAIT\"} 0"),
             "{text}"

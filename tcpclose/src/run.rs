@@ -28,7 +28,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::Cli,
-    metrics::{self, Metrics},
+    metrics::{self, EventTotals, Metrics},
     output::Output,
     sockets, system,
     tracer::{KernelFilter, Tracer},
@@ -131,7 +131,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             _ = interval.tick(), if cli.interval.is_some() => session.show_aggregates(),
             _ = refresh.tick(), if cli.metrics.is_some() => {
                 let counters = tracer.counters()?;
-                session.refresh_metrics(counters.lost + counters.timewait_lost);
+                session.refresh_metrics(EventTotals {
+                    matched: counters.matched + counters.timewait_matched,
+                    received: session.transitions + session.timewait_events + session.undecodable,
+                    lost: counters.lost + counters.timewait_lost,
+                });
             }
             _ = tick.tick() => {}
         }
@@ -157,6 +161,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         lost: counters.lost,
         matched: counters.matched,
         undecodable: session.undecodable,
+        timewait_matched: counters.timewait_matched,
         timewait_events: session.timewait_events,
         timewait_lost: counters.timewait_lost,
         teardowns: session.teardowns,
@@ -337,7 +342,7 @@ impl Session {
     }
 
     /// Brings the gauges up to date and encodes the exposition for the next scrapes.
-    fn refresh_metrics(&mut self, lost_total: u64) {
+    fn refresh_metrics(&mut self, events: EventTotals) {
         let View::Teardowns(t) = &mut self.view else {
             return;
         };
@@ -348,7 +353,7 @@ impl Session {
             &t.correlator.state_counts(),
             &t.leaks.hung_by_phase(),
             t.correlator.len(),
-            lost_total,
+            events,
         );
         let text = m.metrics.encode();
         if let Ok(mut exposition) = m.exposition.lock() {

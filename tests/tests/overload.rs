@@ -53,6 +53,47 @@ fn a_full_ring_is_counted_as_lost() {
     assert!(matched >= (CONNECTIONS * 9) as u64, "{summary}");
 }
 
+/// Every event the kernel programs accept is received or counted lost, timer events included.
+#[test]
+fn kernel_events_reconcile_under_overload() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let tracer = Tracer::start(&["--port", &addr.port().to_string(), "--ring-bytes", "4096"]);
+    const CONNECTIONS: usize = 3000;
+    let acceptor = thread::spawn(move || {
+        for _ in 0..CONNECTIONS {
+            drop(listener.accept().expect("accept"));
+        }
+    });
+    for _ in 0..CONNECTIONS {
+        drop(TcpStream::connect(addr).expect("connect"));
+    }
+    acceptor.join().unwrap();
+    thread::sleep(Duration::from_millis(200));
+    let run = tracer.stop();
+    assert!(run.status.success(), "{run:?}");
+    let s = run.summary();
+    let n = |key: &str| s[key].as_u64().unwrap_or_else(|| panic!("{key} in {s}"));
+    assert!(
+        n("lost") + n("timewait_lost") > 0,
+        "a 4 KiB ring must overflow: {s}"
+    );
+    assert_eq!(
+        n("matched"),
+        n("transitions") + n("lost") + n("undecodable"),
+        "{s}"
+    );
+    assert_eq!(
+        n("timewait_matched"),
+        n("timewait_events") + n("timewait_lost"),
+        "{s}"
+    );
+    assert!(
+        n("timewait_matched") > 0,
+        "the timer programs saw the timewait sockets: {s}"
+    );
+}
+
 #[test]
 fn a_full_socket_table_evicts_and_counts() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

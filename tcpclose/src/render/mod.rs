@@ -228,7 +228,9 @@ pub struct Summary {
     pub teardowns: u64,
     /// Hung and resolved alerts printed.
     pub hung_alerts: u64,
-    /// Timewait timer events received, and dropped because the ring buffer was full.
+    /// Timewait timer events the timer programs accepted (`timewait_events + timewait_lost`),
+    /// received, and dropped because the ring buffer was full.
+    pub timewait_matched: u64,
     pub timewait_events: u64,
     pub timewait_lost: u64,
     /// Sockets dropped from the full table (the longest idle first): no record for them.
