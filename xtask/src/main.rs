@@ -36,15 +36,19 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Build, then measure what tracing costs a host churning loopback connections: untraced,
-    /// `tcpclose --events` and `tcpclose` interleaved, medians side by side (as root).
+    /// Build, then measure what tracing costs a host churning loopback connections in a network
+    /// namespace: untraced, `tcpclose`, `tcpclose --events` and libbpf-tools' `tcpstates` (when
+    /// installed) interleaved, medians in a markdown table (as root).
     Bench {
-        /// Rounds of the three modes.
-        #[arg(long, default_value_t = 3)]
+        /// Rounds of all the modes.
+        #[arg(long, default_value_t = 5)]
         rounds: usize,
         /// Seconds per measurement.
         #[arg(long, default_value_t = 3)]
         seconds: u64,
+        /// Client/server pairs churning at once, a thread each side.
+        #[arg(long, default_value_t = 2)]
+        pairs: usize,
     },
     /// Set up (with test packages), build, and run every test: unit tests and the integration
     /// tests against the real kernel (as root).
@@ -75,12 +79,21 @@ fn main() -> Result<()> {
             let err = cmd.args(args).exec();
             Err(err).with_context(|| format!("running {}", binary.display()))
         }
-        Task::Bench { rounds, seconds } => {
+        Task::Bench {
+            rounds,
+            seconds,
+            pairs,
+        } => {
             build()?;
             if !is_root() {
                 bail!("the benchmark loads eBPF programs: run `cargo xtask bench` as root");
             }
-            bench::bench(&root.join("target/release/tcpclose"), rounds, seconds)
+            let options = bench::Options {
+                rounds,
+                seconds,
+                pairs,
+            };
+            bench::bench(&root.join("target/release/tcpclose"), &options)
         }
         Task::Test { args } => {
             setup::all(true)?;
