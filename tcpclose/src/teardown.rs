@@ -11,7 +11,12 @@
 //!   (`tw_timer_handler`): armed by `inet_twsk_schedule`, fired at expiry, cancelled when the
 //!   socket is killed early (reuse, RST).
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
+
+// The tables are looked up several times per event: foldhash is several times faster than the
+// standard SipHash for these keys, and still seeded per process (the 4-tuples come partly from
+// remote peers).
+use foldhash::{HashMap, HashMapExt as _};
 
 use crate::{
     event::{Family, Task, TcpState, TimerAction, TimewaitTimer, Transition},
@@ -425,7 +430,12 @@ impl Correlator {
         }
 
         if !self.lives.contains_key(&t.skaddr) {
-            let life = match self.existing.remove(&(t.local, t.remote)) {
+            let found = if self.existing.is_empty() {
+                None
+            } else {
+                self.existing.remove(&(t.local, t.remote))
+            };
+            let life = match found {
                 // Found at start-up, now moving on: the same socket.
                 Some(existing) if existing.state == t.old => existing,
                 // Found at start-up already in `t.new`: this event came before the snapshot, and
