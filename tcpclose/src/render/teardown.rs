@@ -2,7 +2,6 @@
 
 use std::{
     borrow::Cow,
-    collections::BTreeMap,
     fmt::Write as _,
     io::{self, Write},
     net::IpAddr,
@@ -12,7 +11,7 @@ use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
 
 use super::{Format, WallClock};
-use crate::teardown::{CloseKind, Phase, Side, Teardown, TimewaitEnd};
+use crate::teardown::{CloseKind, Phase, Phases, Side, Teardown, TimewaitEnd};
 
 /// Writes [`Teardown`] records as aligned text (optionally coloured) or JSON lines.
 pub struct TeardownPrinter {
@@ -40,7 +39,7 @@ struct TeardownRecord<'a> {
     rport: u16,
     side: Option<&'static str>,
     close: &'static str,
-    phases: BTreeMap<&'static str, u64>,
+    phases: PhasesJson<'a>,
     teardown_ns: Option<u64>,
     lifetime_ns: Option<u64>,
     complete: bool,
@@ -84,7 +83,7 @@ impl TeardownPrinter {
                     rport: t.remote.port(),
                     side: t.side.map(side_name),
                     close: t.close.name(),
-                    phases: t.phases.iter().map(|(p, ns)| (p.name(), ns)).collect(),
+                    phases: PhasesJson(&t.phases),
                     teardown_ns: t.teardown_ns,
                     lifetime_ns: t.lifetime_ns,
                     complete: t.complete,
@@ -172,6 +171,20 @@ impl TeardownPrinter {
         }
         line.push('\n');
         out.write_all(line.as_bytes())
+    }
+}
+
+/// The phases as a JSON object, in the order of [`Phase::ALL`], without building a map.
+struct PhasesJson<'a>(&'a Phases);
+
+impl Serialize for PhasesJson<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(None)?;
+        for (phase, ns) in self.0.iter() {
+            map.serialize_entry(phase.name(), &ns)?;
+        }
+        map.end()
     }
 }
 
