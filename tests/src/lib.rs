@@ -19,6 +19,17 @@ use serde_json::Value;
 pub mod netns;
 pub mod timing;
 
+/// The teardown states, as tcpclose names them: the phases a teardown record times (`phases`),
+/// and the `phase` and hung `state` labels of its metrics.
+pub const PHASES: [&str; 6] = [
+    "FIN_WAIT1",
+    "FIN_WAIT2",
+    "CLOSING",
+    "TIME_WAIT",
+    "CLOSE_WAIT",
+    "LAST_ACK",
+];
+
 /// The binary under test: `$TCPCLOSE_BIN` (set by `cargo xtask test`), else the release build.
 pub fn binary() -> PathBuf {
     let path = std::env::var_os("TCPCLOSE_BIN")
@@ -200,6 +211,46 @@ impl Tracer {
     }
 }
 
+/// A running [`Tracer`], killed if the test fails before stopping it (it would run on otherwise).
+pub struct Tracing(Option<Tracer>);
+
+impl Tracing {
+    /// [`Tracer::start`].
+    pub fn start(args: &[&str]) -> Self {
+        Self(Some(Tracer::start(args)))
+    }
+
+    /// Waits up to `timeout` for what tcpclose has printed so far to satisfy `done` (see
+    /// [`Tracer::wait_for_records`]); panics, naming `what`, if it does not.
+    pub fn wait_for(
+        &self,
+        what: &str,
+        timeout: Duration,
+        done: impl FnMut(&[Value]) -> bool,
+    ) -> Vec<Value> {
+        let tracer = self.0.as_ref().expect("running");
+        tracer
+            .wait_for_records(timeout, done)
+            .unwrap_or_else(|records| {
+                panic!("{what}: not within {timeout:?}; printed: {records:#?}")
+            })
+    }
+
+    /// [`Tracer::stop`].
+    pub fn stop(mut self) -> Run {
+        self.0.take().expect("running").stop()
+    }
+}
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        if let Some(tracer) = self.0.take() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(tracer.pid(), libc::SIGKILL) };
+        }
+    }
+}
+
 /// What tcpclose has printed on its standard output so far, line by line.
 #[derive(Default)]
 struct Printed {
@@ -237,6 +288,13 @@ impl Run {
         summaries[0]
     }
 
+    /// The run ended cleanly, with its summary last and nothing lost.
+    pub fn check_clean(&self) {
+        assert!(self.status.success(), "{self:?}");
+        let summary = self.summary();
+        assert_eq!(summary["lost"], 0, "{summary}");
+    }
+
     /// Transitions grouped by socket (kernel address), in order.
     pub fn by_socket(&self) -> BTreeMap<String, Vec<&Value>> {
         let mut map = BTreeMap::<String, Vec<&Value>>::new();
@@ -263,6 +321,14 @@ pub fn churn(listener: &std::net::TcpListener, n: usize) {
         drop(std::net::TcpStream::connect(addr).expect("connect"));
     }
     acceptor.join().unwrap();
+}
+
+/// The record is about the socket `local -> remote`.
+pub fn about(r: &Value, (local, remote): (std::net::SocketAddr, std::net::SocketAddr)) -> bool {
+    r["laddr"] == local.ip().to_string().as_str()
+        && r["lport"] == local.port()
+        && r["raddr"] == remote.ip().to_string().as_str()
+        && r["rport"] == remote.port()
 }
 
 /// `OLD->NEW` of a transition record.

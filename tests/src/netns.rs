@@ -5,16 +5,29 @@
 //! (which also kills its timewait sockets). Sockets are made inside it by [`Netns::run`], on a
 //! thread that first joins it (`setns`); a socket stays in its namespace wherever it is used from
 //! afterwards, so the test's own thread can then read, shut down and close it.
+//!
+//! A [`Place`] is a namespace and a port of 127.0.0.1 for a test's sockets there. The port is
+//! held on the host (bound, never listening), so that no other socket of the host uses it and a
+//! tracer following it (`--port`) sees only the test's sockets.
+//!
+//! A socket is named by its ends, `(local, remote)`, as `/proc/net/tcp` shows it.
 
 use std::{
     fs::File,
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
     thread,
+    time::Duration,
 };
 
-use crate::run_ok;
+use crate::{
+    BoundSocket, mono_ns, run_ok, tcp_state,
+    tcp_state::FIN_WAIT2,
+    timed,
+    timing::{MS, Moment, POLL, SPIN, sleep_until, wait_for},
+};
 
 /// A network namespace, deleted on drop.
 pub struct Netns {
@@ -105,5 +118,140 @@ impl Drop for Netns {
             Ok(status) if status.success() => {}
             other => eprintln!("ip netns del {}: {other:?}", self.name),
         }
+    }
+}
+
+/// A namespace of the test's own and a port for it, held on the host.
+pub struct Place {
+    pub ns: Netns,
+    /// 127.0.0.1 at the reserved port.
+    pub server_addr: SocketAddr,
+    _reserved: BoundSocket,
+}
+
+impl Place {
+    /// A fresh [`Netns`] named after `tag`, and a port held on the host.
+    pub fn new(tag: &str) -> Self {
+        crate::require_root();
+        let reserved = BoundSocket::new(Ipv4Addr::LOCALHOST.into());
+        Self {
+            ns: Netns::new(tag),
+            server_addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), reserved.port),
+            _reserved: reserved,
+        }
+    }
+
+    /// The port, as tcpclose's `--port` takes it.
+    pub fn port(&self) -> String {
+        self.server_addr.port().to_string()
+    }
+
+    /// The state of the socket `(local, remote)` in the namespace (see [`tcp_state`]).
+    pub fn state(&self, (local, remote): (SocketAddr, SocketAddr)) -> Option<u8> {
+        self.ns.run(|| tcp_state(local, remote))
+    }
+
+    /// [`wait_for`] the socket `(local, remote)` to be in `state` (`None`: gone), polled in the
+    /// namespace.
+    pub fn wait_for_state(
+        &self,
+        (local, remote): (SocketAddr, SocketAddr),
+        state: Option<u8>,
+        since: u64,
+        timeout: Duration,
+        interval: Duration,
+    ) -> Moment {
+        let what = format!("{local} -> {remote} in state {state:?}");
+        self.ns.run(|| {
+            wait_for(&what, since, timeout, interval, || {
+                tcp_state(local, remote) == state
+            })
+        })
+    }
+
+    /// Runs `close` (the close of `socket`, or the shutdown of its sending side: its FIN) as a
+    /// [`timed`] close, then waits for `socket` to reach FIN_WAIT2 (the peer's ACK of the FIN):
+    /// when it closed, and when it reached FIN_WAIT2.
+    pub fn close_to_fin_wait2(
+        &self,
+        socket: (SocketAddr, SocketAddr),
+        close: impl FnOnce(),
+    ) -> (Moment, Moment) {
+        let (closed, ()) = Moment::of(|| timed(close));
+        let fin_wait2 = self.wait_for_state(
+            socket,
+            Some(FIN_WAIT2),
+            closed.lo,
+            Duration::from_secs(1),
+            SPIN,
+        );
+        (closed, fin_wait2)
+    }
+
+    /// Checks that `socket` is still in `state` 100 ms before `due` (`lasts` says why it should
+    /// be), then waits up to `timeout` for it to be gone: when it went.
+    pub fn wait_for_expiry(
+        &self,
+        socket: (SocketAddr, SocketAddr),
+        state: u8,
+        due: u64,
+        timeout: Duration,
+        lasts: &str,
+    ) -> Moment {
+        sleep_until(due - 100 * MS);
+        let before = mono_ns();
+        assert_eq!(self.state(socket), Some(state), "{lasts}");
+        self.wait_for_state(socket, None, before, timeout, POLL)
+    }
+
+    /// A listener on the place's port and `n` connections to it, accepted: (client, server)
+    /// pairs, made in the namespace. The listener is closed.
+    pub fn connections(&self, n: usize) -> Vec<(TcpStream, TcpStream)> {
+        let addr = self.server_addr;
+        self.ns.run(|| {
+            let listener = TcpListener::bind(addr).expect("bind in the namespace");
+            (0..n)
+                .map(|_| {
+                    let client = TcpStream::connect(addr).expect("connect");
+                    let (server, peer) = listener.accept().expect("accept");
+                    assert_eq!(peer, client.local_addr().unwrap());
+                    (client, server)
+                })
+                .collect()
+        })
+    }
+
+    /// nftables in the namespace: drop every packet that `socket` sends, until
+    /// [`Place::deliver_packets_again`].
+    pub fn drop_packets(&self, (from, to): (SocketAddr, SocketAddr)) {
+        self.ns.nft("add table inet tcpclose_drop");
+        self.ns.nft(
+            "add chain inet tcpclose_drop out { type filter hook output priority 0; policy accept; }",
+        );
+        self.ns.nft(&format!(
+            "add rule inet tcpclose_drop out ip saddr {} tcp sport {} ip daddr {} tcp dport {} drop",
+            from.ip(),
+            from.port(),
+            to.ip(),
+            to.port()
+        ));
+    }
+
+    pub fn deliver_packets_again(&self) {
+        self.ns.nft("delete table inet tcpclose_drop");
+    }
+
+    /// Kills the timewait sockets of the port (`ss -K`: SOCK_DESTROY, which aborts timewait
+    /// sockets too) and checks that none is left: when they were killed.
+    pub fn kill_time_wait(&self) -> Moment {
+        let port = self.port();
+        let filter = format!("( sport = :{port} or dport = :{port} )");
+        let (killed, out) = Moment::of(|| {
+            self.ns
+                .exec(&["ss", "-K", "-tn", "state", "time-wait", &filter])
+        });
+        let left = self.ns.exec(&["ss", "-Htn", "state", "time-wait", &filter]);
+        assert!(left.trim().is_empty(), "ss -K killed {out}, left {left}");
+        killed
     }
 }

@@ -2,7 +2,16 @@
 
 use std::{thread, time::Duration};
 
+use serde_json::Value;
+
 use crate::mono_ns;
+
+/// A millisecond, in ns.
+pub const MS: u64 = 1_000_000;
+/// Polling interval while a change is due within milliseconds.
+pub const SPIN: Duration = Duration::from_micros(100);
+/// Polling interval while waiting for a timer (a timeout, a retransmission).
+pub const POLL: Duration = Duration::from_millis(1);
 
 /// When something happened, as far as the test can tell: between `lo` and `hi` (CLOCK_MONOTONIC).
 #[derive(Clone, Copy, Debug)]
@@ -53,4 +62,17 @@ pub fn sleep_until(t: u64) {
     if t > now {
         thread::sleep(Duration::from_nanos(t - now));
     }
+}
+
+/// `ns`, the record `r`'s `what`, lies within `(lo, hi)` as the test timed it, give or take
+/// `tolerance`.
+pub fn assert_within(r: &Value, what: &str, ns: u64, (lo, hi): (u64, u64), tolerance: u64) {
+    assert!(
+        ns + tolerance >= lo && ns <= hi + tolerance,
+        "{what}: {:.3} ms by the record, {:.3} to {:.3} ms by the test (give or take {:.3} ms): {r}",
+        ns as f64 / 1e6,
+        lo as f64 / 1e6,
+        hi as f64 / 1e6,
+        tolerance as f64 / 1e6
+    );
 }

@@ -27,62 +27,20 @@ use std::{
 
 use serde_json::Value;
 use tcpclose_tests::{
-    BoundSocket, Run, Tracer, mono_ns,
-    netns::Netns,
+    Run, Tracing, about, mono_ns,
+    netns::Place,
     process_comm, require_root, spawn_holding, tcp_state,
     tcp_state::*,
     thread_comm, timed,
-    timing::{Moment, sleep_until, wait_for},
+    timing::{MS, Moment, POLL, assert_within, sleep_until, wait_for},
 };
 
-const MS: u64 = 1_000_000;
 const SECOND: u64 = 1_000 * MS;
 /// Between a state change and the system call or poll that made or saw it.
 const TOLERANCE: u64 = 10 * MS;
 /// How late after its threshold a hung record may come.
 const REPORT_WITHIN: u64 = SECOND;
 const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-/// Polling interval while a change is due within milliseconds.
-const SPIN: Duration = Duration::from_micros(100);
-/// Polling interval while waiting for a retransmission.
-const POLL: Duration = Duration::from_millis(1);
-
-/// A running tracer, killed if the test fails before stopping it (it would run on otherwise).
-struct Tracing(Option<Tracer>);
-
-impl Tracing {
-    fn start(args: &[&str]) -> Self {
-        Self(Some(Tracer::start(args)))
-    }
-
-    /// Waits up to `timeout` for what tcpclose has printed so far to satisfy `done`.
-    fn wait_for(
-        &self,
-        what: &str,
-        timeout: Duration,
-        done: impl FnMut(&[Value]) -> bool,
-    ) -> Vec<Value> {
-        let tracer = self.0.as_ref().expect("running");
-        tracer
-            .wait_for_records(timeout, done)
-            .unwrap_or_else(|records| {
-                panic!("{what}: not within {timeout:?}; printed: {records:#?}")
-            })
-    }
-
-    fn stop(mut self) -> Run {
-        self.0.take().expect("running").stop()
-    }
-}
-
-impl Drop for Tracing {
-    fn drop(&mut self) {
-        if let Some(tracer) = self.0.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(tracer.pid(), libc::SIGKILL) };
-        }
-    }
-}
 
 /// `sleep 30`, holding sockets the test gave it; killed on drop.
 struct Holder {
@@ -124,105 +82,12 @@ impl Drop for Holder {
     }
 }
 
-/// A namespace of the test's own and a port for it, held on the host.
-struct Place {
-    ns: Netns,
-    server_addr: SocketAddr,
-    _reserved: BoundSocket,
-}
-
-fn place(tag: &str) -> Place {
-    require_root();
-    let reserved = BoundSocket::new(LOCALHOST);
-    Place {
-        ns: Netns::new(tag),
-        server_addr: SocketAddr::new(LOCALHOST, reserved.port),
-        _reserved: reserved,
-    }
-}
-
-impl Place {
-    fn port(&self) -> String {
-        self.server_addr.port().to_string()
-    }
-
-    /// The state of `local -> remote` in the namespace.
-    fn state(&self, local: SocketAddr, remote: SocketAddr) -> Option<u8> {
-        self.ns.run(|| tcp_state(local, remote))
-    }
-
-    /// [`wait_for`] `local -> remote` to be in `state` (`None`: gone), polled in the namespace.
-    fn wait_for_state(
-        &self,
-        (local, remote): (SocketAddr, SocketAddr),
-        state: Option<u8>,
-        since: u64,
-        timeout: Duration,
-        interval: Duration,
-    ) -> Moment {
-        let what = format!("{local} -> {remote} in state {state:?}");
-        self.ns.run(|| {
-            wait_for(&what, since, timeout, interval, || {
-                tcp_state(local, remote) == state
-            })
-        })
-    }
-
-    /// A listener on the place's port and `n` connections to it, accepted: (client, server)
-    /// pairs, made in the namespace.
-    fn connections(&self, n: usize) -> Vec<(TcpStream, TcpStream)> {
-        let addr = self.server_addr;
-        self.ns.run(|| {
-            let listener = TcpListener::bind(addr).expect("bind in the namespace");
-            (0..n)
-                .map(|_| {
-                    let client = TcpStream::connect(addr).expect("connect");
-                    let (server, peer) = listener.accept().expect("accept");
-                    assert_eq!(peer, client.local_addr().unwrap());
-                    (client, server)
-                })
-                .collect()
-        })
-    }
-
-    /// nftables in the namespace: drop every packet sent from `from` to `to`.
-    fn drop_packets(&self, from: SocketAddr, to: SocketAddr) {
-        self.ns.nft("add table inet tcpclose_hung");
-        self.ns.nft(
-            "add chain inet tcpclose_hung out { type filter hook output priority 0; policy accept; }",
-        );
-        self.ns.nft(&format!(
-            "add rule inet tcpclose_hung out ip saddr {} tcp sport {} ip daddr {} tcp dport {} drop",
-            from.ip(),
-            from.port(),
-            to.ip(),
-            to.port()
-        ));
-    }
-
-    fn deliver_packets_again(&self) {
-        self.ns.nft("delete table inet tcpclose_hung");
-    }
-}
-
 fn ends(s: &TcpStream) -> (SocketAddr, SocketAddr) {
     (s.local_addr().unwrap(), s.peer_addr().unwrap())
 }
 
 fn is_alert(r: &Value, kind: &str, tuple: (SocketAddr, SocketAddr)) -> bool {
     r["type"] == kind && about(r, tuple)
-}
-
-/// The record is about the socket `local -> remote`.
-fn about(r: &Value, (local, remote): (SocketAddr, SocketAddr)) -> bool {
-    r["laddr"] == local.ip().to_string().as_str()
-        && r["lport"] == local.port()
-        && r["raddr"] == remote.ip().to_string().as_str()
-        && r["rport"] == remote.port()
-}
-
-fn count(records: &[Value], kind: &str, tuple: (SocketAddr, SocketAddr)) -> usize {
-    records.iter().filter(|r| is_alert(r, kind, tuple)).count()
 }
 
 /// The one `kind` record (hung or resolved) about `tuple`, and its index in `records`.
@@ -252,15 +117,21 @@ fn ns_of(r: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} is not ns: {r}"))
 }
 
-/// `ns` lies within `(lo, hi)`, give or take `tolerance`.
-fn assert_within(r: &Value, what: &str, ns: u64, (lo, hi): (u64, u64), tolerance: u64) {
-    assert!(
-        ns + tolerance >= lo && ns <= hi + tolerance,
-        "{what}: {:.3} ms by the record, {:.3} to {:.3} ms by the test (give or take {:.3} ms): {r}",
-        ns as f64 / 1e6,
-        lo as f64 / 1e6,
-        hi as f64 / 1e6,
-        tolerance as f64 / 1e6
+/// Waits until tcpclose has reported each of `tuples` hung (`what`): by `threshold` and 3 s more.
+fn wait_for_hung(
+    tracer: &Tracing,
+    what: &str,
+    threshold: u64,
+    tuples: &[(SocketAddr, SocketAddr)],
+) {
+    tracer.wait_for(
+        what,
+        Duration::from_nanos(threshold + 3 * SECOND),
+        |records| {
+            tuples
+                .iter()
+                .all(|&t| records.iter().any(|r| is_alert(r, "hung", t)))
+        },
     );
 }
 
@@ -374,11 +245,113 @@ fn check_resolved(r: &Value, hung: &Value, left: Moment) {
     assert!(stuck >= ns_of(hung, "age_ns"), "{r}\n{hung}");
 }
 
-/// The run ended cleanly, with its summary last.
-fn check_run(run: &Run) {
-    assert!(run.status.success(), "{run:?}");
-    let summary = run.summary();
-    assert_eq!(summary["lost"], 0, "{summary}");
+/// Sockets a test made hang in `state` and then let move on, all at once: at `unstuck`, after
+/// which they left the state within `left`.
+struct Hang<'a> {
+    state: &'a str,
+    threshold: u64,
+    /// Found in the state at tcpclose's start-up: their age is a lower bound.
+    found_at_start_up: bool,
+    unstuck: u64,
+    left: Moment,
+}
+
+impl Hang<'_> {
+    /// The one hung record about `tuple`, which entered the state within `entered` (for a socket
+    /// found at start-up: when tcpclose started), and the one resolved record after it, both
+    /// naming `owner`; returns the hung one. The resolved record's `stuck_ns` spans the stay,
+    /// when it is known from its start.
+    fn check<'r>(
+        &self,
+        records: &'r [Value],
+        tuple: (SocketAddr, SocketAddr),
+        owner: &Owner,
+        entered: Moment,
+    ) -> &'r Value {
+        let lower_bound = self.found_at_start_up;
+        let (h_at, h) = the_alert(records, "hung", tuple);
+        check_alert(h, self.state, tuple, lower_bound, owner);
+        check_hung(h, self.threshold, entered, self.unstuck);
+        let (r_at, r) = the_alert(records, "resolved", tuple);
+        assert!(r_at > h_at, "resolved after hung: {r}");
+        check_alert(r, self.state, tuple, lower_bound, owner);
+        check_resolved(r, h, self.left);
+        if !lower_bound {
+            assert_within(
+                r,
+                "stuck_ns",
+                ns_of(r, "stuck_ns"),
+                entered.to(self.left),
+                TOLERANCE,
+            );
+        }
+        h
+    }
+}
+
+/// The run printed `hung` hung records and as many resolved ones.
+fn check_alert_counts(run: &Run, hung: usize) {
+    assert_eq!(run.of_type("hung").count(), hung, "{:#?}", run.records);
+    assert_eq!(run.of_type("resolved").count(), hung, "{:#?}", run.records);
+}
+
+/// Server sockets left in CLOSE_WAIT, in the host's namespace or in `place`: given to a
+/// [`Holder`] (the test closes its own copies), their clients closed at `fin`.
+struct Leak<'a> {
+    place: Option<&'a Place>,
+    tuples: Vec<(SocketAddr, SocketAddr)>,
+    holder: Holder,
+    fin: Moment,
+}
+
+impl<'a> Leak<'a> {
+    /// Leaks the server side of `pairs` (client, server), made in `place` (or the host's
+    /// namespace).
+    fn make(place: Option<&'a Place>, pairs: Vec<(TcpStream, TcpStream)>) -> Self {
+        let (clients, servers): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
+        let tuples = servers.iter().map(ends).collect();
+        let holder = Holder::spawn(&servers);
+        drop(servers);
+        let (fin, ()) = Moment::of(|| timed(|| drop(clients)));
+        let leak = Self {
+            place,
+            tuples,
+            holder,
+            fin,
+        };
+        assert!(
+            leak.stuck(),
+            "every server socket in CLOSE_WAIT after the client's FIN"
+        );
+        leak
+    }
+
+    fn state(&self, (local, remote): (SocketAddr, SocketAddr)) -> Option<u8> {
+        match self.place {
+            Some(place) => place.state((local, remote)),
+            None => tcp_state(local, remote),
+        }
+    }
+
+    fn stuck(&self) -> bool {
+        self.tuples
+            .iter()
+            .all(|&t| self.state(t) == Some(CLOSE_WAIT))
+    }
+
+    /// Kills the holder, whose exit closes the sockets, and waits for them to be gone: when it
+    /// was killed.
+    fn end(&mut self) -> Moment {
+        let (killed, ()) = Moment::of(|| self.holder.kill());
+        wait_for(
+            "the leaked sockets closed",
+            killed.lo,
+            Duration::from_secs(2),
+            POLL,
+            || self.tuples.iter().all(|&t| self.state(t).is_none()),
+        );
+        killed
+    }
 }
 
 /// A process that accepts connections and never closes them (here `sleep`, given the accepted
@@ -404,35 +377,23 @@ fn close_wait_leak_is_reported_with_the_process_that_holds_it() {
         "1s",
     ]);
 
-    let (clients, servers): (Vec<_>, Vec<_>) = (0..LEAKED)
+    let pairs = (0..LEAKED)
         .map(|_| {
             let client = TcpStream::connect(server_addr).expect("connect");
             let (server, peer) = listener.accept().expect("accept");
             assert_eq!(peer, client.local_addr().unwrap());
             (client, server)
         })
-        .unzip();
-    let tuples: Vec<_> = servers.iter().map(ends).collect();
-    let mut holder = Holder::spawn(&servers);
-    drop(servers);
-    let (fin, ()) = Moment::of(|| timed(|| drop(clients)));
-    let stuck = || {
-        tuples
-            .iter()
-            .all(|&(l, r)| tcp_state(l, r) == Some(CLOSE_WAIT))
-    };
-    assert!(
-        stuck(),
-        "every server socket in CLOSE_WAIT after the client's FIN"
-    );
+        .collect();
+    let mut leak = Leak::make(None, pairs);
 
-    let hung_all = |records: &[Value]| tuples.iter().all(|&t| count(records, "hung", t) > 0);
-    tracer.wait_for(
+    wait_for_hung(
+        &tracer,
         "every leaked socket reported hung",
-        Duration::from_nanos(THRESHOLD + 3 * SECOND),
-        hung_all,
+        THRESHOLD,
+        &leak.tuples,
     );
-    let pid = holder.pid;
+    let pid = leak.holder.pid;
     let leak_view_names_it = |records: &[Value]| {
         records.iter().any(|r| {
             r["type"] == "leaks"
@@ -448,19 +409,12 @@ fn close_wait_leak_is_reported_with_the_process_that_holds_it() {
         Duration::from_secs(3),
         leak_view_names_it,
     );
-    assert!(stuck(), "still in CLOSE_WAIT when reported");
-    let (killed, ()) = Moment::of(|| holder.kill());
-    wait_for(
-        "the leaked sockets closed",
-        killed.lo,
-        Duration::from_secs(2),
-        POLL,
-        || tuples.iter().all(|&(l, r)| tcp_state(l, r).is_none()),
-    );
+    assert!(leak.stuck(), "still in CLOSE_WAIT when reported");
+    let killed = leak.end();
     // One more leak view with nothing hung.
     thread::sleep(Duration::from_millis(1_200));
     let run = tracer.stop();
-    check_run(&run);
+    run.check_clean();
 
     let records = &run.records;
     let owner = Owner {
@@ -468,23 +422,17 @@ fn close_wait_leak_is_reported_with_the_process_that_holds_it() {
         comm: "sleep",
         holders: Holders::Exactly(vec![pid]),
     };
+    let hang = Hang {
+        state: "CLOSE_WAIT",
+        threshold: THRESHOLD,
+        found_at_start_up: false,
+        unstuck: killed.lo,
+        left: killed,
+    };
     let mut last_hung_ts = 0;
-    for &tuple in &tuples {
-        let (h_at, h) = the_alert(records, "hung", tuple);
-        check_alert(h, "CLOSE_WAIT", tuple, false, &owner);
-        check_hung(h, THRESHOLD, fin, killed.lo);
+    for &tuple in &leak.tuples {
+        let h = hang.check(records, tuple, &owner, leak.fin);
         last_hung_ts = last_hung_ts.max(ns_of(h, "ts_ns"));
-        let (r_at, r) = the_alert(records, "resolved", tuple);
-        assert!(r_at > h_at, "resolved after hung: {r}");
-        check_alert(r, "CLOSE_WAIT", tuple, false, &owner);
-        check_resolved(r, h, killed);
-        assert_within(
-            r,
-            "stuck_ns",
-            ns_of(r, "stuck_ns"),
-            fin.to(killed),
-            TOLERANCE,
-        );
     }
     let hung: Vec<_> = run.of_type("hung").collect();
     assert_eq!(hung.len(), LEAKED, "nothing else hung: {hung:#?}");
@@ -556,62 +504,41 @@ fn check_leak_from_before_start_up(place: Option<&Place>) {
                 .collect()
         }
     };
-    let state = |(l, r): (SocketAddr, SocketAddr)| match place {
-        Some(place) => place.state(l, r),
-        None => tcp_state(l, r),
-    };
-    let (clients, servers): (Vec<_>, Vec<_>) = pairs.into_iter().unzip();
-    let tuples: Vec<_> = servers.iter().map(ends).collect();
-    let port = tuples[0].0.port().to_string();
-    let mut holder = Holder::spawn(&servers);
-    drop(servers);
-    let (fin, ()) = Moment::of(|| timed(|| drop(clients)));
-    let stuck = || tuples.iter().all(|&t| state(t) == Some(CLOSE_WAIT));
-    assert!(
-        stuck(),
-        "every server socket in CLOSE_WAIT after the client's FIN"
-    );
-    sleep_until(fin.hi + 500 * MS);
+    let mut leak = Leak::make(place, pairs);
+    let port = leak.tuples[0].0.port().to_string();
+    sleep_until(leak.fin.hi + 500 * MS);
 
     let (started, tracer) =
         Moment::of(|| Tracing::start(&["--port", &port, "--hung", "CLOSE_WAIT=2s"]));
-    let hung_all = |records: &[Value]| tuples.iter().all(|&t| count(records, "hung", t) > 0);
-    tracer.wait_for(
+    wait_for_hung(
+        &tracer,
         "every leaked socket reported hung",
-        Duration::from_nanos(THRESHOLD + 3 * SECOND),
-        hung_all,
+        THRESHOLD,
+        &leak.tuples,
     );
-    assert!(stuck(), "still in CLOSE_WAIT when reported");
-    let (killed, ()) = Moment::of(|| holder.kill());
-    wait_for(
-        "the leaked sockets closed",
-        killed.lo,
-        Duration::from_secs(2),
-        POLL,
-        || tuples.iter().all(|&t| state(t).is_none()),
-    );
+    assert!(leak.stuck(), "still in CLOSE_WAIT when reported");
+    let killed = leak.end();
     thread::sleep(Duration::from_millis(300));
     let run = tracer.stop();
-    check_run(&run);
+    run.check_clean();
 
-    let records = &run.records;
     let owner = Owner {
-        pid: holder.pid,
+        pid: leak.holder.pid,
         comm: "sleep",
-        holders: Holders::Exactly(vec![holder.pid]),
+        holders: Holders::Exactly(vec![leak.holder.pid]),
     };
-    for &tuple in &tuples {
-        let (h_at, h) = the_alert(records, "hung", tuple);
-        check_alert(h, "CLOSE_WAIT", tuple, true, &owner);
+    let hang = Hang {
+        state: "CLOSE_WAIT",
+        threshold: THRESHOLD,
+        found_at_start_up: true,
+        unstuck: killed.lo,
+        left: killed,
+    };
+    for &tuple in &leak.tuples {
         // Seen in CLOSE_WAIT at start-up: the threshold counts from there.
-        check_hung(h, THRESHOLD, started, killed.lo);
-        let (r_at, r) = the_alert(records, "resolved", tuple);
-        assert!(r_at > h_at, "resolved after hung: {r}");
-        check_alert(r, "CLOSE_WAIT", tuple, true, &owner);
-        check_resolved(r, h, killed);
+        hang.check(&run.records, tuple, &owner, started);
     }
-    assert_eq!(run.of_type("hung").count(), LEAKED, "{records:#?}");
-    assert_eq!(run.of_type("resolved").count(), LEAKED, "{records:#?}");
+    check_alert_counts(&run, LEAKED);
 }
 
 #[test]
@@ -624,7 +551,7 @@ fn close_wait_leak_from_before_start_up_is_reported_counted_from_start_up() {
 /// predates it is just as much a leak.
 #[test]
 fn close_wait_leak_from_before_start_up_in_another_namespace_is_reported() {
-    let place = place("before");
+    let place = Place::new("before");
     check_leak_from_before_start_up(Some(&place));
 }
 
@@ -638,7 +565,7 @@ fn close_wait_leak_from_before_start_up_in_another_namespace_is_reported() {
 #[test]
 fn fin_wait2_hang_when_the_peer_never_closes() {
     const THRESHOLD: u64 = SECOND;
-    let place = place("finwait2");
+    let place = Place::new("finwait2");
     let tracer = Tracing::start(&["--port", &place.port(), "--hung", "FIN_WAIT2=1s"]);
     let mut pairs = place.connections(2).into_iter();
     let (half_closed, half_server) = pairs.next().unwrap();
@@ -646,26 +573,16 @@ fn fin_wait2_hang_when_the_peer_never_closes() {
     let half = ends(&half_closed);
     let orphan = ends(&closed);
 
-    let (shut, ()) = Moment::of(|| timed(|| half_closed.shutdown(Shutdown::Write).unwrap()));
-    let half_fw2 =
-        place.wait_for_state(half, Some(FIN_WAIT2), shut.lo, Duration::from_secs(1), SPIN);
-    let (dropped, ()) = Moment::of(|| timed(|| drop(closed)));
-    let orphan_fw2 = place.wait_for_state(
-        orphan,
-        Some(FIN_WAIT2),
-        dropped.lo,
-        Duration::from_secs(1),
-        SPIN,
-    );
-    let stuck = || {
-        place.state(half.0, half.1) == Some(FIN_WAIT2)
-            && place.state(orphan.0, orphan.1) == Some(FIN_WAIT2)
-    };
+    let (_, half_fw2) =
+        place.close_to_fin_wait2(half, || half_closed.shutdown(Shutdown::Write).unwrap());
+    let (_, orphan_fw2) = place.close_to_fin_wait2(orphan, || drop(closed));
+    let stuck = || place.state(half) == Some(FIN_WAIT2) && place.state(orphan) == Some(FIN_WAIT2);
 
-    tracer.wait_for(
+    wait_for_hung(
+        &tracer,
         "both clients reported hung",
-        Duration::from_nanos(THRESHOLD + 3 * SECOND),
-        |records| count(records, "hung", half) > 0 && count(records, "hung", orphan) > 0,
+        THRESHOLD,
+        &[half, orphan],
     );
     assert!(stuck(), "still in FIN_WAIT2 when reported");
     sleep_until(orphan_fw2.hi + 3 * SECOND);
@@ -677,16 +594,11 @@ fn fin_wait2_hang_when_the_peer_never_closes() {
         })
     });
     for tuple in [half, orphan] {
-        assert_eq!(
-            place.state(tuple.0, tuple.1),
-            Some(TIME_WAIT),
-            "the peer's FIN came"
-        );
+        assert_eq!(place.state(tuple), Some(TIME_WAIT), "the peer's FIN came");
     }
     thread::sleep(Duration::from_millis(300));
     let run = tracer.stop();
-    check_run(&run);
-    let records = &run.records;
+    run.check_clean();
 
     let me = std::process::id();
     let process = process_comm();
@@ -701,25 +613,51 @@ fn fin_wait2_hang_when_the_peer_never_closes() {
         comm: &thread,
         holders: Holders::Exactly(vec![]),
     };
-    for (tuple, entered, owner) in [(half, half_fw2, &held), (orphan, orphan_fw2, &orphaned)] {
-        let (h_at, h) = the_alert(records, "hung", tuple);
-        check_alert(h, "FIN_WAIT2", tuple, false, owner);
-        check_hung(h, THRESHOLD, entered, peer_closed.lo);
-        let (r_at, r) = the_alert(records, "resolved", tuple);
-        assert!(r_at > h_at, "resolved after hung: {r}");
-        check_alert(r, "FIN_WAIT2", tuple, false, owner);
-        check_resolved(r, h, peer_closed);
-        assert_within(
-            r,
-            "stuck_ns",
-            ns_of(r, "stuck_ns"),
-            entered.to(peer_closed),
-            TOLERANCE,
-        );
-    }
-    assert_eq!(run.of_type("hung").count(), 2, "{records:#?}");
-    assert_eq!(run.of_type("resolved").count(), 2, "{records:#?}");
+    let hang = Hang {
+        state: "FIN_WAIT2",
+        threshold: THRESHOLD,
+        found_at_start_up: false,
+        unstuck: peer_closed.lo,
+        left: peer_closed,
+    };
+    hang.check(&run.records, half, &held, half_fw2);
+    hang.check(&run.records, orphan, &orphaned, orphan_fw2);
+    check_alert_counts(&run, 2);
     drop(half_closed);
+}
+
+/// `tuple`, stuck in `state` (`name`) behind [`Place::drop_packets`]: waits for tcpclose to
+/// report it hung, checks that it still is stuck, then delivers the packets again and waits for
+/// it to reach `then` (`None`: gone).
+fn unstick_once_reported<'a>(
+    place: &Place,
+    tracer: &Tracing,
+    tuple: (SocketAddr, SocketAddr),
+    (state, name): (u8, &'a str),
+    threshold: u64,
+    then: Option<u8>,
+) -> Hang<'a> {
+    wait_for_hung(
+        tracer,
+        &format!("{name} reported hung"),
+        threshold,
+        &[tuple],
+    );
+    assert_eq!(
+        place.state(tuple),
+        Some(state),
+        "still in {name} when reported"
+    );
+    let unstuck = mono_ns();
+    place.deliver_packets_again();
+    let left = place.wait_for_state(tuple, then, unstuck, Duration::from_secs(10), POLL);
+    Hang {
+        state: name,
+        threshold,
+        found_at_start_up: false,
+        unstuck,
+        left,
+    }
 }
 
 /// LAST_ACK whose ACK never comes: the client closes first (its orphan waits in FIN_WAIT2 on a
@@ -731,45 +669,39 @@ fn fin_wait2_hang_when_the_peer_never_closes() {
 #[test]
 fn last_ack_hang_when_the_peers_ack_never_arrives() {
     const THRESHOLD: u64 = SECOND;
-    let place = place("lastack");
+    let place = Place::new("lastack");
     let tracer = Tracing::start(&["--port", &place.port(), "--hung", "LAST_ACK=1s"]);
     let (client, mut server) = place.connections(1).pop().unwrap();
     let client_side = ends(&client);
     let server_side = ends(&server);
 
-    let (client_closed, ()) = Moment::of(|| timed(|| drop(client)));
-    assert_eq!(server.read(&mut [0; 16]).expect("read"), 0, "EOF");
     // The server's ACK of the FIN may be delayed a little.
-    place.wait_for_state(
-        client_side,
-        Some(FIN_WAIT2),
-        client_closed.lo,
-        Duration::from_secs(1),
-        SPIN,
-    );
-    place.drop_packets(client_side.0, client_side.1);
+    place.close_to_fin_wait2(client_side, || drop(client));
+    assert_eq!(server.read(&mut [0; 16]).expect("read"), 0, "EOF");
+    place.drop_packets(client_side);
     let (closed, ()) = Moment::of(|| timed(|| drop(server)));
-    let stuck = || place.state(server_side.0, server_side.1) == Some(LAST_ACK);
-    assert!(stuck(), "LAST_ACK after close");
     assert_eq!(
-        place.state(client_side.0, client_side.1),
+        place.state(server_side),
+        Some(LAST_ACK),
+        "LAST_ACK after close"
+    );
+    assert_eq!(
+        place.state(client_side),
         Some(TIME_WAIT),
         "the server's FIN arrived"
     );
 
-    tracer.wait_for(
-        "the server reported hung",
-        Duration::from_nanos(THRESHOLD + 3 * SECOND),
-        |records| count(records, "hung", server_side) > 0,
+    let hang = unstick_once_reported(
+        &place,
+        &tracer,
+        server_side,
+        (LAST_ACK, "LAST_ACK"),
+        THRESHOLD,
+        None,
     );
-    assert!(stuck(), "still in LAST_ACK when reported");
-    let unstuck = mono_ns();
-    place.deliver_packets_again();
-    let acked = place.wait_for_state(server_side, None, unstuck, Duration::from_secs(10), POLL);
     thread::sleep(Duration::from_millis(300));
     let run = tracer.stop();
-    check_run(&run);
-    let records = &run.records;
+    run.check_clean();
 
     let thread = thread_comm();
     let owner = Owner {
@@ -777,22 +709,8 @@ fn last_ack_hang_when_the_peers_ack_never_arrives() {
         comm: &thread,
         holders: Holders::Exactly(vec![]),
     };
-    let (h_at, h) = the_alert(records, "hung", server_side);
-    check_alert(h, "LAST_ACK", server_side, false, &owner);
-    check_hung(h, THRESHOLD, closed, unstuck);
-    let (r_at, r) = the_alert(records, "resolved", server_side);
-    assert!(r_at > h_at, "resolved after hung: {r}");
-    check_alert(r, "LAST_ACK", server_side, false, &owner);
-    check_resolved(r, h, acked);
-    assert_within(
-        r,
-        "stuck_ns",
-        ns_of(r, "stuck_ns"),
-        closed.to(acked),
-        TOLERANCE,
-    );
-    assert_eq!(run.of_type("hung").count(), 1, "{records:#?}");
-    assert_eq!(run.of_type("resolved").count(), 1, "{records:#?}");
+    hang.check(&run.records, server_side, &owner, closed);
+    check_alert_counts(&run, 1);
 }
 
 /// FIN_WAIT1 whose peer stops acknowledging: nftables drops everything the server sends, then
@@ -802,41 +720,36 @@ fn last_ack_hang_when_the_peers_ack_never_arrives() {
 #[test]
 fn fin_wait1_hang_when_the_peer_stops_acknowledging() {
     const THRESHOLD: u64 = SECOND;
-    let place = place("finwait1");
+    let place = Place::new("finwait1");
     let tracer = Tracing::start(&["--port", &place.port(), "--hung", "FIN_WAIT1=1s"]);
     let (client, server) = place.connections(1).pop().unwrap();
     let client_side = ends(&client);
     let server_side = ends(&server);
 
-    place.drop_packets(server_side.0, server_side.1);
+    place.drop_packets(server_side);
     let (shut, ()) = Moment::of(|| timed(|| client.shutdown(Shutdown::Write).unwrap()));
-    let stuck = || place.state(client_side.0, client_side.1) == Some(FIN_WAIT1);
-    assert!(stuck(), "FIN_WAIT1 after shutdown");
     assert_eq!(
-        place.state(server_side.0, server_side.1),
+        place.state(client_side),
+        Some(FIN_WAIT1),
+        "FIN_WAIT1 after shutdown"
+    );
+    assert_eq!(
+        place.state(server_side),
         Some(CLOSE_WAIT),
         "the client's FIN arrived"
     );
 
-    tracer.wait_for(
-        "the client reported hung",
-        Duration::from_nanos(THRESHOLD + 3 * SECOND),
-        |records| count(records, "hung", client_side) > 0,
-    );
-    assert!(stuck(), "still in FIN_WAIT1 when reported");
-    let unstuck = mono_ns();
-    place.deliver_packets_again();
-    let acked = place.wait_for_state(
+    let hang = unstick_once_reported(
+        &place,
+        &tracer,
         client_side,
+        (FIN_WAIT1, "FIN_WAIT1"),
+        THRESHOLD,
         Some(FIN_WAIT2),
-        unstuck,
-        Duration::from_secs(10),
-        POLL,
     );
     thread::sleep(Duration::from_millis(300));
     let run = tracer.stop();
-    check_run(&run);
-    let records = &run.records;
+    run.check_clean();
 
     let process = process_comm();
     let owner = Owner {
@@ -844,22 +757,8 @@ fn fin_wait1_hang_when_the_peer_stops_acknowledging() {
         comm: &process,
         holders: Holders::Including,
     };
-    let (h_at, h) = the_alert(records, "hung", client_side);
-    check_alert(h, "FIN_WAIT1", client_side, false, &owner);
-    check_hung(h, THRESHOLD, shut, unstuck);
-    let (r_at, r) = the_alert(records, "resolved", client_side);
-    assert!(r_at > h_at, "resolved after hung: {r}");
-    check_alert(r, "FIN_WAIT1", client_side, false, &owner);
-    check_resolved(r, h, acked);
-    assert_within(
-        r,
-        "stuck_ns",
-        ns_of(r, "stuck_ns"),
-        shut.to(acked),
-        TOLERANCE,
-    );
-    assert_eq!(run.of_type("hung").count(), 1, "{records:#?}");
-    assert_eq!(run.of_type("resolved").count(), 1, "{records:#?}");
+    hang.check(&run.records, client_side, &owner, shut);
+    check_alert_counts(&run, 1);
     drop((client, server));
 }
 
@@ -931,7 +830,7 @@ fn churn_one(listener: &Mutex<TcpListener>, addr: SocketAddr, v: Variant) -> Soc
 fn a_minute_of_normal_churn_reports_nothing_hung() {
     const WORKERS: usize = 6;
     const CHURN: u64 = 57 * SECOND;
-    let place = place("churn");
+    let place = Place::new("churn");
     let server_addr = place.server_addr;
     let tracer = Tracing::start(&["--port", &place.port(), "--hung", "1s", "--interval", "10s"]);
     let listener = Mutex::new(
@@ -969,7 +868,7 @@ fn a_minute_of_normal_churn_reports_nothing_hung() {
     });
     thread::sleep(Duration::from_millis(500));
     let run = tracer.stop();
-    check_run(&run);
+    run.check_clean();
     let churned = churned.into_inner().unwrap();
     let connections = churned.len();
     assert!(connections > 1_000, "{connections} connections");

@@ -17,20 +17,12 @@ use std::{
 
 use serde_json::Value;
 use tcpclose_tests::{
-    BoundSocket, Tracer, binary, free_port, http_get, run_ok, set_linger_zero, spawn, timed,
+    BoundSocket, PHASES, Tracer, binary, free_port, http_get, run_ok, set_linger_zero, spawn, timed,
 };
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const HTTP_TIMEOUT: Duration = Duration::from_secs(5);
 
-const PHASES: [&str; 6] = [
-    "FIN_WAIT1",
-    "FIN_WAIT2",
-    "CLOSING",
-    "TIME_WAIT",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-];
 const CLOSES: [&str; 6] = [
     "active",
     "passive",

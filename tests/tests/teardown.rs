@@ -18,54 +18,35 @@
 
 use std::{
     io::{ErrorKind, Read},
-    net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
 };
 
 use serde_json::Value;
 use tcpclose_tests::{
-    BoundSocket, Run, Tracer, connect_with, mono_ns,
-    netns::Netns,
-    require_root, set_linger_zero, tcp_state,
+    PHASES, Run, Tracing, about, connect_with,
+    netns::Place,
+    set_linger_zero, tcp_state,
     tcp_state::*,
     thread_comm, timed,
-    timing::{Moment, sleep_until, wait_for},
+    timing::{MS, Moment, POLL, assert_within, sleep_until, wait_for},
 };
 
-const MS: u64 = 1_000_000;
 /// Between a state change and the system call or poll that made or saw it.
 const TOLERANCE: u64 = 5 * MS;
 /// TCP_TIMEWAIT_LEN.
 const TIMEWAIT_LEN: u64 = 60_000 * MS;
-const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const PHASES: [&str; 6] = [
-    "FIN_WAIT1",
-    "FIN_WAIT2",
-    "CLOSING",
-    "TIME_WAIT",
-    "CLOSE_WAIT",
-    "LAST_ACK",
-];
-/// Polling interval while a change is due within milliseconds.
-const SPIN: Duration = Duration::from_micros(100);
-/// Polling interval while waiting for a timer.
-const POLL: Duration = Duration::from_millis(1);
 
-/// The teardown records of the connection end with this local and remote address.
-fn records_of(run: &Run, local: SocketAddr, remote: SocketAddr) -> Vec<&Value> {
+/// The teardown records of the connection end `(local, remote)`.
+fn records_of(run: &Run, socket: (SocketAddr, SocketAddr)) -> Vec<&Value> {
     run.of_type("teardown")
-        .filter(|r| {
-            r["laddr"] == local.ip().to_string().as_str()
-                && r["lport"] == local.port()
-                && r["raddr"] == remote.ip().to_string().as_str()
-                && r["rport"] == remote.port()
-        })
+        .filter(|r| about(r, socket))
         .collect()
 }
 
-fn record_of(run: &Run, local: SocketAddr, remote: SocketAddr) -> &Value {
-    let records = records_of(run, local, remote);
+fn record_of(run: &Run, (local, remote): (SocketAddr, SocketAddr)) -> &Value {
+    let records = records_of(run, (local, remote));
     assert_eq!(
         records.len(),
         1,
@@ -92,9 +73,7 @@ fn resolution(r: &Value) -> u64 {
 
 /// The run ended cleanly, with its summary last.
 fn check_run(run: &Run) {
-    assert!(run.status.success(), "{run:?}");
-    let summary = run.summary();
-    assert_eq!(summary["lost"], 0, "{summary}");
+    run.check_clean();
     assert!(
         run.of_type("transition").next().is_none(),
         "no transition records without --events: {:#?}",
@@ -144,18 +123,6 @@ fn check_record(r: &Value, side: Option<&str>, close: &str, phases: &[&str]) {
         assert!(lifetime >= teardown, "{r}");
     }
     assert!(r["lifetime_ns"].is_u64(), "seen from birth: {r}");
-}
-
-/// `ns` lies within `span`, give or take `tolerance`.
-fn assert_within(r: &Value, what: &str, ns: u64, (lo, hi): (u64, u64), tolerance: u64) {
-    assert!(
-        ns + tolerance >= lo && ns <= hi + tolerance,
-        "{what}: {:.3} ms by the record, {:.3} to {:.3} ms by the test (give or take {:.3} ms): {r}",
-        ns as f64 / 1e6,
-        lo as f64 / 1e6,
-        hi as f64 / 1e6,
-        tolerance as f64 / 1e6
-    );
 }
 
 fn assert_phase(r: &Value, name: &str, span: (u64, u64), tolerance: u64) {
@@ -237,139 +204,25 @@ fn check_passive_close(r: &Value, side: &str, close: &OrderlyClose, comm: &str) 
     assert_ours(r, comm);
 }
 
-/// A running tracer, killed if the test fails before stopping it (it would run on otherwise).
-struct Tracing(Option<Tracer>);
-
-impl Tracing {
-    fn start(port: u16) -> Self {
-        Self(Some(Tracer::start(&["--port", &port.to_string()])))
-    }
-
-    fn stop(mut self) -> Run {
-        self.0.take().expect("running").stop()
-    }
-}
-
-impl Drop for Tracing {
-    fn drop(&mut self) {
-        if let Some(tracer) = self.0.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(tracer.pid(), libc::SIGKILL) };
-        }
-    }
-}
-
-/// A namespace of the test's own and a port for it, held on the host.
-struct Place {
-    ns: Netns,
-    server_addr: SocketAddr,
-    _reserved: BoundSocket,
-}
-
-fn place(tag: &str) -> Place {
-    require_root();
-    let reserved = BoundSocket::new(LOCALHOST);
-    Place {
-        ns: Netns::new(tag),
-        server_addr: SocketAddr::new(LOCALHOST, reserved.port),
-        _reserved: reserved,
-    }
-}
-
-impl Place {
-    /// The state of `local -> remote` in the namespace.
-    fn state(&self, local: SocketAddr, remote: SocketAddr) -> Option<u8> {
-        self.ns.run(|| tcp_state(local, remote))
-    }
-
-    /// [`wait_for`] `local -> remote` to be in `state` (`None`: gone), polled in the namespace.
-    fn wait_for_state(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        state: Option<u8>,
-        since: u64,
-        timeout: Duration,
-        interval: Duration,
-    ) -> Moment {
-        let what = format!("{local} -> {remote} in state {state:?}");
-        self.ns.run(|| {
-            wait_for(&what, since, timeout, interval, || {
-                tcp_state(local, remote) == state
-            })
-        })
-    }
-
-    /// Runs `close` (the close of `local -> remote`, or the shutdown of its sending side: its FIN)
-    /// as a [`timed`] close, then waits for `local` to reach FIN_WAIT2 (the peer's ACK of the FIN).
-    fn close_to_fin_wait2(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        close: impl FnOnce(),
-    ) -> (Moment, Moment) {
-        let (closed, ()) = Moment::of(|| timed(close));
-        let fin_wait2 = self.wait_for_state(
-            local,
-            remote,
-            Some(FIN_WAIT2),
-            closed.lo,
-            Duration::from_secs(1),
-            SPIN,
-        );
-        (closed, fin_wait2)
-    }
-
-    /// Checks that `local -> remote` is still in `state` 100 ms before `due` (`lasts` says why it
-    /// should be), then waits up to `timeout` for it to be gone: when it went.
-    fn wait_for_expiry(
-        &self,
-        local: SocketAddr,
-        remote: SocketAddr,
-        state: u8,
-        due: u64,
-        timeout: Duration,
-        lasts: &str,
-    ) -> Moment {
-        sleep_until(due - 100 * MS);
-        let before = mono_ns();
-        assert_eq!(self.state(local, remote), Some(state), "{lasts}");
-        self.wait_for_state(local, remote, None, before, timeout, POLL)
-    }
-
-    /// Kills the timewait sockets of the port (`ss -K`: SOCK_DESTROY, which aborts timewait
-    /// sockets too) and checks that none is left.
-    fn kill_time_wait(&self) -> Moment {
-        let port = self.server_addr.port();
-        let filter = format!("( sport = :{port} or dport = :{port} )");
-        let (killed, out) = Moment::of(|| {
-            self.ns
-                .exec(&["ss", "-K", "-tn", "state", "time-wait", &filter])
-        });
-        let left = self.ns.exec(&["ss", "-Htn", "state", "time-wait", &filter]);
-        assert!(left.trim().is_empty(), "ss -K killed {out}, left {left}");
-        killed
-    }
-}
-
 /// A place, the tracer following its port (started first, so that it sees each socket from its
-/// birth), and one connection to a listener there, accepted (the listener is closed).
+/// birth), and the ends of one connection to a listener there, accepted (the listener is closed).
 struct Connection {
     place: Place,
     tracer: Tracing,
-    client: TcpStream,
-    server: TcpStream,
-    client_addr: SocketAddr,
-    server_addr: SocketAddr,
+    /// The client's end, `(client, server)`.
+    client_side: (SocketAddr, SocketAddr),
+    /// The server's end, `(server, client)`.
+    server_side: (SocketAddr, SocketAddr),
 }
 
-fn connection(tag: &str, client_reuse_addr: bool) -> Connection {
-    connection_in(place(tag), client_reuse_addr)
+/// A [`Connection`] in a place of its own, and its client and server sockets.
+fn connection(tag: &str, client_reuse_addr: bool) -> (Connection, TcpStream, TcpStream) {
+    connection_in(Place::new(tag), client_reuse_addr)
 }
 
 /// A [`connection`] in `place`, set up beforehand.
-fn connection_in(place: Place, client_reuse_addr: bool) -> Connection {
-    let tracer = Tracing::start(place.server_addr.port());
+fn connection_in(place: Place, client_reuse_addr: bool) -> (Connection, TcpStream, TcpStream) {
+    let tracer = Tracing::start(&["--port", &place.port()]);
     let server_addr = place.server_addr;
     let (client, server) = place.ns.run(|| {
         let listener = TcpListener::bind(server_addr).expect("bind in the namespace");
@@ -377,14 +230,14 @@ fn connection_in(place: Place, client_reuse_addr: bool) -> Connection {
         let (server, _) = listener.accept().expect("accept");
         (client, server)
     });
-    Connection {
+    let client_addr = client.local_addr().unwrap();
+    let conn = Connection {
         place,
         tracer,
-        client_addr: client.local_addr().unwrap(),
-        client,
-        server,
-        server_addr,
-    }
+        client_side: (client_addr, server_addr),
+        server_side: (server_addr, client_addr),
+    };
+    (conn, client, server)
 }
 
 fn read_eof(socket: &mut TcpStream) {
@@ -410,24 +263,24 @@ struct OrderlyClose {
     second: Moment,
 }
 
-/// The first side (`first_addr -> second_addr`) closes with `close_first` and reaches FIN_WAIT2
-/// (see [`Place::close_to_fin_wait2`]); the second side reads EOF and closes when `when` says,
-/// which puts the first side in TIME_WAIT.
+/// The first side (its end: `first_side`) closes with `close_first` and reaches FIN_WAIT2 (see
+/// [`Place::close_to_fin_wait2`]); the second side reads EOF and closes when `when` says, which
+/// puts the first side in TIME_WAIT.
 fn orderly_close(
     place: &Place,
-    (first_addr, second_addr): (SocketAddr, SocketAddr),
+    first_side: (SocketAddr, SocketAddr),
     close_first: impl FnOnce(),
     mut second: TcpStream,
     when: SecondClose,
 ) -> OrderlyClose {
-    let (first, fin_wait2) = place.close_to_fin_wait2(first_addr, second_addr, close_first);
+    let (first, fin_wait2) = place.close_to_fin_wait2(first_side, close_first);
     read_eof(&mut second);
     sleep_until(match when {
         SecondClose::AfterFirstClose(delay) => first.hi + delay,
         SecondClose::AfterFinWait2(delay) => fin_wait2.hi + delay,
     });
     let (second, ()) = Moment::of(|| timed(|| drop(second)));
-    assert_eq!(place.state(first_addr, second_addr), Some(TIME_WAIT));
+    assert_eq!(place.state(first_side), Some(TIME_WAIT));
     OrderlyClose {
         first,
         fin_wait2,
@@ -441,38 +294,30 @@ fn orderly_close(
 /// that end and times it.
 #[test]
 fn active_close_record_comes_at_the_real_end_of_time_wait() {
-    let Connection {
-        place,
-        tracer,
-        client,
-        server,
-        client_addr,
-        server_addr,
-    } = connection("active", false);
+    let (conn, client, server) = connection("active", false);
     let comm = thread_comm();
 
     // The server's ACK (delayed a few ms) moves the orphaned client to FIN_WAIT2: the kernel hands
     // it over to a timewait socket at once.
     let close = orderly_close(
-        &place,
-        (client_addr, server_addr),
+        &conn.place,
+        conn.client_side,
         || drop(client),
         server,
         SecondClose::AfterFinWait2(300 * MS),
     );
-    let expired = place.wait_for_expiry(
-        client_addr,
-        server_addr,
+    let expired = conn.place.wait_for_expiry(
+        conn.client_side,
         TIME_WAIT,
         close.second.hi + TIMEWAIT_LEN,
         Duration::from_secs(15),
         "TIME_WAIT lasts TCP_TIMEWAIT_LEN",
     );
     thread::sleep(Duration::from_millis(300));
-    let run = tracer.stop();
+    let run = conn.tracer.stop();
     check_run(&run);
 
-    let c = record_of(&run, client_addr, server_addr);
+    let c = record_of(&run, conn.client_side);
     // FIN_WAIT2 ends on the timewait socket.
     let tw_tolerance = TOLERANCE + resolution(c);
     check_active_close(
@@ -491,7 +336,7 @@ fn active_close_record_comes_at_the_real_end_of_time_wait() {
         tw_tolerance,
     );
 
-    let s = record_of(&run, server_addr, client_addr);
+    let s = record_of(&run, conn.server_side);
     check_passive_close(s, "server", &close, &comm);
     assert!(s["resolution_ns"].is_null(), "{s}");
 }
@@ -504,19 +349,12 @@ fn active_close_record_comes_at_the_real_end_of_time_wait() {
 /// ("killed"); the attempt itself, refused, is a new life on the same 4-tuple.
 #[test]
 fn half_close_times_fin_wait2_on_the_full_socket() {
-    let Connection {
-        place,
-        tracer,
-        mut client,
-        server,
-        client_addr,
-        server_addr,
-    } = connection("halfclose", true);
+    let (conn, mut client, server) = connection("halfclose", true);
     let comm = thread_comm();
 
     let close = orderly_close(
-        &place,
-        (client_addr, server_addr),
+        &conn.place,
+        conn.client_side,
         || client.shutdown(Shutdown::Write).expect("shutdown"),
         server,
         SecondClose::AfterFinWait2(250 * MS),
@@ -526,8 +364,9 @@ fn half_close_times_fin_wait2_on_the_full_socket() {
     read_eof(&mut client);
     drop(client);
     sleep_until(close.second.hi + 200 * MS);
+    let (client_addr, server_addr) = conn.client_side;
     let (reused, attempt) = Moment::of(|| {
-        place
+        conn.place
             .ns
             .run(|| connect_with(server_addr, Some(client_addr.port()), true).map(drop))
     });
@@ -536,16 +375,12 @@ fn half_close_times_fin_wait2_on_the_full_socket() {
         Err(ErrorKind::ConnectionRefused),
         "reconnecting from {client_addr}"
     );
-    assert_eq!(
-        place.state(client_addr, server_addr),
-        None,
-        "TIME_WAIT killed"
-    );
+    assert_eq!(conn.place.state(conn.client_side), None, "TIME_WAIT killed");
     thread::sleep(Duration::from_millis(200));
-    let run = tracer.stop();
+    let run = conn.tracer.stop();
     check_run(&run);
 
-    let client_records = records_of(&run, client_addr, server_addr);
+    let client_records = records_of(&run, conn.client_side);
     let c = client_records
         .iter()
         .find(|r| r["close"] != "failed")
@@ -566,7 +401,7 @@ fn half_close_times_fin_wait2_on_the_full_socket() {
     assert_ends(retry[0], reused, TOLERANCE);
     assert_eq!(client_records.len(), 2, "{client_records:#?}");
 
-    let s = record_of(&run, server_addr, client_addr);
+    let s = record_of(&run, conn.server_side);
     check_record(s, Some("server"), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
     assert_phase(s, "CLOSE_WAIT", close.first.to(close.second), TOLERANCE);
     assert_ends(s, close.second, TOLERANCE);
@@ -577,33 +412,26 @@ fn half_close_times_fin_wait2_on_the_full_socket() {
 /// is killed with `ss -K` 100 ms after that, which ends its record.
 #[test]
 fn passive_close_of_the_client_when_the_server_closes_first() {
-    let Connection {
-        place,
-        tracer,
-        client,
-        server,
-        client_addr,
-        server_addr,
-    } = connection("passive", false);
+    let (conn, client, server) = connection("passive", false);
     let comm = thread_comm();
 
     let close = orderly_close(
-        &place,
-        (server_addr, client_addr),
+        &conn.place,
+        conn.server_side,
         || drop(server),
         client,
         SecondClose::AfterFirstClose(200 * MS),
     );
     sleep_until(close.second.hi + 100 * MS);
-    let killed = place.kill_time_wait();
+    let killed = conn.place.kill_time_wait();
     thread::sleep(Duration::from_millis(200));
-    let run = tracer.stop();
+    let run = conn.tracer.stop();
     check_run(&run);
 
-    let c = record_of(&run, client_addr, server_addr);
+    let c = record_of(&run, conn.client_side);
     check_passive_close(c, "client", &close, &comm);
 
-    let s = record_of(&run, server_addr, client_addr);
+    let s = record_of(&run, conn.server_side);
     // FIN_WAIT2 ends on the timewait socket.
     let tw_tolerance = TOLERANCE + resolution(s);
     check_active_close(s, "server", &close, (killed, "killed"), tw_tolerance, &comm);
@@ -613,34 +441,27 @@ fn passive_close_of_the_client_when_the_server_closes_first() {
 /// ESTABLISHED -> CLOSE on receiving it. Neither goes through any phase.
 #[test]
 fn linger_zero_close_resets_both_sides() {
-    let Connection {
-        place,
-        tracer,
-        client,
-        mut server,
-        client_addr,
-        server_addr,
-    } = connection("linger", false);
+    let (conn, client, mut server) = connection("linger", false);
     let comm = thread_comm();
 
     set_linger_zero(&client);
     let (closed, ()) = Moment::of(|| timed(|| drop(client)));
     let err = server.read(&mut [0; 16]).expect_err("the RST");
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
-    assert_eq!(place.state(client_addr, server_addr), None, "no TIME_WAIT");
+    assert_eq!(conn.place.state(conn.client_side), None, "no TIME_WAIT");
     drop(server);
     thread::sleep(Duration::from_millis(200));
-    let run = tracer.stop();
+    let run = conn.tracer.stop();
     check_run(&run);
 
-    let c = record_of(&run, client_addr, server_addr);
+    let c = record_of(&run, conn.client_side);
     check_record(c, Some("client"), "reset", &[]);
     assert_eq!(c["teardown_ns"], 0, "{c}");
     assert!(c["timewait_end"].is_null(), "{c}");
     assert_ends(c, closed, TOLERANCE);
     assert_ours(c, &comm);
 
-    let s = record_of(&run, server_addr, client_addr);
+    let s = record_of(&run, conn.server_side);
     check_record(s, Some("server"), "reset", &[]);
     assert_eq!(s["teardown_ns"], 0, "{s}");
     assert!(s["timewait_end"].is_null(), "{s}");
@@ -650,9 +471,9 @@ fn linger_zero_close_resets_both_sides() {
 /// connect() to 127.0.0.1 on a port where nothing listens: the RST ends it in SYN_SENT.
 #[test]
 fn refused_connect_fails() {
-    let place = place("refused");
+    let place = Place::new("refused");
     let target = place.server_addr;
-    let tracer = Tracing::start(target.port());
+    let tracer = Tracing::start(&["--port", &place.port()]);
     let comm = thread_comm();
     let (attempt, result) = Moment::of(|| place.ns.run(|| TcpStream::connect(target).map(drop)));
     assert_eq!(
@@ -697,17 +518,10 @@ fn refused_connect_fails() {
 /// are then killed with `ss -K`.
 #[test]
 fn simultaneous_close_goes_through_closing() {
-    let Connection {
-        place,
-        tracer,
-        client,
-        server,
-        client_addr,
-        server_addr,
-    } = connection("simultaneous", false);
+    let (conn, client, server) = connection("simultaneous", false);
     let comm = thread_comm();
-    let ns = &place.ns;
-    let states = || ns.run(|| states_now(client_addr, server_addr));
+    let ns = &conn.place.ns;
+    let states = || ns.run(|| states_now(conn.client_side));
 
     ns.nft("add table inet tcpclose_test");
     ns.nft(
@@ -730,18 +544,18 @@ fn simultaneous_close_goes_through_closing() {
             shut.lo,
             Duration::from_secs(10),
             POLL,
-            || states_now(client_addr, server_addr) == (Some(TIME_WAIT), Some(TIME_WAIT)),
+            || states_now(conn.client_side) == (Some(TIME_WAIT), Some(TIME_WAIT)),
         )
     });
     sleep_until(crossed.hi + 200 * MS);
-    let killed = place.kill_time_wait();
+    let killed = conn.place.kill_time_wait();
     assert_eq!(states(), (None, None));
     thread::sleep(Duration::from_millis(200));
-    let run = tracer.stop();
+    let run = conn.tracer.stop();
     check_run(&run);
 
-    let c = record_of(&run, client_addr, server_addr);
-    let s = record_of(&run, server_addr, client_addr);
+    let c = record_of(&run, conn.client_side);
+    let s = record_of(&run, conn.server_side);
     let mut simultaneous = 0;
     for (r, side) in [(c, "client"), (s, "server")] {
         if r["close"] == "simultaneous" {
@@ -782,7 +596,9 @@ fn simultaneous_close_goes_through_closing() {
     drop((client, server));
 }
 
-fn states_now(client: SocketAddr, server: SocketAddr) -> (Option<u8>, Option<u8>) {
+/// The states of the client's end (`(client, server)`) and the server's, in the calling thread's
+/// namespace.
+fn states_now((client, server): (SocketAddr, SocketAddr)) -> (Option<u8>, Option<u8>) {
     (tcp_state(client, server), tcp_state(server, client))
 }
 
@@ -792,35 +608,29 @@ fn states_now(client: SocketAddr, server: SocketAddr) -> (Option<u8>, Option<u8>
 #[test]
 fn orphaned_fin_wait2_times_out() {
     const FIN_TIMEOUT: u64 = 2_000 * MS;
-    let place = place("fintimeout");
+    let place = Place::new("fintimeout");
     place.ns.sysctl("net.ipv4.tcp_fin_timeout", "2");
-    let Connection {
-        place,
-        tracer,
-        client,
-        server,
-        client_addr,
-        server_addr,
-    } = connection_in(place, false);
+    let (conn, client, server) = connection_in(place, false);
     let comm = thread_comm();
 
-    let (closed, fin_wait2) = place.close_to_fin_wait2(client_addr, server_addr, || drop(client));
-    let timed_out = place.wait_for_expiry(
-        client_addr,
-        server_addr,
+    let (closed, fin_wait2) = conn
+        .place
+        .close_to_fin_wait2(conn.client_side, || drop(client));
+    let timed_out = conn.place.wait_for_expiry(
+        conn.client_side,
         FIN_WAIT2,
         fin_wait2.hi + FIN_TIMEOUT,
         Duration::from_secs(5),
         "FIN_WAIT2 lasts tcp_fin_timeout",
     );
     thread::sleep(Duration::from_millis(300));
-    let run = tracer.stop();
+    let run = conn.tracer.stop();
     // The server never closed: still in CLOSE_WAIT.
-    assert_eq!(place.state(server_addr, client_addr), Some(CLOSE_WAIT));
+    assert_eq!(conn.place.state(conn.server_side), Some(CLOSE_WAIT));
     drop(server);
     check_run(&run);
 
-    let c = record_of(&run, client_addr, server_addr);
+    let c = record_of(&run, conn.client_side);
     check_record(
         c,
         Some("client"),
