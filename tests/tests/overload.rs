@@ -7,33 +7,27 @@ use std::{
     time::Duration,
 };
 
-use tcpclose_tests::Tracer;
+use tcpclose_tests::{Run, Tracer, churn};
 
-#[test]
-fn a_full_ring_is_counted_as_lost() {
+/// Connections churned through a one-page ring (about 42 records): far more than it holds.
+const CONNECTIONS: usize = 3000;
+
+/// Runs tcpclose with `args` and a one-page ring while [`CONNECTIONS`] connections open and
+/// close on its port.
+fn overflow(args: &[&str]) -> Run {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    // One page of ring: about 42 records.
-    let tracer = Tracer::start(&[
-        "--events",
-        "--port",
-        &addr.port().to_string(),
-        "--ring-bytes",
-        "4096",
-    ]);
-    const CONNECTIONS: usize = 3000;
-    let acceptor = thread::spawn(move || {
-        for _ in 0..CONNECTIONS {
-            drop(listener.accept().expect("accept"));
-        }
-    });
-    for _ in 0..CONNECTIONS {
-        drop(TcpStream::connect(addr).expect("connect"));
-    }
-    acceptor.join().unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let tracer = Tracer::start(&[args, &["--port", &port, "--ring-bytes", "4096"]].concat());
+    churn(&listener, CONNECTIONS);
     thread::sleep(Duration::from_millis(200));
     let run = tracer.stop();
     assert!(run.status.success(), "{run:?}");
+    run
+}
+
+#[test]
+fn a_full_ring_is_counted_as_lost() {
+    let run = overflow(&["--events"]);
     let summary = run.summary();
     let lost = summary["lost"].as_u64().unwrap();
     let transitions = summary["transitions"].as_u64().unwrap();
@@ -56,22 +50,7 @@ fn a_full_ring_is_counted_as_lost() {
 /// Every event the kernel programs accept is received or counted lost, timer events included.
 #[test]
 fn kernel_events_reconcile_under_overload() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let tracer = Tracer::start(&["--port", &addr.port().to_string(), "--ring-bytes", "4096"]);
-    const CONNECTIONS: usize = 3000;
-    let acceptor = thread::spawn(move || {
-        for _ in 0..CONNECTIONS {
-            drop(listener.accept().expect("accept"));
-        }
-    });
-    for _ in 0..CONNECTIONS {
-        drop(TcpStream::connect(addr).expect("connect"));
-    }
-    acceptor.join().unwrap();
-    thread::sleep(Duration::from_millis(200));
-    let run = tracer.stop();
-    assert!(run.status.success(), "{run:?}");
+    let run = overflow(&[]);
     let s = run.summary();
     let n = |key: &str| s[key].as_u64().unwrap_or_else(|| panic!("{key} in {s}"));
     assert!(
@@ -164,16 +143,7 @@ fn a_stuck_reader_drops_output_not_events() {
         );
     }
     // About 20 MB of JSON lines: more than the pipe and the 16 MiB output queue hold.
-    const CONNECTIONS: usize = 12_000;
-    let acceptor = thread::spawn(move || {
-        for _ in 0..CONNECTIONS {
-            drop(listener.accept().expect("accept"));
-        }
-    });
-    for _ in 0..CONNECTIONS {
-        drop(TcpStream::connect(("127.0.0.1", port.parse::<u16>().unwrap())).expect("connect"));
-    }
-    acceptor.join().unwrap();
+    churn(&listener, 12_000);
     thread::sleep(Duration::from_millis(500));
     // SAFETY: plain kill(2) of our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
