@@ -42,6 +42,34 @@ pub const AF_INET6: u16 = 10;
 /// `IPPROTO_TCP`; the tracepoint also fires for SCTP and MPTCP sockets.
 pub const IPPROTO_TCP: u16 = 6;
 
+/// Whether a system call on the socket made the state change `old -> new` (`TCP_*` numbers,
+/// include/net/tcp_states.h), so that the current task is the socket's owner. The others are
+/// driven by an arriving segment (softirq, on the stack of whichever task was running) or a
+/// timer. The kernel program fetches the task's name only for these.
+/// - `CLOSE -> SYN_SENT`: `connect()` (`tcp_v4_connect`/`tcp_v6_connect`).
+/// - `CLOSE -> LISTEN`: `listen()` (`inet_csk_listen_start`).
+/// - `LISTEN -> CLOSE`: `close()`/`shutdown()` of a listener (`tcp_close`, `tcp_disconnect`).
+/// - `ESTABLISHED -> FIN_WAIT1`, `CLOSE_WAIT -> LAST_ACK`: `close()`/`shutdown()`
+///   (`tcp_close_state` via `tcp_close` or `tcp_shutdown`).
+#[inline(always)]
+pub fn made_by_syscall(old: i32, new: i32) -> bool {
+    const ESTABLISHED: i32 = 1;
+    const SYN_SENT: i32 = 2;
+    const FIN_WAIT1: i32 = 4;
+    const CLOSE: i32 = 7;
+    const CLOSE_WAIT: i32 = 8;
+    const LAST_ACK: i32 = 9;
+    const LISTEN: i32 = 10;
+    matches!(
+        (old, new),
+        (CLOSE, SYN_SENT)
+            | (CLOSE, LISTEN)
+            | (LISTEN, CLOSE)
+            | (ESTABLISHED, FIN_WAIT1)
+            | (CLOSE_WAIT, LAST_ACK)
+    )
+}
+
 /// Indexes into the per-CPU `COUNTERS` map.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -21,7 +21,7 @@ use aya_ebpf::{
 use tcpclose_common::{
     AF_INET, AF_INET6, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
     PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, TimewaitEvent, TimewaitLayout, TransitionEvent,
-    record_kind, timer_action, timer_tracepoint as ttp, tracepoint as tp,
+    made_by_syscall, record_kind, timer_action, timer_tracepoint as ttp, tracepoint as tp,
 };
 
 /// Resized by the loader (`EbpfLoader::set_max_entries`) before loading.
@@ -138,6 +138,18 @@ fn on_transition(ctx: &TracePointContext) {
         )
     };
     let pid_tgid = bpf_get_current_pid_tgid();
+    let (oldstate, newstate) = (
+        field::<i32>(ctx, tp::OLDSTATE),
+        field::<i32>(ctx, tp::NEWSTATE),
+    );
+    // The current task owns the socket only when a system call made the change (connect,
+    // listen, close, shutdown: see `Transition::made_by_syscall`); the others run in softirq or
+    // timer context on whatever task was there. Its name is wanted only then.
+    let comm = if made_by_syscall(oldstate, newstate) {
+        bpf_get_current_comm().unwrap_or([0; 16])
+    } else {
+        [0; 16]
+    };
     entry.write(TransitionEvent {
         kind: record_kind::TRANSITION,
         _pad: 0,
@@ -151,9 +163,9 @@ fn on_transition(ctx: &TracePointContext) {
         daddr,
         tid: pid_tgid as u32,
         tgid: (pid_tgid >> 32) as u32,
-        oldstate: field::<i32>(ctx, tp::OLDSTATE),
-        newstate: field::<i32>(ctx, tp::NEWSTATE),
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        oldstate,
+        newstate,
+        comm,
     });
     entry.submit(submit_flags(&config));
 }

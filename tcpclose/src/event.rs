@@ -254,24 +254,10 @@ impl Transition {
     }
 
     /// Whether a system call on the socket made this transition, so that the current task is the
-    /// socket's owner. The others are driven by an arriving segment (softirq, on the stack of
-    /// whichever task happened to be running: on loopback, often the peer) or by a timer.
-    ///
-    /// - `CLOSE -> SYN_SENT`: `connect()` (`tcp_v4_connect`/`tcp_v6_connect`).
-    /// - `CLOSE -> LISTEN`: `listen()` (`inet_csk_listen_start`).
-    /// - `LISTEN -> CLOSE`: `close()`/`shutdown()` of a listener (`tcp_close`, `tcp_disconnect`).
-    /// - `ESTABLISHED -> FIN_WAIT1`, `CLOSE_WAIT -> LAST_ACK`: `close()`/`shutdown()`
-    ///   (`tcp_close_state` via `tcp_close` or `tcp_shutdown`).
+    /// socket's owner: see [`tcpclose_common::made_by_syscall`], which the kernel program uses
+    /// too (it fetches `comm` only for these).
     pub fn made_by_syscall(&self) -> bool {
-        use TcpState::*;
-        matches!(
-            (self.old, self.new),
-            (Close, SynSent)
-                | (Close, Listen)
-                | (Listen, Close)
-                | (Established, FinWait1)
-                | (CloseWait, LastAck)
-        )
+        tcpclose_common::made_by_syscall(self.old as i32, self.new as i32)
     }
 
     /// The socket's owning task, when this transition reveals it.
