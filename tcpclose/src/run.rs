@@ -328,7 +328,12 @@ impl Session {
         if let View::Teardowns(t) = &mut self.view
             && !t.alerts.is_empty()
         {
-            let alerts = confirm_fin_wait2(std::mem::take(&mut t.alerts), &mut t.correlator, now);
+            let alerts = confirm_fin_wait2(
+                std::mem::take(&mut t.alerts),
+                &mut t.correlator,
+                &mut t.done,
+                now,
+            );
             let alerts = attribute(alerts, &mut t.holders);
             for a in &alerts {
                 t.leaks.observe(&a.alert, a.holder().as_ref());
@@ -464,7 +469,12 @@ fn adopt_existing(correlator: &mut Correlator, filter: &KernelFilter) {
 /// and HZ=250), so the engine cannot tell a live orphan from one the FIN has already released.
 /// sock_diag can: a socket it shows in TIME_WAIT is withdrawn (not reported) and the engine is
 /// told when TIME_WAIT began, from the timer's remaining time.
-fn confirm_fin_wait2(alerts: Vec<Alert>, correlator: &mut Correlator, now_ns: u64) -> Vec<Alert> {
+fn confirm_fin_wait2(
+    alerts: Vec<Alert>,
+    correlator: &mut Correlator,
+    done: &mut Vec<Teardown>,
+    now_ns: u64,
+) -> Vec<Alert> {
     alerts
         .into_iter()
         .filter(|a| {
@@ -474,17 +484,31 @@ fn confirm_fin_wait2(alerts: Vec<Alert>, correlator: &mut Correlator, now_ns: u6
                 return true;
             };
             let Ok(found) = sockets::lookup_all_namespaces(a.local, a.remote) else {
+                // Cannot tell: report it.
                 return true;
             };
-            let Some(remaining_ms) = found
+            let timewait: Vec<&sockets::SocketInfo> = found.iter().filter(|i| i.timewait).collect();
+            if timewait.iter().any(|i| i.state == TcpState::FinWait2) {
+                return true;
+            }
+            match timewait
                 .iter()
-                .filter(|i| i.timewait && i.state == TcpState::TimeWait)
+                .filter(|i| i.state == TcpState::TimeWait)
                 .find_map(|i| i.timewait_remaining_ms())
-            else {
-                return true;
-            };
-            let elapsed_ns = TIMEWAIT_LEN_NS.saturating_sub(u64::from(remaining_ms) * 1_000_000);
-            !correlator.timewait_in_time_wait(tw, now_ns.saturating_sub(elapsed_ns))
+            {
+                Some(remaining_ms) => {
+                    let elapsed_ns =
+                        TIMEWAIT_LEN_NS.saturating_sub(u64::from(remaining_ms) * 1_000_000);
+                    !correlator.timewait_in_time_wait(tw, now_ns.saturating_sub(elapsed_ns))
+                }
+                // No timewait socket has this 4-tuple any more: the one followed ended without
+                // an end tcpclose could read as such (killed by a new connection on the same
+                // 4-tuple while its events raced). Not hung: gone.
+                None => {
+                    correlator.timewait_gone(tw, now_ns, done);
+                    false
+                }
+            }
         })
         .collect()
 }

@@ -361,6 +361,30 @@ impl Correlator {
         true
     }
 
+    /// What sock_diag says of a timewait socket followed here: no timewait socket has its 4-tuple
+    /// any more. It ended without tcpclose reading its end as such; it is reported at its
+    /// pending cancel if there was one, else incomplete at `now_ns` (and counted unfinished).
+    /// A hang reported for it is withdrawn, not resolved.
+    pub fn timewait_gone(&mut self, twaddr: u64, now_ns: u64, out: &mut Vec<Teardown>) {
+        let cancel = self.cancelled.remove(&twaddr);
+        let Some(mut handoff) = self.timewait.remove(&twaddr) else {
+            return;
+        };
+        handoff.life.hung_at_ns = None;
+        let end_ns = match cancel {
+            Some(c) => {
+                handoff.observe_timer(&c, false);
+                c.ts_ns
+            }
+            None => {
+                self.losses.unfinished += 1;
+                handoff.life.complete = false;
+                now_ns
+            }
+        };
+        out.push(handoff.into_teardown(end_ns, TimewaitEnd::Killed));
+    }
+
     /// Sockets followed now, by state (timewait sockets by their substate; handoffs not yet
     /// claimed by their timewait socket are not counted). A pass over the tables.
     pub fn state_counts(&self) -> Vec<(TcpState, u64)> {
@@ -1848,5 +1872,25 @@ mod tests {
         timer(&mut c, 5_000, TimeWait, TimerAction::Cancelled, 60_101);
         let t = one(timer(&mut c, 5_005, TimeWait, TimerAction::Armed, 65_005));
         assert_eq!(t.end_ns, 5_000 * MS);
+    }
+
+    #[test]
+    fn a_timewait_socket_sock_diag_no_longer_shows_is_gone_not_hung() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::FinWait2, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101);
+        assert_eq!(poll(&mut c, 1_200).len(), 1);
+        let mut out = Vec::new();
+        c.timewait_gone(0xbeef, 1_200 * MS, &mut out);
+        let t = one(out);
+        assert!(!t.complete);
+        assert_eq!(t.timewait_end, Some(TimewaitEnd::Killed));
+        assert_eq!(c.losses().unfinished, 1);
+        assert!(c.is_empty());
+        assert!(
+            poll(&mut c, 5_000).is_empty(),
+            "withdrawn, so never resolved"
+        );
     }
 }

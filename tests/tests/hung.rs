@@ -876,11 +876,35 @@ fn a_minute_of_normal_churn_reports_nothing_hung() {
     // Each unexpected alert, with how its connection was closed and, for a hung one, when the
     // other side's passive close ended (its FIN acked by this side, which had then left
     // FIN_WAIT2 for TIME_WAIT, or CLOSE_WAIT for LAST_ACK).
-    let alerts: Vec<&Value> = run
+    // The connection a record is about: its client port, in use when the phase began.
+    let connection_of = |r: &Value| {
+        let lport = r["lport"].as_u64().unwrap_or(0) as u16;
+        let rport = r["rport"].as_u64().unwrap_or(0) as u16;
+        let client_port = if lport == server_addr.port() {
+            rport
+        } else {
+            lport
+        };
+        let since = r["since_ns"].as_u64().unwrap_or(0);
+        churned
+            .iter()
+            .find(|c| c.port == client_port && (c.start..=c.end).contains(&since))
+    };
+    // On a loaded 2-core machine a worker can be descheduled for more than the threshold
+    // between its two closes: that connection really stayed over 1 s in a teardown phase, and
+    // reporting it is right. Only alerts about connections that took less than the threshold
+    // from connect to both closes are false.
+    let (genuine, alerts): (Vec<&Value>, Vec<&Value>) = run
         .records
         .iter()
         .filter(|r| r["type"] == "hung" || r["type"] == "resolved")
-        .collect();
+        .partition(|r| connection_of(r).is_some_and(|c| c.end - c.start >= SECOND));
+    if !genuine.is_empty() {
+        eprintln!(
+            "{} alerts about connections that took over a second (the machine was busy)",
+            genuine.len()
+        );
+    }
     let mut tally = BTreeMap::<String, usize>::new();
     let mut examples = Vec::new();
     for r in &alerts {
