@@ -366,23 +366,41 @@ impl Correlator {
     /// pending cancel if there was one, else incomplete at `now_ns` (and counted unfinished).
     /// A hang reported for it is withdrawn, not resolved.
     pub fn timewait_gone(&mut self, twaddr: u64, now_ns: u64, out: &mut Vec<Teardown>) {
+        self.end_unseen(twaddr, now_ns, true, out);
+    }
+
+    /// Ends a followed timewait socket whose end was not read as such: at its pending cancel
+    /// if there was one (a kill), else incomplete at `fallback_ns` (counted unfinished). With
+    /// `withdraw`, a hang reported for it is dropped instead of resolved.
+    fn end_unseen(
+        &mut self,
+        twaddr: u64,
+        fallback_ns: u64,
+        withdraw: bool,
+        out: &mut Vec<Teardown>,
+    ) {
         let cancel = self.cancelled.remove(&twaddr);
-        let Some(mut handoff) = self.timewait.remove(&twaddr) else {
+        let Some(mut old) = self.timewait.remove(&twaddr) else {
             return;
         };
-        handoff.life.hung_at_ns = None;
+        if withdraw {
+            old.life.hung_at_ns = None;
+        }
+        let before = old.phase();
         let end_ns = match cancel {
             Some(c) => {
-                handoff.observe_timer(&c, false);
+                old.observe_timer(&c, false);
                 c.ts_ns
             }
             None => {
                 self.losses.unfinished += 1;
-                handoff.life.complete = false;
-                now_ns
+                old.life.complete = false;
+                fallback_ns
             }
         };
-        out.push(handoff.into_teardown(end_ns, TimewaitEnd::Killed));
+        let key = SocketKey::Timewait(twaddr);
+        phase_changed(&mut self.alerts, &mut old.life, key, before, None, end_ns);
+        out.push(old.into_teardown(end_ns, TimewaitEnd::Killed));
     }
 
     /// Sockets followed now, by state (timewait sockets by their substate; handoffs not yet
@@ -646,25 +664,7 @@ impl Correlator {
         if !other_tuple && !late_arming {
             return;
         }
-        self.cancelled.remove(&ev.twaddr);
-        let Some(mut old) = self.timewait.remove(&ev.twaddr) else {
-            return;
-        };
-        let key = SocketKey::Timewait(ev.twaddr);
-        let before = old.phase();
-        let end_ns = match cancel {
-            Some(c) => {
-                old.observe_timer(&c, false);
-                c.ts_ns
-            }
-            None => {
-                self.losses.unfinished += 1;
-                old.life.complete = false;
-                ev.ts_ns
-            }
-        };
-        phase_changed(&mut self.alerts, &mut old.life, key, before, None, end_ns);
-        out.push(old.into_teardown(end_ns, TimewaitEnd::Killed));
+        self.end_unseen(ev.twaddr, ev.ts_ns, false, out);
     }
 
     /// Keeps the events of a timewait socket created just now, whose full socket's `-> CLOSE` is
@@ -705,22 +705,8 @@ impl Correlator {
                 .map(|(k, _)| *k)
                 .collect();
             for twaddr in killed {
-                let Some(ev) = self.cancelled.remove(&twaddr) else {
-                    continue;
-                };
-                if let Some(mut handoff) = self.timewait.remove(&twaddr) {
-                    let before = handoff.phase();
-                    handoff.observe_timer(&ev, false);
-                    phase_changed(
-                        &mut self.alerts,
-                        &mut handoff.life,
-                        SocketKey::Timewait(twaddr),
-                        before,
-                        None,
-                        ev.ts_ns,
-                    );
-                    out.push(handoff.into_teardown(ev.ts_ns, TimewaitEnd::Killed));
-                }
+                // Ended at the cancel: a kill.
+                self.end_unseen(twaddr, now_ns, false, out);
             }
         }
         let wait = self.handoff_wait_ns;
