@@ -56,7 +56,7 @@ pub struct Options {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+pub(crate) enum Mode {
     Untraced,
     Teardowns,
     Events,
@@ -71,7 +71,7 @@ impl Mode {
         Mode::Tcpstates,
     ];
 
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Mode::Untraced => "untraced",
             Mode::Teardowns => "tcpclose --json",
@@ -271,8 +271,8 @@ fn finish(tracer: &mut Tracer, before: &Usage, elapsed: f64) -> Result<Traced> {
 
 /// What the churn did.
 #[derive(Clone, Copy, Debug, Default)]
-struct Churned {
-    connections: u64,
+pub(crate) struct Churned {
+    pub(crate) connections: u64,
     /// CPU time of its threads.
     cpu_ns: u64,
 }
@@ -289,7 +289,7 @@ impl std::ops::Add for Churned {
 }
 
 /// Runs `pairs` client/server pairs in `netns` for `period`.
-fn churn(netns: &Netns, pairs: usize, period: Duration) -> Result<Churned> {
+pub(crate) fn churn(netns: &Netns, pairs: usize, period: Duration) -> Result<Churned> {
     let deadline = Instant::now() + period;
     thread::scope(|scope| {
         let handles: Vec<_> = (0..pairs)
@@ -376,12 +376,12 @@ fn connect_until(port: u16, deadline: Instant) -> u64 {
 }
 
 /// A network namespace of the bench's own (`ip netns add`, loopback up), deleted when dropped.
-struct Netns {
+pub(crate) struct Netns {
     name: String,
 }
 
 impl Netns {
-    fn create() -> Result<Self> {
+    pub(crate) fn create() -> Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "tcpclose-bench-{}-{}",
@@ -431,11 +431,11 @@ fn ip(args: &[&str]) -> Result<()> {
 // The tracer
 
 /// A tracer running in the host namespace, its standard output and error going to files.
-struct Tracer {
+pub(crate) struct Tracer {
     child: Child,
     mode: Mode,
-    stdout: PathBuf,
-    stderr: PathBuf,
+    pub(crate) stdout: PathBuf,
+    pub(crate) stderr: PathBuf,
     /// Ids of the kernel programs it holds.
     programs: Vec<u32>,
 }
@@ -447,14 +447,14 @@ struct Usage {
 }
 
 /// What a tracer says it delivered.
-struct Delivered {
-    events: u64,
-    lost: u64,
+pub(crate) struct Delivered {
+    pub(crate) events: u64,
+    pub(crate) lost: u64,
     evicted: u64,
 }
 
 impl Tracer {
-    fn start(mut cmd: Command, mode: Mode, dir: &Path) -> Result<Self> {
+    pub(crate) fn start(mut cmd: Command, mode: Mode, dir: &Path) -> Result<Self> {
         let stdout = dir.join("stdout");
         let stderr = dir.join("stderr");
         cmd.stdin(Stdio::null())
@@ -475,7 +475,7 @@ impl Tracer {
         Ok(tracer)
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
@@ -518,7 +518,7 @@ impl Tracer {
     }
 
     /// Interrupts it as Ctrl-C would, waits for it, and reads what it delivered.
-    fn stop(&mut self) -> Result<Delivered> {
+    pub(crate) fn stop(&mut self) -> Result<Delivered> {
         let pid = i32::try_from(self.pid()).context("pid out of range")?;
         // SAFETY: kill(2) on our own child, which has not been reaped yet.
         unsafe { libc::kill(pid, libc::SIGINT) };
@@ -757,13 +757,13 @@ fn full_name(kernel_name: &str) -> String {
 // ---------------------------------------------------------------------------------------------
 // Files
 
-fn read_proc(pid: u32, file: &str) -> Result<String> {
+pub(crate) fn read_proc(pid: u32, file: &str) -> Result<String> {
     let path = format!("/proc/{pid}/{file}");
     fs::read_to_string(&path).with_context(|| format!("reading {path}"))
 }
 
 /// `KEY   N ...` in a /proc status file.
-fn status_field(status: &str, key: &str) -> Option<u64> {
+pub(crate) fn status_field(status: &str, key: &str) -> Option<u64> {
     let line = status.lines().find_map(|line| line.strip_prefix(key))?;
     line.split_whitespace().next()?.parse().ok()
 }
@@ -774,7 +774,7 @@ fn hex_field(status: &str, key: &str) -> Option<u64> {
 }
 
 /// The last `bytes` of a file, as text.
-fn read_tail(path: &Path, bytes: u64) -> Result<String> {
+pub(crate) fn read_tail(path: &Path, bytes: u64) -> Result<String> {
     let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let len = file.metadata()?.len();
     file.seek(SeekFrom::Start(len.saturating_sub(bytes)))?;
@@ -797,10 +797,10 @@ fn count_lines(path: &Path) -> Result<u64> {
 }
 
 /// A directory of the bench's own under the temporary directory, removed when dropped.
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl TempDir {
-    fn create() -> Result<Self> {
+    pub(crate) fn create() -> Result<Self> {
         let path = env::temp_dir().join(format!("tcpclose-bench-{}", process::id()));
         fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
         Ok(Self(path))

@@ -2,6 +2,7 @@
 
 mod bench;
 mod setup;
+mod soak;
 
 use std::{
     env,
@@ -50,6 +51,16 @@ enum Task {
         #[arg(long, default_value_t = 2)]
         pairs: usize,
     },
+    /// Build, then run `tcpclose --json` under full churn for minutes, sampling its RSS every
+    /// 10 s; fails unless it stops cleanly, its summary reconciles and its RSS stays flat after
+    /// warm-up (as root; not part of CI).
+    Soak {
+        #[arg(long, default_value_t = 10)]
+        minutes: u64,
+        /// Client/server pairs churning at once, a thread each side.
+        #[arg(long, default_value_t = 2)]
+        pairs: usize,
+    },
     /// Set up (with test packages), build, and run every test: unit tests and the integration
     /// tests against the real kernel (as root).
     Test {
@@ -94,6 +105,14 @@ fn main() -> Result<()> {
                 pairs,
             };
             bench::bench(&root.join("target/release/tcpclose"), &options)
+        }
+        Task::Soak { minutes, pairs } => {
+            build()?;
+            if !is_root() {
+                bail!("the soak loads eBPF programs: run `cargo xtask soak` as root");
+            }
+            let options = soak::Options { minutes, pairs };
+            soak::soak(&root.join("target/release/tcpclose"), &options)
         }
         Task::Test { args } => {
             setup::all(true)?;
