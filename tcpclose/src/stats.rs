@@ -151,6 +151,8 @@ impl Group {
 #[derive(Debug)]
 pub struct Distributions {
     group_by: Option<GroupBy>,
+    /// Everything, when not grouped.
+    all: Group,
     groups: HashMap<String, Group>,
     /// Groups beyond the cap, together.
     other: Group,
@@ -165,6 +167,7 @@ impl Distributions {
     pub fn new(group_by: Option<GroupBy>, max_groups: usize) -> Self {
         Self {
             group_by,
+            all: Group::default(),
             groups: HashMap::new(),
             other: Group::default(),
             max_groups: max_groups.max(1),
@@ -172,8 +175,9 @@ impl Distributions {
     }
 
     pub fn record(&mut self, t: &Teardown) {
+        // Per teardown: no key to build when not grouped.
         let key = match self.group_by {
-            None => String::new(),
+            None => return self.all.record(t),
             Some(GroupBy::Lport) => t.local.port().to_string(),
             Some(GroupBy::Rport) => t.remote.port().to_string(),
             Some(GroupBy::Comm) => t
@@ -194,11 +198,10 @@ impl Distributions {
     /// name when not grouped.
     pub fn report(&self, top: usize) -> Vec<(Option<String>, Group)> {
         if self.group_by.is_none() {
-            let all = self.groups.get("").cloned().unwrap_or_default();
-            return if all.teardowns == 0 {
+            return if self.all.teardowns == 0 {
                 Vec::new()
             } else {
-                vec![(None, all)]
+                vec![(None, self.all.clone())]
             };
         }
         let mut groups: Vec<(&String, &Group)> = self.groups.iter().collect();

@@ -15,8 +15,14 @@ use crate::run;
 /// The bpf-linker release the build uses.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// Debian packages the integration tests call (`setpriv`, `unshare`, `ip`, `ss`, `nft`,
-/// `prometheus` and `promtool`).
-const TEST_PACKAGES: &[&str] = &["util-linux", "iproute2", "nftables", "prometheus"];
+/// `prometheus` and `promtool`, `systemd-analyze`).
+const TEST_PACKAGES: &[&str] = &[
+    "util-linux",
+    "iproute2",
+    "nftables",
+    "prometheus",
+    "systemd",
+];
 
 pub fn all(with_test_packages: bool) -> Result<()> {
     rust_src()?;
