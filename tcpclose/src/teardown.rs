@@ -255,9 +255,9 @@ pub struct Correlator {
     /// Sockets in a teardown state found at start-up, by 4-tuple, until an event reveals their
     /// kernel address.
     existing: HashMap<(SocketAddr, SocketAddr), Life>,
-    /// Timewait sockets whose timer was cancelled, by address: killed, unless the timer is
-    /// queued again or fires within [`CANCEL_GRACE_NS`].
-    cancelled: HashMap<u64, TimewaitTimer>,
+    /// Timewait sockets whose timer was cancelled: killed, unless the timer is queued again or
+    /// fires within [`CANCEL_GRACE_NS`].
+    cancelled: PendingCancels,
     max_sockets: usize,
     thresholds: Thresholds,
     /// When the tables were last swept for hung sockets.
@@ -284,7 +284,7 @@ impl Correlator {
             lives: HashMap::new(),
             handoffs: HashMap::new(),
             timewait: HashMap::new(),
-            cancelled: HashMap::new(),
+            cancelled: PendingCancels::default(),
             unclaimed: HashMap::new(),
             existing: HashMap::new(),
             max_sockets: max_sockets.max(8),
@@ -379,7 +379,7 @@ impl Correlator {
         withdraw: bool,
         out: &mut Vec<Teardown>,
     ) {
-        let cancel = self.cancelled.remove(&twaddr);
+        let cancel = self.cancelled.take(twaddr);
         let Some(mut old) = self.timewait.remove(&twaddr) else {
             return;
         };
@@ -431,6 +431,9 @@ impl Correlator {
     /// Feeds one transition; pushes the teardowns it completes onto `out`.
     pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Teardown>) {
         use TcpState::*;
+        if !self.cancelled.is_empty() {
+            self.end_killed_by(t, out);
+        }
         // Listeners are not connections.
         if t.old == Listen && t.new == Close || t.new == Listen {
             if self.lives.remove(&t.skaddr).is_some() {
@@ -566,7 +569,7 @@ impl Correlator {
         };
         match ev.action {
             TimerAction::Armed => {
-                self.cancelled.remove(&ev.twaddr);
+                self.cancelled.take(ev.twaddr);
                 handoff.observe_timer(ev, first);
                 let after = handoff.phase();
                 phase_changed(
@@ -580,7 +583,7 @@ impl Correlator {
             }
             // Judged by what follows: see `expire`.
             TimerAction::Cancelled => {
-                self.cancelled.entry(ev.twaddr).or_insert(*ev);
+                self.cancelled.note(ev);
                 if first {
                     let after = handoff.phase();
                     phase_changed(
@@ -594,7 +597,7 @@ impl Correlator {
                 }
             }
             TimerAction::Fired => {
-                self.cancelled.remove(&ev.twaddr);
+                self.cancelled.take(ev.twaddr);
                 handoff.observe_timer(ev, first);
                 if let Some(mut handoff) = self.timewait.remove(&ev.twaddr) {
                     let before = before.or(handoff.phase());
@@ -651,20 +654,35 @@ impl Correlator {
     /// The kernel reuses a freed timewait socket's memory for the next one (slab), so an event at
     /// a known address may belong to a new timewait socket whose predecessor's end was not seen
     /// as such: its kill was a cancel that the new socket's arming seemed to answer. A different
-    /// 4-tuple, or an arming long after the cancel (a move re-arms within microseconds), means
-    /// a new socket: the old one ended at its cancel (or, without one, unseen).
+    /// 4-tuple, an arming long after the cancel (a move re-arms within microseconds), or a
+    /// substate going back from TIME_WAIT to FIN_WAIT2 (tcp_timewait_state_process() only ever
+    /// moves it forward) means a new socket: the old one ended at its cancel (or, without one,
+    /// unseen). A new socket on the same 4-tuple armed within microseconds of the kill is caught
+    /// earlier, by its full socket's transitions: see [`Correlator::end_killed_by`].
     fn end_if_replaced(&mut self, ev: &TimewaitTimer, out: &mut Vec<Teardown>) {
         let Some(known) = self.timewait.get(&ev.twaddr) else {
             return;
         };
-        let cancel = self.cancelled.get(&ev.twaddr).copied();
+        let cancel = self.cancelled.get(ev.twaddr);
         let other_tuple = (known.life.local, known.life.remote) != (ev.local, ev.remote);
         let late_arming = ev.action == TimerAction::Armed
             && cancel.is_some_and(|c| ev.ts_ns.saturating_sub(c.ts_ns) > MOVE_NS);
-        if !other_tuple && !late_arming {
+        let went_back = known.substate == TcpState::TimeWait && ev.substate == TcpState::FinWait2;
+        if !other_tuple && !late_arming && !went_back {
             return;
         }
         self.end_unseen(ev.twaddr, ev.ts_ns, false, out);
+    }
+
+    /// A full socket on the 4-tuple of a timewait socket whose timer was just cancelled: the
+    /// timewait socket was killed for it (a SYN accepted by tcp_timewait_state_process(), or
+    /// connect() reusing the port through tcp_twsk_unique()). It ends at its cancel now, before
+    /// the new connection's own timewait socket, which the slab may place at the same address
+    /// microseconds later, could pass for a timer move.
+    fn end_killed_by(&mut self, t: &Transition, out: &mut Vec<Teardown>) {
+        if let Some(twaddr) = self.cancelled.on_tuple(&(t.local, t.remote)) {
+            self.end_unseen(twaddr, t.ts_ns, false, out);
+        }
     }
 
     /// Keeps the events of a timewait socket created just now, whose full socket's `-> CLOSE` is
@@ -698,12 +716,9 @@ impl Correlator {
     /// `tcp_max_tw_buckets`). `now_ns` must not be earlier than the events already fed.
     pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Teardown>) {
         if !self.cancelled.is_empty() {
-            let killed: Vec<u64> = self
+            let killed = self
                 .cancelled
-                .iter()
-                .filter(|(_, ev)| now_ns.saturating_sub(ev.ts_ns) > CANCEL_GRACE_NS)
-                .map(|(k, _)| *k)
-                .collect();
+                .older_than(now_ns.saturating_sub(CANCEL_GRACE_NS));
             for twaddr in killed {
                 // Ended at the cancel: a kill.
                 self.end_unseen(twaddr, now_ns, false, out);
@@ -751,12 +766,62 @@ impl Correlator {
         for &(_, timewait, key) in &idle[..n] {
             if timewait {
                 self.timewait.remove(&key);
-                self.cancelled.remove(&key);
+                self.cancelled.take(key);
             } else {
                 self.lives.remove(&key);
             }
         }
         self.losses.evicted += n as u64;
+    }
+}
+
+/// Timer cancels of followed timewait sockets, not judged yet: by socket address, and by 4-tuple
+/// for the transitions that reveal a kill.
+#[derive(Debug, Default)]
+struct PendingCancels {
+    by_addr: HashMap<u64, TimewaitTimer>,
+    by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
+}
+
+impl PendingCancels {
+    fn is_empty(&self) -> bool {
+        self.by_addr.is_empty()
+    }
+
+    /// Keeps the first cancel of a timewait socket: a kill happens at most once, and a move
+    /// re-arms the timer (see [`PendingCancels::take`]) before it can be cancelled again.
+    fn note(&mut self, ev: &TimewaitTimer) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.by_addr.entry(ev.twaddr) {
+            slot.insert(*ev);
+            self.by_tuple.insert((ev.local, ev.remote), ev.twaddr);
+        }
+    }
+
+    fn get(&self, twaddr: u64) -> Option<TimewaitTimer> {
+        self.by_addr.get(&twaddr).copied()
+    }
+
+    fn take(&mut self, twaddr: u64) -> Option<TimewaitTimer> {
+        let ev = self.by_addr.remove(&twaddr)?;
+        let tuple = (ev.local, ev.remote);
+        if self.by_tuple.get(&tuple) == Some(&twaddr) {
+            self.by_tuple.remove(&tuple);
+        }
+        Some(ev)
+    }
+
+    /// The timewait socket on `tuple` with a pending cancel, if any.
+    fn on_tuple(&self, tuple: &(SocketAddr, SocketAddr)) -> Option<u64> {
+        self.by_tuple.get(tuple).copied()
+    }
+
+    /// The timewait sockets cancelled before `ns`.
+    fn older_than(&self, ns: u64) -> Vec<u64> {
+        self.by_addr
+            .iter()
+            .filter(|(_, ev)| ev.ts_ns < ns)
+            .map(|(k, _)| *k)
+            .collect()
     }
 }
 
@@ -1858,6 +1923,85 @@ mod tests {
         timer(&mut c, 5_000, TimeWait, TimerAction::Cancelled, 60_101);
         let t = one(timer(&mut c, 5_005, TimeWait, TimerAction::Armed, 65_005));
         assert_eq!(t.end_ns, 5_000 * MS);
+    }
+
+    #[test]
+    fn a_new_connection_on_the_tuple_of_a_killed_timewait_socket_ends_it_at_the_kill() {
+        // Seen in a minute of loopback churn: a timewait socket in TIME_WAIT is killed by a SYN
+        // on its 4-tuple; the new connection is closed first by its side at once and its
+        // orphaned FIN_WAIT2 timewait socket lands at the same address 400 us after the kill,
+        // which once passed for a move of the old timer (and a FIN_WAIT2 hang of the old
+        // connection, back from TIME_WAIT).
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::FinWait2, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, TimeWait, TimerAction::Armed, 60_101);
+        let us = |us: u64| us * 1_000;
+        let at = |t: &mut Correlator, ns: u64, old, new| {
+            let mut out = Vec::new();
+            t.on_transition(
+                &Transition {
+                    ts_ns: ns,
+                    skaddr: 2,
+                    family: Family::Ipv4,
+                    local: CLIENT.parse().unwrap(),
+                    remote: SERVER.parse().unwrap(),
+                    old,
+                    new,
+                    task: Task::new(8, 8, "app"),
+                },
+                &mut out,
+            );
+            out
+        };
+        timer(&mut c, 5_000, TimeWait, TimerAction::Cancelled, 60_101);
+        // The new full socket on the same 4-tuple reveals the kill.
+        let old = one(at(&mut c, 5_000 * MS + us(100), SynSent, Established));
+        assert_eq!(old.timewait_end, Some(TimewaitEnd::Killed));
+        assert_eq!(old.end_ns, 5_000 * MS);
+        assert_eq!(old.phases.get(Phase::TimeWait), Some(4_899 * MS));
+        assert!(old.complete);
+        assert!(at(&mut c, 5_000 * MS + us(200), Established, FinWait1).is_empty());
+        assert!(at(&mut c, 5_000 * MS + us(400), FinWait1, FinWait2).is_empty());
+        let mut out = Vec::new();
+        c.on_timewait(
+            &TimewaitTimer {
+                ts_ns: 5_000 * MS + us(400),
+                twaddr: 0xbeef,
+                family: Family::Ipv4,
+                local: CLIENT.parse().unwrap(),
+                remote: SERVER.parse().unwrap(),
+                substate: FinWait2,
+                action: TimerAction::Armed,
+                expires_ns: 65_000 * MS,
+                jiffy_ns: 4 * MS,
+            },
+            &mut out,
+        );
+        assert!(out.is_empty(), "{out:#?}");
+        assert!(at(&mut c, 5_000 * MS + us(400), FinWait2, Close).is_empty());
+        // The peer's FIN 250 ms later re-arms within the bucket (no event); the old connection
+        // is not hung, and the new one is followed on its own timewait socket.
+        assert!(poll(&mut c, 5_200).is_empty());
+        let new = one(timer(&mut c, 65_250, TimeWait, TimerAction::Fired, 65_250));
+        assert_eq!(new.owner, Some(Task::new(8, 8, "app")));
+        assert_eq!(new.timewait_end, Some(TimewaitEnd::Expired));
+        assert!(c.is_empty());
+
+        // Without the new socket's transitions (filtered out, or lost), the substate going back
+        // from TIME_WAIT to FIN_WAIT2 still tells a new socket from a move.
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::FinWait2, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, TimeWait, TimerAction::Armed, 60_101);
+        timer(&mut c, 5_000, TimeWait, TimerAction::Cancelled, 60_101);
+        let old = one(timer(&mut c, 5_000, FinWait2, TimerAction::Armed, 65_000));
+        assert_eq!(old.end_ns, 5_000 * MS);
+        assert_eq!(old.timewait_end, Some(TimewaitEnd::Killed));
+        assert!(
+            poll(&mut c, 7_000).is_empty(),
+            "no hang of the old connection"
+        );
     }
 
     #[test]

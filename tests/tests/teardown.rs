@@ -25,7 +25,7 @@ use std::{
 
 use serde_json::Value;
 use tcpclose_tests::{
-    PHASES, Run, Tracing, about, connect_with,
+    PHASES, Run, Tracing, about, connect_with, mono_ns,
     netns::Place,
     set_linger_zero, tcp_state,
     tcp_state::*,
@@ -649,4 +649,85 @@ fn orphaned_fin_wait2_times_out() {
     assert_timewait_end(c, "expired");
     assert_ends(c, timed_out, TOLERANCE);
     assert_ours(c, &comm);
+}
+
+/// A client reconnecting from the same port, again and again: each connection's SYN kills the
+/// server's timewait socket of the previous one (tcp_timewait_state_process() accepts a SYN with
+/// newer timestamps), and the new connection, closed first by the server, gets a timewait socket
+/// of its own on the same 4-tuple, often at the very address just freed (slab reuse) and within
+/// a millisecond of the kill. Every server-side record must still be whole: its own timewait
+/// socket, ended by the next connection's SYN ("killed"), none left without one.
+#[test]
+fn connections_reusing_a_killed_timewait_sockets_tuple_each_keep_their_own() {
+    const ROUNDS: usize = 12;
+    let place = Place::new("twreuse");
+    let tracer = Tracing::start(&["--port", &place.port()]);
+    let server_addr = place.server_addr;
+    let mut client_port = None;
+    let mut tuple = None;
+    for round in 0..ROUNDS {
+        let (client, server) = place.ns.run(|| {
+            let listener = TcpListener::bind(server_addr).expect("bind in the namespace");
+            let client = connect_with(server_addr, client_port, true).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            (client, server)
+        });
+        let client_addr = client.local_addr().unwrap();
+        client_port = Some(client_addr.port());
+        let server_side = (server_addr, client_addr);
+        assert_eq!(
+            *tuple.get_or_insert(server_side),
+            server_side,
+            "the same 4-tuple"
+        );
+        // Alternately: the server shuts down and closes after the client (TIME_WAIT from its
+        // full socket), or closes at once (orphaned FIN_WAIT2, its FIN_WAIT2 timewait socket
+        // armed microseconds after the previous one's kill).
+        let mut client = client;
+        if round % 2 == 0 {
+            let mut server = server;
+            server.shutdown(Shutdown::Write).expect("shutdown");
+            read_eof(&mut client);
+            drop(client);
+            read_eof(&mut server);
+        } else {
+            drop(server);
+            read_eof(&mut client);
+            thread::sleep(Duration::from_millis(20));
+            drop(client);
+        }
+        place.wait_for_state(
+            server_side,
+            Some(TIME_WAIT),
+            mono_ns(),
+            Duration::from_secs(1),
+            POLL,
+        );
+    }
+    place.kill_time_wait();
+    thread::sleep(Duration::from_millis(300));
+    let run = tracer.stop();
+    check_run(&run);
+    let summary = run.summary();
+    assert_eq!(summary["timewait_unseen"], 0, "{summary}");
+    assert_eq!(summary["unfinished"], 0, "{summary}");
+    let server_records: Vec<&Value> = run
+        .of_type("teardown")
+        .filter(|r| r["side"] == "server")
+        .collect();
+    assert_eq!(server_records.len(), ROUNDS, "{server_records:#?}");
+    for r in server_records {
+        check_record(
+            r,
+            Some("server"),
+            "active",
+            &["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
+        );
+        assert_timewait_end(r, "killed");
+        assert!(
+            phase(r, "TIME_WAIT").is_some_and(|ns| ns < 5_000 * MS),
+            "ended by the next connection's SYN, not the expiry: {r}"
+        );
+        assert!(tuple.is_some_and(|end| about(r, end)), "{r}");
+    }
 }
