@@ -16,7 +16,8 @@ pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the tracepoint program in the object file.
 pub const TRANSITION_PROGRAM: &str = "inet_sock_set_state";
-/// Programs on the `timer:` tracepoints that follow timewait sockets: `(program, tracepoint)`.
+/// Programs on the `timer:` tracepoints (raw) that follow timewait sockets:
+/// `(program, tracepoint)`.
 /// Names fit the kernel's 15 characters (BPF_OBJ_NAME_LEN), so that tools tell them apart.
 pub const TIMER_PROGRAMS: [(&str, &str); 3] = [
     ("tw_timer_start", "timer_start"),
@@ -226,20 +227,13 @@ mod pod {
     unsafe impl aya::Pod for super::TimewaitEvent {}
 }
 
-/// The records of the `timer:` tracepoints as the timer programs read them (after the 8-byte
-/// common header, see `include/trace/events/timer.h`); checked by the loader like [`tracepoint`].
+/// The `timer:` tracepoints the timer programs attach to, as raw tracepoints: they receive the
+/// tracepoints' arguments, the first of which is the `struct timer_list *` in all three (see
+/// `include/trace/events/timer.h`). The loader checks that each event's record starts with that
+/// pointer, as its tracefs `format` file describes it.
 pub mod timer_tracepoint {
-    /// `timer:timer_start`: `(name, offset, size)` of the fields read.
-    pub const START_FIELDS: [(&str, usize, usize); 2] =
-        [("timer", TIMER, 8), ("function", START_FUNCTION, 8)];
-    /// `timer:timer_expire_entry`.
-    pub const EXPIRE_FIELDS: [(&str, usize, usize); 2] =
-        [("timer", TIMER, 8), ("function", EXPIRE_FUNCTION, 8)];
-    /// `timer:timer_cancel` (no function: the program reads it from the timer).
-    pub const CANCEL_FIELDS: [(&str, usize, usize); 1] = [("timer", TIMER, 8)];
-    pub const TIMER: usize = 8;
-    pub const START_FUNCTION: usize = 16;
-    pub const EXPIRE_FUNCTION: usize = 24;
+    /// `(name, offset, size)` of the `timer` field, the same in the three records.
+    pub const TIMER_FIELD: (&str, usize, usize) = ("timer", 8, 8);
 }
 
 /// The record of `sock:inet_sock_set_state` as the program reads it: byte offsets and sizes

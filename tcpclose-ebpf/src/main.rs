@@ -14,14 +14,14 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint, tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    programs::{RawTracePointContext, TracePointContext},
 };
 use tcpclose_common::{
     AF_INET, AF_INET6, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
     PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, TimewaitEvent, TimewaitLayout, TransitionEvent,
-    made_by_syscall, record_kind, timer_action, timer_tracepoint as ttp, tracepoint as tp,
+    made_by_syscall, record_kind, timer_action, tracepoint as tp,
 };
 
 /// Resized by the loader (`EbpfLoader::set_max_entries`) before loading.
@@ -189,27 +189,25 @@ fn submit_flags(config: &Config) -> u64 {
 // all there is to see. These programs see every timer of the kernel and reject all others
 // first, in as few instructions as possible.
 
-#[tracepoint]
-pub fn tw_timer_start(ctx: TracePointContext) -> u32 {
-    let function = field::<u64>(&ctx, ttp::START_FUNCTION);
-    on_timer(&ctx, function, timer_action::START);
+// They are raw tracepoints: the kernel calls them with the tracepoint's arguments (the
+// `struct timer_list *` first, in all three) instead of building a trace record first
+// (perf_trace_timer_*, then trace_call_bpf), which every kernel timer would pay for.
+
+#[raw_tracepoint(tracepoint = "timer_start")]
+pub fn tw_timer_start(ctx: RawTracePointContext) -> u32 {
+    on_timer(ctx.arg::<u64>(0), timer_action::START);
     0
 }
 
-#[tracepoint]
-pub fn tw_timer_expire(ctx: TracePointContext) -> u32 {
-    let function = field::<u64>(&ctx, ttp::EXPIRE_FUNCTION);
-    on_timer(&ctx, function, timer_action::EXPIRE);
+#[raw_tracepoint(tracepoint = "timer_expire_entry")]
+pub fn tw_timer_expire(ctx: RawTracePointContext) -> u32 {
+    on_timer(ctx.arg::<u64>(0), timer_action::EXPIRE);
     0
 }
 
-#[tracepoint]
-pub fn tw_timer_cancel(ctx: TracePointContext) -> u32 {
-    // timer_cancel does not record the function: read it from the timer itself.
-    let layout = config().timewait;
-    let timer = field::<u64>(&ctx, ttp::TIMER);
-    let function = read_kernel::<u64>(timer + u64::from(layout.timer_function));
-    on_timer(&ctx, function, timer_action::CANCEL);
+#[raw_tracepoint(tracepoint = "timer_cancel")]
+pub fn tw_timer_cancel(ctx: RawTracePointContext) -> u32 {
+    on_timer(ctx.arg::<u64>(0), timer_action::CANCEL);
     0
 }
 
@@ -221,13 +219,16 @@ fn read_kernel<T: Copy + Default>(addr: u64) -> T {
 }
 
 #[inline(always)]
-fn on_timer(ctx: &TracePointContext, function: u64, action: u8) {
+fn on_timer(timer: u64, action: u8) {
     let config = config();
     let layout = config.timewait;
-    if function != layout.tw_timer_handler || function == 0 {
+    if layout.tw_timer_handler == 0 {
         return;
     }
-    let timer = field::<u64>(ctx, ttp::TIMER);
+    let function = read_kernel::<u64>(timer + u64::from(layout.timer_function));
+    if function != layout.tw_timer_handler {
+        return;
+    }
     let tw = timer - u64::from(layout.tw_timer);
     let family = read_kernel::<u16>(tw + u64::from(layout.skc_family));
     if config.family != 0 && family != config.family {

@@ -8,7 +8,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use tcpclose_common::{timer_tracepoint, tracepoint};
+use tcpclose_common::{TIMER_PROGRAMS, timer_tracepoint, tracepoint};
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_PTRACE: u32 = 19;
@@ -139,17 +139,15 @@ pub fn check_tracepoint(tracefs: &Path) -> Result<()> {
     check_layout("sock:inet_sock_set_state", &format, &tracepoint::FIELDS)
 }
 
-/// Checks the `timer:` tracepoints the timewait programs attach to.
+/// Checks the `timer:` tracepoints the timewait programs attach to: each exists, and its record
+/// starts with the timer, as its first argument does.
 pub fn check_timer_tracepoints(tracefs: &Path) -> Result<()> {
-    for (name, fields) in [
-        ("timer_start", &timer_tracepoint::START_FIELDS[..]),
-        ("timer_expire_entry", &timer_tracepoint::EXPIRE_FIELDS[..]),
-        ("timer_cancel", &timer_tracepoint::CANCEL_FIELDS[..]),
-    ] {
+    for (_, name) in TIMER_PROGRAMS {
+        let fields = [timer_tracepoint::TIMER_FIELD];
         let path = tracefs.join("events/timer").join(name).join("format");
         let format = fs::read_to_string(&path)
             .with_context(|| format!("reading {} (the timer:{name} tracepoint)", path.display()))?;
-        check_layout(&format!("timer:{name}"), &format, fields)?;
+        check_layout(&format!("timer:{name}"), &format, &fields)?;
     }
     Ok(())
 }

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, TracePoint},
+    programs::{ProgramError, RawTracePoint, TracePoint},
 };
 use tcpclose::btf::Btf;
 use tcpclose_common::{
@@ -155,13 +155,13 @@ impl Tracer {
             Err(_) if !follow_timewait => None,
             Ok(jiffy_ns) => {
                 for (name, event) in TIMER_PROGRAMS {
-                    let program: &mut TracePoint = ebpf
+                    let program: &mut RawTracePoint = ebpf
                         .program_mut(name)
                         .with_context(|| format!("the eBPF object has no {name} program"))?
                         .try_into()?;
                     program.load().map_err(explain_program_error)?;
                     program
-                        .attach("timer", event)
+                        .attach(event)
                         .map_err(explain_program_error)
                         .with_context(|| format!("attaching to the timer:{event} tracepoint"))?;
                 }
