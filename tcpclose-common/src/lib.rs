@@ -120,17 +120,21 @@ pub struct Config {
     /// Non-zero when `PORT_FILTER` is in force.
     pub port_filter: u8,
     pub _pad: [u8; 5],
-    /// Where the timewait socket's fields are; `tw_timer_handler == 0` when not followed.
-    pub timewait: TimewaitLayout,
+    /// Where the programs find the sockets' fields; `tw_timer_handler == 0` when timewait
+    /// sockets are not followed.
+    pub layout: SocketLayout,
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 48);
+const _: () = assert!(core::mem::size_of::<Config>() == 40);
 
-/// The running kernel's layout of what the timer programs read, from its BTF at start-up.
+/// The running kernel's layout of what the programs read, from its BTF at start-up: full sockets
+/// (`struct sock`) for the transition program, timewait sockets and their timer for the timer
+/// programs. Both kinds of socket start with a `struct sock_common`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TimewaitLayout {
-    /// Address of `tw_timer_handler`, the function of every timewait socket's timer.
+pub struct SocketLayout {
+    /// Address of `tw_timer_handler`, the function of every timewait socket's timer; 0 when
+    /// timewait sockets are not followed.
     pub tw_timer_handler: u64,
     /// `offsetof(struct timer_list, function)`.
     pub timer_function: u16,
@@ -140,18 +144,43 @@ pub struct TimewaitLayout {
     pub tw_timer: u16,
     /// `offsetof(struct inet_timewait_sock, tw_substate)`.
     pub tw_substate: u16,
-    /// `struct sock_common` members (at the start of the timewait socket).
+    /// `offsetof(struct sock_common, skc_daddr)`: the start of the [`sock_common`] block.
     pub skc_daddr: u16,
-    pub skc_rcv_saddr: u16,
-    pub skc_dport: u16,
-    pub skc_num: u16,
-    pub skc_family: u16,
+    /// `offsetof(struct sock_common, skc_v6_daddr)`: the start of the IPv6 addresses.
     pub skc_v6_daddr: u16,
-    pub skc_v6_rcv_saddr: u16,
-    pub _pad: [u8; 2],
+    /// `offsetof(struct sock, sk_protocol)`.
+    pub sk_protocol: u16,
+    /// `offsetof(struct inet_sock, inet_sport)`: a full socket's local port (network order).
+    /// Its `skc_num` is no good: tcp_set_state() releases the port (inet_put_port() zeroes it)
+    /// before it reports `-> CLOSE`.
+    pub inet_sport: u16,
 }
 
-const _: () = assert!(core::mem::size_of::<TimewaitLayout>() == 32);
+const _: () = assert!(core::mem::size_of::<SocketLayout>() == 24);
+
+/// What the programs read of a `struct sock_common` (the start of full and timewait sockets
+/// alike), in two reads: the 4-tuple and family from `skc_daddr` on, and the IPv6 addresses from
+/// `skc_v6_daddr` on. Offsets are relative to the start of each; the loader checks them against
+/// the kernel's BTF (they have not moved since Linux 4.x: `skc_addrpair`, `skc_hash`,
+/// `skc_portpair`, `skc_family`).
+pub mod sock_common {
+    /// Bytes read from `skc_daddr`.
+    pub const BLOCK: usize = 20;
+    /// `skc_daddr`, the remote IPv4 address (network order).
+    pub const DADDR: usize = 0;
+    /// `skc_rcv_saddr`, the local IPv4 address (network order).
+    pub const RCV_SADDR: usize = 4;
+    /// `skc_dport`, the remote port (network order).
+    pub const DPORT: usize = 12;
+    /// `skc_num`, the local port (host order).
+    pub const NUM: usize = 14;
+    /// `skc_family`.
+    pub const FAMILY: usize = 16;
+    /// Bytes read from `skc_v6_daddr`.
+    pub const V6_BLOCK: usize = 32;
+    /// `skc_v6_rcv_saddr`, after `skc_v6_daddr`.
+    pub const V6_RCV_SADDR: usize = 16;
+}
 
 /// One TCP state change, as the kernel program writes it into the ring buffer.
 ///
@@ -236,34 +265,11 @@ pub mod timer_tracepoint {
     pub const TIMER_FIELD: (&str, usize, usize) = ("timer", 8, 8);
 }
 
-/// The record of `sock:inet_sock_set_state` as the program reads it: byte offsets and sizes
-/// (after the 8-byte common header, see `include/trace/events/sock.h`). The program reads the
-/// context at these constant offsets (the verifier only allows constant-offset context loads);
-/// the loader checks them against the kernel's `format` file before attaching.
+/// `sock:inet_sock_set_state`, which the transition program attaches to as a raw tracepoint: it
+/// receives the tracepoint's arguments `(const struct sock *sk, int oldstate, int newstate)`
+/// (see `include/trace/events/sock.h`) and reads the socket itself. The loader checks that the
+/// event's record starts with the socket's address, as its tracefs `format` file describes it.
 pub mod tracepoint {
-    /// `(name, offset, size)` of every field the program reads.
-    pub const FIELDS: [(&str, usize, usize); 11] = [
-        ("skaddr", SKADDR, 8),
-        ("oldstate", OLDSTATE, 4),
-        ("newstate", NEWSTATE, 4),
-        ("sport", SPORT, 2),
-        ("dport", DPORT, 2),
-        ("family", FAMILY, 2),
-        ("protocol", PROTOCOL, 2),
-        ("saddr", SADDR, 4),
-        ("daddr", DADDR, 4),
-        ("saddr_v6", SADDR_V6, 16),
-        ("daddr_v6", DADDR_V6, 16),
-    ];
-    pub const SKADDR: usize = 8;
-    pub const OLDSTATE: usize = 16;
-    pub const NEWSTATE: usize = 20;
-    pub const SPORT: usize = 24;
-    pub const DPORT: usize = 26;
-    pub const FAMILY: usize = 28;
-    pub const PROTOCOL: usize = 30;
-    pub const SADDR: usize = 32;
-    pub const DADDR: usize = 36;
-    pub const SADDR_V6: usize = 40;
-    pub const DADDR_V6: usize = 56;
+    /// `(name, offset, size)` of the `skaddr` field, the socket.
+    pub const SOCKET_FIELD: (&str, usize, usize) = ("skaddr", 8, 8);
 }

@@ -1,5 +1,8 @@
 //! tcpclose's kernel programs: one on the `sock:inet_sock_set_state` tracepoint, and three on the
 //! `timer:` tracepoints that follow timewait sockets, whose only visible activity is their timer.
+//! All four are raw tracepoints: the kernel calls them with the tracepoint's arguments instead
+//! of first building a trace record (`perf_trace_*()`, then `trace_call_bpf()`), and they read
+//! what they need from the socket themselves, at offsets the loader takes from the kernel's BTF.
 //!
 //! Per event each does the least it can: filter (timer function, protocol, family, ports),
 //! count, reserve a ring buffer record, fill it, submit it without waking the consumer. What it
@@ -8,20 +11,19 @@
 #![no_main]
 
 use aya_ebpf::{
-    EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns,
         bpf_probe_read_kernel,
     },
-    macros::{map, raw_tracepoint, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
-    programs::{RawTracePointContext, TracePointContext},
+    programs::RawTracePointContext,
 };
 use tcpclose_common::{
-    AF_INET, AF_INET6, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
-    PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, TimewaitEvent, TimewaitLayout, TransitionEvent,
-    made_by_syscall, record_kind, timer_action, tracepoint as tp,
+    AF_INET6, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
+    PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, SocketLayout, TimewaitEvent, TransitionEvent,
+    made_by_syscall, record_kind, sock_common as skc, timer_action,
 };
 
 /// Resized by the loader (`EbpfLoader::set_max_entries`) before loading.
@@ -41,20 +43,16 @@ static CONFIG: Config = Config {
     family: 0,
     port_filter: 0,
     _pad: [0; 5],
-    timewait: TimewaitLayout {
+    layout: SocketLayout {
         tw_timer_handler: 0,
         timer_function: 0,
         timer_expires: 0,
         tw_timer: 0,
         tw_substate: 0,
         skc_daddr: 0,
-        skc_rcv_saddr: 0,
-        skc_dport: 0,
-        skc_num: 0,
-        skc_family: 0,
         skc_v6_daddr: 0,
-        skc_v6_rcv_saddr: 0,
-        _pad: [0; 2],
+        sk_protocol: 0,
+        inet_sport: 0,
     },
 };
 
@@ -65,20 +63,15 @@ fn config() -> Config {
     unsafe { core::ptr::read_volatile(&CONFIG) }
 }
 
-#[tracepoint]
-pub fn inet_sock_set_state(ctx: TracePointContext) -> u32 {
-    on_transition(&ctx);
+/// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
+    on_transition(
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(1) as i32,
+        ctx.arg::<u64>(2) as i32,
+    );
     0
-}
-
-/// Reads a field of the tracepoint record. Tracepoint contexts may be loaded directly at constant,
-/// size-aligned offsets (`tp_prog_is_valid_access` in kernel/trace/bpf_trace.c), which is one
-/// instruction instead of a `bpf_probe_read_kernel` call per field.
-#[inline(always)]
-fn field<T: Copy>(ctx: &TracePointContext, offset: usize) -> T {
-    // SAFETY: the offsets in `tracepoint` are checked against the kernel's format file by the
-    // loader before it attaches this program, and each is aligned to its field's size.
-    unsafe { core::ptr::read((ctx.as_ptr() as *const u8).add(offset) as *const T) }
 }
 
 #[inline(always)]
@@ -102,20 +95,68 @@ fn ports_pass(config: &Config, sport: u16, dport: u16) -> bool {
     config.port_filter == 0 || port_matches(sport, PORT_LOCAL) || port_matches(dport, PORT_REMOTE)
 }
 
+/// The 4-tuple and family of a socket, read from its `struct sock_common`.
+struct Ends {
+    family: u16,
+    /// Local port, host order (`skc_num`).
+    sport: u16,
+    /// Remote port, host order.
+    dport: u16,
+    /// IPv4 addresses, network order.
+    saddr: u32,
+    daddr: u32,
+}
+
+/// Reads the [`Ends`] of the socket at `sk` (full or timewait) in one read; `None` if it cannot
+/// be read.
 #[inline(always)]
-fn on_transition(ctx: &TracePointContext) {
-    // The tracepoint also fires for SCTP and MPTCP sockets.
-    if field::<u16>(ctx, tp::PROTOCOL) != IPPROTO_TCP {
-        return;
+fn ends(sk: u64, layout: &SocketLayout) -> Option<Ends> {
+    let block = read_kernel::<[u32; skc::BLOCK / 4]>(sk + u64::from(layout.skc_daddr))?;
+    let word = |offset: usize| block[offset / 4];
+    let half = |offset: usize| (word(offset) >> (8 * (offset % 4))) as u16;
+    Some(Ends {
+        family: half(skc::FAMILY),
+        sport: half(skc::NUM),
+        dport: u16::from_be(half(skc::DPORT)),
+        saddr: word(skc::RCV_SADDR),
+        daddr: word(skc::DADDR),
+    })
+}
+
+/// The local and remote addresses as the records carry them: an IPv4 address in the first 4
+/// bytes, IPv6 addresses read from `skc_v6_*`.
+#[inline(always)]
+fn addresses(sk: u64, ends: &Ends, layout: &SocketLayout) -> ([u8; 16], [u8; 16]) {
+    if ends.family == AF_INET6 {
+        let v6 = read_kernel::<[u64; skc::V6_BLOCK / 8]>(sk + u64::from(layout.skc_v6_daddr))
+            .unwrap_or_default();
+        const SADDR: usize = skc::V6_RCV_SADDR / 8;
+        (words64([v6[SADDR], v6[SADDR + 1]]), words64([v6[0], v6[1]]))
+    } else {
+        (
+            words32([ends.saddr, 0, 0, 0]),
+            words32([ends.daddr, 0, 0, 0]),
+        )
     }
+}
+
+#[inline(always)]
+fn on_transition(sk: u64, oldstate: i32, newstate: i32) {
     let config = config();
-    let family = field::<u16>(ctx, tp::FAMILY);
-    if config.family != 0 && family != config.family {
+    let layout = &config.layout;
+    // The tracepoint also fires for SCTP and MPTCP sockets.
+    if read_kernel::<u16>(sk + u64::from(layout.sk_protocol)) != Some(IPPROTO_TCP) {
         return;
     }
-    let sport = field::<u16>(ctx, tp::SPORT);
-    let dport = field::<u16>(ctx, tp::DPORT);
-    if !ports_pass(&config, sport, dport) {
+    let Some(mut ends) = ends(sk, layout) else {
+        return;
+    };
+    if config.family != 0 && ends.family != config.family {
+        return;
+    }
+    // The local port as inet_sock keeps it: `skc_num` is already 0 at `-> CLOSE`.
+    ends.sport = u16::from_be(read_kernel::<u16>(sk + u64::from(layout.inet_sport)).unwrap_or(0));
+    if !ports_pass(&config, ends.sport, ends.dport) {
         return;
     }
     count(Counter::Matched);
@@ -124,24 +165,8 @@ fn on_transition(ctx: &TracePointContext) {
         count(Counter::Lost);
         return;
     };
-    // Whole words only: byte-wise copies would make the compiler step a pointer through the
-    // context, which the verifier rejects. An IPv4 address fills the first 4 bytes.
-    let (saddr, daddr) = if family == AF_INET {
-        (
-            words32([field::<u32>(ctx, tp::SADDR), 0, 0, 0]),
-            words32([field::<u32>(ctx, tp::DADDR), 0, 0, 0]),
-        )
-    } else {
-        (
-            words64([field(ctx, tp::SADDR_V6), field(ctx, tp::SADDR_V6 + 8)]),
-            words64([field(ctx, tp::DADDR_V6), field(ctx, tp::DADDR_V6 + 8)]),
-        )
-    };
+    let (saddr, daddr) = addresses(sk, &ends, layout);
     let pid_tgid = bpf_get_current_pid_tgid();
-    let (oldstate, newstate) = (
-        field::<i32>(ctx, tp::OLDSTATE),
-        field::<i32>(ctx, tp::NEWSTATE),
-    );
     // The current task owns the socket only when a system call made the change (connect,
     // listen, close, shutdown: see `Transition::made_by_syscall`); the others run in softirq or
     // timer context on whatever task was there. Its name is wanted only then.
@@ -153,12 +178,12 @@ fn on_transition(ctx: &TracePointContext) {
     entry.write(TransitionEvent {
         kind: record_kind::TRANSITION,
         _pad: 0,
-        family,
-        sport,
-        dport,
+        family: ends.family,
+        sport: ends.sport,
+        dport: ends.dport,
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: field::<u64>(ctx, tp::SKADDR),
+        skaddr: sk,
         saddr,
         daddr,
         tid: pid_tgid as u32,
@@ -211,33 +236,32 @@ pub fn tw_timer_cancel(ctx: RawTracePointContext) -> u32 {
     0
 }
 
-/// Reads kernel memory; 0 when it cannot be read.
+/// Reads kernel memory; `None` when it cannot be read.
 #[inline(always)]
-fn read_kernel<T: Copy + Default>(addr: u64) -> T {
+fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
     // SAFETY: bpf_probe_read_kernel checks the address and fails instead of faulting.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }.unwrap_or_default()
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
 }
 
 #[inline(always)]
 fn on_timer(timer: u64, action: u8) {
     let config = config();
-    let layout = config.timewait;
+    let layout = &config.layout;
     if layout.tw_timer_handler == 0 {
         return;
     }
     let function = read_kernel::<u64>(timer + u64::from(layout.timer_function));
-    if function != layout.tw_timer_handler {
+    if function != Some(layout.tw_timer_handler) {
         return;
     }
     let tw = timer - u64::from(layout.tw_timer);
-    let family = read_kernel::<u16>(tw + u64::from(layout.skc_family));
-    if config.family != 0 && family != config.family {
+    let Some(ends) = ends(tw, layout) else {
+        return;
+    };
+    if config.family != 0 && ends.family != config.family {
         return;
     }
-    // skc_num is the local port in host order, skc_dport the remote port in network order.
-    let sport = read_kernel::<u16>(tw + u64::from(layout.skc_num));
-    let dport = u16::from_be(read_kernel::<u16>(tw + u64::from(layout.skc_dport)));
-    if !ports_pass(&config, sport, dport) {
+    if !ports_pass(&config, ends.sport, ends.dport) {
         return;
     }
     count(Counter::TimewaitMatched);
@@ -245,38 +269,22 @@ fn on_timer(timer: u64, action: u8) {
         count(Counter::TimewaitLost);
         return;
     };
-    let (saddr, daddr) = if family == AF_INET6 {
-        (
-            read_kernel::<[u64; 2]>(tw + u64::from(layout.skc_v6_rcv_saddr)),
-            read_kernel::<[u64; 2]>(tw + u64::from(layout.skc_v6_daddr)),
-        )
-    } else {
-        (
-            [
-                u64::from(read_kernel::<u32>(tw + u64::from(layout.skc_rcv_saddr))),
-                0,
-            ],
-            [
-                u64::from(read_kernel::<u32>(tw + u64::from(layout.skc_daddr))),
-                0,
-            ],
-        )
-    };
+    let (saddr, daddr) = addresses(tw, &ends, layout);
     entry.write(TimewaitEvent {
         kind: record_kind::TIMEWAIT,
         action,
-        family,
-        sport,
-        dport,
-        substate: read_kernel::<u8>(tw + u64::from(layout.tw_substate)),
+        family: ends.family,
+        sport: ends.sport,
+        dport: ends.dport,
+        substate: read_kernel::<u8>(tw + u64::from(layout.tw_substate)).unwrap_or(0),
         _pad: [0; 7],
         // SAFETY: helpers without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         jiffies: unsafe { bpf_jiffies64() },
         twaddr: tw,
-        expires: read_kernel::<u64>(timer + u64::from(layout.timer_expires)),
-        saddr: words64(saddr),
-        daddr: words64(daddr),
+        expires: read_kernel::<u64>(timer + u64::from(layout.timer_expires)).unwrap_or(0),
+        saddr,
+        daddr,
     });
     entry.submit(submit_flags(&config));
 }

@@ -1,18 +1,21 @@
 //! The kernel side of a run: loads and attaches the eBPF program, hands out ring buffer records,
 //! reads the kernel counters, detaches.
 
-use std::io;
+use std::{
+    io,
+    os::fd::{AsFd as _, AsRawFd as _},
+};
 
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, RawTracePoint, TracePoint},
+    programs::{ProgramError, RawTracePoint},
 };
 use tcpclose::btf::Btf;
 use tcpclose_common::{
     AF_INET, AF_INET6, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP, PORT_FILTER_MAP,
-    PORT_LOCAL, PORT_REMOTE, TIMER_PROGRAMS, TRANSITION_PROGRAM, TimewaitLayout,
+    PORT_LOCAL, PORT_REMOTE, SocketLayout, TIMER_PROGRAMS, TRANSITION_PROGRAM, sock_common,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -46,7 +49,7 @@ impl KernelFilter {
             family,
             port_filter: u8::from(self.has_ports()),
             _pad: [0; 5],
-            timewait: TimewaitLayout::default(),
+            layout: SocketLayout::default(),
         }
     }
 
@@ -114,15 +117,16 @@ impl Tracer {
         system::check_tracepoint(&tracefs)?;
         system::raise_memlock_limit();
 
+        let btf = kernel_btf()?;
+        let btf = Btf::parse(&btf).with_context(|| format!("reading {VMLINUX_BTF}"))?;
+        let mut config = filter.config(ring_bytes);
+        config.layout = socket_layout(&btf)?;
         let timewait = if follow_timewait {
-            system::check_timer_tracepoints(&tracefs).and_then(|()| timewait_layout())
+            system::check_timer_tracepoints(&tracefs)
+                .and_then(|()| add_timewait_layout(&btf, &mut config.layout))
         } else {
             Err(anyhow!("not asked to"))
         };
-        let mut config = filter.config(ring_bytes);
-        if let Ok(layout) = &timewait {
-            config.timewait = *layout;
-        }
         let mut ebpf = EbpfLoader::new()
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(EVENTS_MAP, ring_bytes)
@@ -141,13 +145,13 @@ impl Tracer {
             }
         }
 
-        let program: &mut TracePoint = ebpf
+        let program: &mut RawTracePoint = ebpf
             .program_mut(TRANSITION_PROGRAM)
             .context("the eBPF object has no inet_sock_set_state program")?
             .try_into()?;
         program.load().map_err(explain_program_error)?;
         program
-            .attach("sock", "inet_sock_set_state")
+            .attach("inet_sock_set_state")
             .map_err(explain_program_error)
             .context("attaching to the sock:inet_sock_set_state tracepoint")?;
 
@@ -227,6 +231,28 @@ impl Tracer {
         self.ebpf = None;
     }
 
+    /// Tracepoint hits the kernel did not hand to tcpclose's programs because one was already
+    /// running on that CPU (an interrupt's softirq changed a socket's state while the program ran
+    /// in process context): BPF's recursion protection skips the nested run (`__bpf_trace_run()`)
+    /// and counts it as the program's `recursion_misses`. 0 once detached.
+    pub fn missed(&self) -> Result<u64> {
+        let Some(ebpf) = &self.ebpf else {
+            return Ok(0);
+        };
+        let mut missed = 0;
+        for (name, program) in ebpf.programs() {
+            let Ok(fd) = program.fd() else {
+                // Not loaded (timewait sockets not followed).
+                continue;
+            };
+            let path = format!("/proc/self/fdinfo/{}", fd.as_fd().as_raw_fd());
+            let info = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {path} (program {name})"))?;
+            missed += recursion_misses(&info).unwrap_or(0);
+        }
+        Ok(missed)
+    }
+
     pub fn counters(&self) -> Result<KernelCounters> {
         let sum = |counter: Counter| -> Result<u64> {
             let values = self
@@ -244,17 +270,67 @@ impl Tracer {
     }
 }
 
-/// Where the timer programs find what they read, in the running kernel: member offsets from its
-/// BTF, the timer function from kallsyms.
-fn timewait_layout() -> Result<TimewaitLayout> {
-    const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
-    let bytes = std::fs::read(VMLINUX_BTF).with_context(|| {
+/// The `recursion_misses` line of a BPF program's fdinfo (`bpf_prog_show_fdinfo()`).
+fn recursion_misses(fdinfo: &str) -> Option<u64> {
+    fdinfo
+        .lines()
+        .find_map(|line| line.strip_prefix("recursion_misses:"))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// The running kernel's BTF, where the programs' offsets come from.
+fn kernel_btf() -> Result<Vec<u8>> {
+    std::fs::read(VMLINUX_BTF).with_context(|| {
         format!(
-            "reading {VMLINUX_BTF} (the kernel describes its types there when built with \
-             CONFIG_DEBUG_INFO_BTF)"
+            "reading {VMLINUX_BTF}: tcpclose reads sockets at the offsets the kernel describes \
+             there, which needs a kernel built with CONFIG_DEBUG_INFO_BTF (every major \
+             distribution's is)"
         )
-    })?;
-    let btf = Btf::parse(&bytes).with_context(|| format!("reading {VMLINUX_BTF}"))?;
+    })
+}
+
+fn member_offset(btf: &Btf, ty: &str, member: &str) -> Result<u16> {
+    let offset = btf.member_offset(ty, member)?;
+    u16::try_from(offset).with_context(|| format!("`{ty}.{member}` is too far in"))
+}
+
+/// Where the transition program finds a socket's protocol, family, ports and addresses, in the
+/// running kernel. The programs read `struct sock_common` in two blocks whose inner layout is
+/// fixed at build time ([`sock_common`]): checked here.
+fn socket_layout(btf: &Btf) -> Result<SocketLayout> {
+    let offset = |ty: &str, member: &str| member_offset(btf, ty, member);
+    let daddr = offset("sock_common", "skc_daddr")?;
+    let v6_daddr = offset("sock_common", "skc_v6_daddr")?;
+    for (member, base, expected) in [
+        ("skc_rcv_saddr", daddr, sock_common::RCV_SADDR),
+        ("skc_dport", daddr, sock_common::DPORT),
+        ("skc_num", daddr, sock_common::NUM),
+        ("skc_family", daddr, sock_common::FAMILY),
+        ("skc_v6_rcv_saddr", v6_daddr, sock_common::V6_RCV_SADDR),
+    ] {
+        let found = usize::from(offset("sock_common", member)?);
+        if found != usize::from(base) + expected {
+            anyhow::bail!(
+                "this kernel's `struct sock_common` has `{member}` at offset {found}, tcpclose \
+                 was built for {}; this tcpclose does not support this kernel's socket layout",
+                usize::from(base) + expected
+            );
+        }
+    }
+    Ok(SocketLayout {
+        skc_daddr: daddr,
+        skc_v6_daddr: v6_daddr,
+        sk_protocol: offset("sock", "sk_protocol")?,
+        inet_sport: offset("inet_sock", "inet_sport")?,
+        ..SocketLayout::default()
+    })
+}
+
+/// Adds where the timer programs find a timewait socket's timer and substate, and the timer
+/// function they keep (from kallsyms).
+fn add_timewait_layout(btf: &Btf, layout: &mut SocketLayout) -> Result<()> {
     let timer_struct = btf.member_struct_name("inet_timewait_sock", "tw_timer")?;
     if timer_struct != Some("timer_list") {
         anyhow::bail!(
@@ -262,26 +338,17 @@ fn timewait_layout() -> Result<TimewaitLayout> {
             timer_struct.unwrap_or("non-struct")
         );
     }
-    let offset = |ty: &str, member: &str| -> Result<u16> {
-        let offset = btf.member_offset(ty, member)?;
-        u16::try_from(offset).with_context(|| format!("`{ty}.{member}` is too far in"))
-    };
-    Ok(TimewaitLayout {
-        tw_timer_handler: system::kernel_symbol("tw_timer_handler")?,
-        timer_function: offset("timer_list", "function")?,
-        timer_expires: offset("timer_list", "expires")?,
-        tw_timer: offset("inet_timewait_sock", "tw_timer")?,
-        tw_substate: offset("inet_timewait_sock", "tw_substate")?,
-        // The timewait socket starts with a `struct sock_common`, like a full socket.
-        skc_daddr: offset("sock_common", "skc_daddr")?,
-        skc_rcv_saddr: offset("sock_common", "skc_rcv_saddr")?,
-        skc_dport: offset("sock_common", "skc_dport")?,
-        skc_num: offset("sock_common", "skc_num")?,
-        skc_family: offset("sock_common", "skc_family")?,
-        skc_v6_daddr: offset("sock_common", "skc_v6_daddr")?,
-        skc_v6_rcv_saddr: offset("sock_common", "skc_v6_rcv_saddr")?,
-        _pad: [0; 2],
-    })
+    let offset = |ty: &str, member: &str| member_offset(btf, ty, member);
+    // The timewait socket starts with a `struct sock_common`, like a full socket.
+    if offset("inet_timewait_sock", "__tw_common")? != 0 {
+        anyhow::bail!("this kernel's timewait sockets do not start with their `sock_common`");
+    }
+    layout.timer_function = offset("timer_list", "function")?;
+    layout.timer_expires = offset("timer_list", "expires")?;
+    layout.tw_timer = offset("inet_timewait_sock", "tw_timer")?;
+    layout.tw_substate = offset("inet_timewait_sock", "tw_substate")?;
+    layout.tw_timer_handler = system::kernel_symbol("tw_timer_handler")?;
+    Ok(())
 }
 
 /// Whether the kernel said EPERM somewhere in `err`'s chain. (EACCES is not a privilege problem
@@ -336,6 +403,14 @@ fn explain_program_error(err: ProgramError) -> anyhow::Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_recursion_misses_from_fdinfo() {
+        let info = "pos:\t0\nflags:\t02000002\nprog_type:\t17\nrun_cnt:\t0\n\
+                    recursion_misses:\t14\nverified_insns:\t180\n";
+        assert_eq!(recursion_misses(info), Some(14));
+        assert_eq!(recursion_misses("prog_type:\t17\n"), None);
+    }
 
     #[test]
     fn port_filter_sides_merge() {

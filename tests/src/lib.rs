@@ -54,13 +54,39 @@ pub fn require_root() {
     );
 }
 
-/// A running `tcpclose --json`.
+/// A running `tcpclose --json`. Killed if dropped before it is stopped (a test that panics must
+/// not leave a tracer attached behind it, for the tests that follow).
 pub struct Tracer {
-    child: Child,
+    child: KillOnDrop,
     stdout: thread::JoinHandle<()>,
     printed: Arc<Printed>,
     stderr: mpsc::Receiver<String>,
     stderr_seen: String,
+}
+
+/// A child process, killed and reaped when dropped unless already reaped.
+struct KillOnDrop(Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
 }
 
 /// What a finished run printed.
@@ -109,7 +135,7 @@ impl Tracer {
             }
         });
         let mut tracer = Self {
-            child,
+            child: KillOnDrop(child),
             stdout,
             printed,
             stderr: rx,
@@ -239,15 +265,6 @@ impl Tracing {
     /// [`Tracer::stop`].
     pub fn stop(mut self) -> Run {
         self.0.take().expect("running").stop()
-    }
-}
-
-impl Drop for Tracing {
-    fn drop(&mut self) {
-        if let Some(tracer) = self.0.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(tracer.pid(), libc::SIGKILL) };
-        }
     }
 }
 

@@ -25,19 +25,33 @@ static SERIAL: Mutex<()> = Mutex::new(());
 /// Ids of the loaded programs and maps named like tcpclose's.
 fn ours() -> BTreeSet<(char, u32)> {
     let mut ids = BTreeSet::new();
+    // Another tracer of the test may unload between the kernel listing an id and opening it
+    // (ENOENT): that one is gone, not an error.
     for info in aya::programs::loaded_programs() {
-        let info = info.expect("listing BPF programs");
+        let info = match info {
+            Ok(info) => info,
+            Err(aya::programs::ProgramError::SyscallError(e)) if vanished(&e) => continue,
+            Err(e) => panic!("listing BPF programs: {e}"),
+        };
         if info.name_as_str().is_some_and(|n| PROGRAMS.contains(&n)) {
             ids.insert(('p', info.id()));
         }
     }
     for info in aya::maps::loaded_maps() {
-        let info = info.expect("listing BPF maps");
+        let info = match info {
+            Ok(info) => info,
+            Err(aya::maps::MapError::SyscallError(e)) if vanished(&e) => continue,
+            Err(e) => panic!("listing BPF maps: {e}"),
+        };
         if info.name_as_str().is_some_and(|n| MAPS.contains(&n)) {
             ids.insert(('m', info.id()));
         }
     }
     ids
+}
+
+fn vanished(e: &aya::sys::SyscallError) -> bool {
+    e.io_error.raw_os_error() == Some(libc::ENOENT)
 }
 
 /// Waits until none of `ids` is loaded (the kernel frees them once the last reference goes,
