@@ -1,19 +1,85 @@
 //! The correlation engine per event, with a realistic table behind it: 100k other sockets
-//! followed, hung thresholds on (as `tcpclose` runs by default).
+//! followed, hung thresholds on (as `tcpclose` runs by default); its sweep for hung sockets over
+//! such a table; and the memory the table takes (printed, from a counting allocator).
 
 mod common;
 
-use std::hint::black_box;
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    hint::black_box,
+    sync::atomic::{AtomicBool, AtomicIsize, Ordering::Relaxed},
+};
 
-use common::{Conn, Event, JIFFY_NS, MS, S, populate};
+use common::{Conn, Event, JIFFY_NS, MS, S, populate, populate_teardowns};
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use tcpclose::{
     event::Record,
-    hung::{SWEEP_NS, Thresholds},
+    hung::{REPORT_AGAIN_NS, Thresholds},
     render::{Format, TeardownPrinter, WallClock},
     states::DEFAULT_MAX_SOCKETS,
     teardown::{CloseKind, Correlator, Phase},
 };
+
+/// The system allocator, counting the bytes the heap holds while [`Counting::measure`] runs.
+struct Counting;
+
+static COUNTING: AtomicBool = AtomicBool::new(false);
+static HELD: AtomicIsize = AtomicIsize::new(0);
+static PEAK: AtomicIsize = AtomicIsize::new(0);
+
+impl Counting {
+    fn count(delta: isize) {
+        if COUNTING.load(Relaxed) {
+            let held = HELD.fetch_add(delta, Relaxed) + delta;
+            PEAK.fetch_max(held, Relaxed);
+        }
+    }
+
+    /// Runs `f`; returns what it returned, the bytes it left held, and the most it held at once.
+    fn measure<T>(f: impl FnOnce() -> T) -> (T, isize, isize) {
+        HELD.store(0, Relaxed);
+        PEAK.store(0, Relaxed);
+        COUNTING.store(true, Relaxed);
+        let value = f();
+        COUNTING.store(false, Relaxed);
+        (value, HELD.load(Relaxed), PEAK.load(Relaxed))
+    }
+}
+
+// SAFETY: every call goes to the system allocator as it came; the counters only observe.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc(layout) };
+        if !ptr.is_null() {
+            Self::count(layout.size() as isize);
+        }
+        ptr
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        Self::count(-(layout.size() as isize));
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let ptr = unsafe { System.alloc_zeroed(layout) };
+        if !ptr.is_null() {
+            Self::count(layout.size() as isize);
+        }
+        ptr
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let new = unsafe { System.realloc(ptr, layout, new_size) };
+        if !new.is_null() {
+            Self::count(new_size as isize - layout.size() as isize);
+        }
+        new
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// Sockets already followed when the measured connections come and go.
 const BACKGROUND: u32 = 100_000;
@@ -137,19 +203,61 @@ fn correlate(c: &mut Criterion) {
     g.finish();
 }
 
-/// The sweep for hung sockets (at most every `SWEEP_NS`) over 100k followed sockets, none due:
-/// the steady state. The table's sockets began far after `now`, so that however many sweeps
-/// run, none crosses a threshold and every sweep does the same work.
+/// A table of 100k followed sockets in their teardown (see [`populate_teardowns`]), begun so far
+/// ahead of the sweeps (31 years) that none is ever due, and two more sockets hung since 0: a
+/// CLOSE_WAIT leak (a full socket) and an orphaned FIN_WAIT2 (a timewait socket).
+fn teardown_table(thresholds: Thresholds) -> Correlator {
+    let mut engine = Correlator::watching(DEFAULT_MAX_SOCKETS, thresholds);
+    populate_teardowns(&mut engine, BACKGROUND, 1_000_000_000 * S);
+    let mut out = Vec::new();
+    for ev in Conn::new(FIRST)
+        .server(0)
+        .iter()
+        .take(3)
+        .chain(&Conn::new(FIRST + 1).orphan(0))
+    {
+        ev.feed(&mut engine, &mut out);
+    }
+    assert!(out.is_empty());
+    engine
+}
+
+/// The sweep for hung sockets over 100k followed sockets. In the steady state no socket is due:
+/// the tables are not even visited. When one is (here a hung socket reported again in each of
+/// the two swept tables, every `REPORT_AGAIN_NS`), its table is swept whole: the cost per socket
+/// of a pass, with the default thresholds (TIME_WAIT not watched) and with every phase watched.
 fn poll_hung(c: &mut Criterion) {
-    let mut engine = Correlator::watching(DEFAULT_MAX_SOCKETS, Thresholds::DEFAULT);
-    populate(&mut engine, BACKGROUND, 1_000_000 * S);
-    let mut alerts = Vec::new();
     let mut g = c.benchmark_group("sweep_100k");
     g.throughput(Throughput::Elements(u64::from(BACKGROUND)));
+    let mut every_phase = Thresholds::DEFAULT;
+    every_phase.set(Phase::TimeWait, Some(120 * S));
+    for (name, thresholds) in [
+        ("default_thresholds", Thresholds::DEFAULT),
+        ("every_phase_watched", every_phase),
+    ] {
+        let mut engine = teardown_table(thresholds);
+        let mut alerts = Vec::new();
+        // Past both hangs' thresholds (90 s at most): each sweep from now on reports both.
+        let mut now = 200 * S;
+        g.bench_function(format!("full_pass_{name}"), |b| {
+            b.iter(|| {
+                now += REPORT_AGAIN_NS;
+                engine.poll_hung(now, &mut alerts);
+                assert_eq!(alerts.len(), 2, "{alerts:#?}");
+                alerts.clear();
+            })
+        });
+    }
+    // The steady state: the tracer's ticks (every 50 ms; a sweep is due every 2 s with the
+    // default thresholds) while no socket is due. The table began 127 years ahead: no run of
+    // the benchmark gets there.
+    let mut engine = Correlator::watching(DEFAULT_MAX_SOCKETS, Thresholds::DEFAULT);
+    populate_teardowns(&mut engine, BACKGROUND, 4_000_000_000 * S);
+    let mut alerts = Vec::new();
     let mut now = 0;
-    g.bench_function("poll_hung", |b| {
+    g.bench_function("ticks_none_due", |b| {
         b.iter(|| {
-            now += SWEEP_NS;
+            now += 50 * MS;
             engine.poll_hung(now, &mut alerts);
         })
     });
@@ -157,7 +265,7 @@ fn poll_hung(c: &mut Criterion) {
     g.bench_function("expire", |b| {
         let mut done = Vec::new();
         b.iter(|| {
-            now += SWEEP_NS;
+            now += 50 * MS;
             engine.expire(now, &mut done);
         });
         assert!(done.is_empty());
@@ -182,5 +290,37 @@ fn poll_hung(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, correlate, poll_hung);
+/// What 100k followed sockets in their teardown weigh (printed: heap bytes held once the table is
+/// filled, and at most while it fills, as the tables grow), and how long filling takes.
+fn memory(c: &mut Criterion) {
+    let (engine, held, peak) = Counting::measure(|| {
+        let mut engine = Correlator::watching(DEFAULT_MAX_SOCKETS, Thresholds::DEFAULT);
+        populate_teardowns(&mut engine, BACKGROUND, 1_000 * S);
+        engine
+    });
+    let per_socket = |bytes: isize| bytes as f64 / f64::from(BACKGROUND);
+    println!(
+        "memory_100k: {held} bytes held ({:.0} per followed socket), {peak} at most while \
+         filling ({:.0} per socket)",
+        per_socket(held),
+        per_socket(peak),
+    );
+    drop(engine);
+    let mut g = c.benchmark_group("memory_100k");
+    g.throughput(Throughput::Elements(u64::from(BACKGROUND)));
+    g.sample_size(10);
+    g.bench_function("fill", |b| {
+        b.iter_batched(
+            || Correlator::watching(DEFAULT_MAX_SOCKETS, Thresholds::DEFAULT),
+            |mut engine| {
+                populate_teardowns(&mut engine, BACKGROUND, 1_000 * S);
+                engine
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, correlate, poll_hung, memory);
 criterion_main!(benches);

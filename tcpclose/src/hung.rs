@@ -50,6 +50,13 @@ impl Thresholds {
     pub fn is_empty(&self) -> bool {
         self.0.iter().all(Option::is_none)
     }
+
+    /// How often the engine looks for hung sockets, so that a report comes at most this late:
+    /// a tenth of the shortest threshold, within [`SWEEP_MIN_NS`] and [`SWEEP_MAX_NS`].
+    pub fn sweep_ns(&self) -> u64 {
+        let shortest = self.0.iter().flatten().min().copied().unwrap_or(u64::MAX);
+        (shortest / 10).clamp(SWEEP_MIN_NS, SWEEP_MAX_NS)
+    }
 }
 
 impl fmt::Display for Thresholds {
@@ -109,8 +116,13 @@ pub enum AlertKind {
 /// A still-hung socket is reported again every so often, never more often than this.
 pub const REPORT_AGAIN_NS: u64 = 60_000_000_000;
 
-/// How often the engine looks for hung sockets: a report comes at most this late.
-pub const SWEEP_NS: u64 = 200_000_000;
+/// The engine looks for hung sockets at most this often ([`Thresholds::sweep_ns`]): thresholds
+/// of a second or two are reported within a fifth of a second.
+pub const SWEEP_MIN_NS: u64 = 200_000_000;
+
+/// The engine looks for hung sockets at least this often ([`Thresholds::sweep_ns`]), however
+/// long the thresholds.
+pub const SWEEP_MAX_NS: u64 = 2_000_000_000;
 
 /// Who leaks: per process and teardown state, the sockets hung now and the new ones over an
 /// interval. Fed with every alert once its owner is known.
@@ -295,6 +307,24 @@ mod tests {
         let report = v.report(1);
         assert_eq!(report.len(), 2);
         assert_eq!((report[0].hung_now, report[0].new), (5, 0));
+    }
+
+    #[test]
+    fn the_sweep_is_a_tenth_of_the_shortest_threshold_within_bounds() {
+        let s = 1_000_000_000;
+        let with = |phase, ns| {
+            let mut t = Thresholds::DEFAULT;
+            t.set(phase, Some(ns));
+            t
+        };
+        // The defaults' shortest is 30 s: every 2 s, the longest interval.
+        assert_eq!(Thresholds::DEFAULT.sweep_ns(), SWEEP_MAX_NS);
+        assert_eq!(with(Phase::TimeWait, 5 * s).sweep_ns(), s / 2);
+        // What the tests against the kernel use (1 s, 2 s): every 200 ms, as always.
+        assert_eq!(with(Phase::FinWait2, s).sweep_ns(), SWEEP_MIN_NS);
+        assert_eq!(with(Phase::CloseWait, 2 * s).sweep_ns(), SWEEP_MIN_NS);
+        assert_eq!(with(Phase::LastAck, 0).sweep_ns(), SWEEP_MIN_NS);
+        assert_eq!(Thresholds::NONE.sweep_ns(), SWEEP_MAX_NS);
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //!   (`tw_timer_handler`): armed by `inet_twsk_schedule`, fired at expiry, cancelled when the
 //!   socket is killed early (reuse, RST).
 
-use std::net::SocketAddr;
+use std::{
+    fmt,
+    hash::{Hash, Hasher},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 // The tables are looked up several times per event: foldhash is several times faster than the
 // standard SipHash for these keys, and still seeded per process (the 4-tuples come partly from
@@ -20,7 +24,7 @@ use foldhash::{HashMap, HashMapExt as _};
 
 use crate::{
     event::{Family, Task, TcpState, TimerAction, TimewaitTimer, Transition},
-    hung::{Alert, AlertKind, REPORT_AGAIN_NS, SWEEP_NS, SocketKey, Thresholds},
+    hung::{Alert, AlertKind, REPORT_AGAIN_NS, SocketKey, Thresholds},
 };
 
 /// TCP_TIMEWAIT_LEN: TIME_WAIT lasts 60 s from the peer's FIN (`include/net/tcp.h`), fixed.
@@ -117,18 +121,38 @@ impl Phase {
 
 /// Duration of each phase a connection went through; absent where it did not pass or where
 /// tcpclose did not see it whole.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Phases([Option<u64>; 6]);
+///
+/// Kept in 48 bytes (every followed socket holds one): an absent phase is `u64::MAX`, a duration
+/// no phase reaches (584 years); [`Phases::add`] stops just short of it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Phases([u64; 6]);
+
+impl Default for Phases {
+    fn default() -> Self {
+        Self([Self::ABSENT; 6])
+    }
+}
+
+impl fmt::Debug for Phases {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.iter().map(|(phase, ns)| (phase.name(), ns)))
+            .finish()
+    }
+}
 
 impl Phases {
+    const ABSENT: u64 = u64::MAX;
+
     pub fn get(&self, phase: Phase) -> Option<u64> {
-        self.0[phase as usize]
+        let ns = self.0[phase as usize];
+        (ns != Self::ABSENT).then_some(ns)
     }
 
     /// Adds `ns` to `phase` (a connection may pass through a phase more than once).
     pub fn add(&mut self, phase: Phase, ns: u64) {
-        let slot = &mut self.0[phase as usize];
-        *slot = Some(slot.unwrap_or(0) + ns);
+        let total = self.get(phase).unwrap_or(0).saturating_add(ns);
+        self.0[phase as usize] = total.min(Self::ABSENT - 1);
     }
 
     /// Phases present, in the order of [`Phase::ALL`].
@@ -175,27 +199,145 @@ pub struct Teardown {
     pub timewait_end: Option<TimewaitEnd>,
 }
 
-/// A connection's life so far.
+/// A kernel time (CLOCK_MONOTONIC ns) that may be unknown, in the 8 bytes of the time where an
+/// `Option<u64>` takes 16: unknown is `u64::MAX`, which that clock does not reach (584 years of
+/// uptime).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct MaybeNs(u64);
+
+impl MaybeNs {
+    const UNKNOWN: Self = Self(u64::MAX);
+
+    fn at(ns: u64) -> Self {
+        Self(ns)
+    }
+
+    fn get(self) -> Option<u64> {
+        (self != Self::UNKNOWN).then_some(self.0)
+    }
+
+    fn is_known(self) -> bool {
+        self != Self::UNKNOWN
+    }
+
+    fn take(&mut self) -> Option<u64> {
+        std::mem::replace(self, Self::UNKNOWN).get()
+    }
+}
+
+/// The kernel's jiffy (1 s / CONFIG_HZ), as the resolution of a phase timed from a timer's
+/// expiry, or none. A jiffy is at most 10 ms (HZ >= 100): 4 bytes hold it (a nonsensical one
+/// beyond 4.29 s is kept as that).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Resolution(u32);
+
+impl Resolution {
+    const NONE: Self = Self(u32::MAX);
+
+    fn of_jiffy(jiffy_ns: u64) -> Self {
+        Self(
+            u32::try_from(jiffy_ns)
+                .unwrap_or(u32::MAX - 1)
+                .min(u32::MAX - 1),
+        )
+    }
+
+    fn get(self) -> Option<u64> {
+        (self != Self::NONE).then_some(u64::from(self.0))
+    }
+}
+
+/// A connection's 4-tuple as the engine keeps it: 38 bytes where two `SocketAddr`s take 64 (an
+/// IPv4 address in the first 4 of its 16 bytes). The kernel's records carry neither IPv6 flow
+/// label nor scope id (the decoder and sock_diag leave them 0), so nothing is lost.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Tuple {
+    local_ip: [u8; 16],
+    remote_ip: [u8; 16],
+    local_port: u16,
+    remote_port: u16,
+    /// Bit 0: the local address is IPv6; bit 1: the remote one.
+    ipv6: u8,
+}
+
+impl Hash for Tuple {
+    // Hashed in three words rather than byte slices with their lengths: a lookup per event.
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        state.write_u128(u128::from_ne_bytes(self.local_ip));
+        state.write_u128(u128::from_ne_bytes(self.remote_ip));
+        state.write_u64(
+            u64::from(self.local_port)
+                | u64::from(self.remote_port) << 16
+                | u64::from(self.ipv6) << 32,
+        );
+    }
+}
+
+impl Tuple {
+    fn new(local: &SocketAddr, remote: &SocketAddr) -> Self {
+        fn bytes(ip: IpAddr) -> ([u8; 16], u8) {
+            match ip {
+                IpAddr::V4(v4) => {
+                    let mut out = [0; 16];
+                    out[..4].copy_from_slice(&v4.octets());
+                    (out, 0)
+                }
+                IpAddr::V6(v6) => (v6.octets(), 1),
+            }
+        }
+        let (local_ip, local_v6) = bytes(local.ip());
+        let (remote_ip, remote_v6) = bytes(remote.ip());
+        Self {
+            local_ip,
+            remote_ip,
+            local_port: local.port(),
+            remote_port: remote.port(),
+            ipv6: local_v6 | remote_v6 << 1,
+        }
+    }
+
+    fn local(&self) -> SocketAddr {
+        Self::addr(&self.local_ip, self.local_port, self.ipv6 & 1 != 0)
+    }
+
+    fn remote(&self) -> SocketAddr {
+        Self::addr(&self.remote_ip, self.remote_port, self.ipv6 & 2 != 0)
+    }
+
+    fn addr(ip: &[u8; 16], port: u16, ipv6: bool) -> SocketAddr {
+        let ip = if ipv6 {
+            IpAddr::V6(Ipv6Addr::from(*ip))
+        } else {
+            IpAddr::V4(Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]))
+        };
+        SocketAddr::new(ip, port)
+    }
+}
+
+/// A connection's life so far. Every followed socket holds one (in a [`Handoff`] once on its
+/// timewait socket), so it is kept compact: see [`MaybeNs`], [`Tuple`], [`Phases`].
 #[derive(Clone, Debug)]
 struct Life {
+    tuple: Tuple,
     family: Family,
-    local: SocketAddr,
-    remote: SocketAddr,
     side: Option<Side>,
-    born_ns: Option<u64>,
     complete: bool,
+    /// Its TCP state; once handed to a timewait socket, the timewait socket's substate as last
+    /// seen: FIN_WAIT2 (orphaned, the peer's FIN is still to come) or TIME_WAIT.
     state: TcpState,
-    /// When it entered `state`, if seen.
-    since_ns: Option<u64>,
-    close: Option<CloseKind>,
-    teardown_start_ns: Option<u64>,
-    phases: Phases,
-    owner: Option<Task>,
-    last_ns: u64,
-    /// When it was last reported hung in its current phase.
-    hung_at_ns: Option<u64>,
     /// `since_ns` is when tcpclose first saw it in `state`, which it may have entered earlier.
     since_is_lower_bound: bool,
+    close: Option<CloseKind>,
+    born_ns: MaybeNs,
+    /// When it entered `state`, if seen. Every transition changes the state, so this is also its
+    /// last event, which the eviction of the idlest goes by (a followed full socket has seen at
+    /// least one: it is known there).
+    since_ns: MaybeNs,
+    teardown_start_ns: MaybeNs,
+    /// When it was last reported hung in its current phase.
+    hung_at_ns: MaybeNs,
+    phases: Phases,
+    owner: Option<Task>,
 }
 
 /// A socket that existed before tracing began, as a snapshot of the kernel's sockets shows it.
@@ -209,19 +351,17 @@ pub struct ExistingSocket {
     pub seen_ns: u64,
 }
 
-/// A full socket handed to a timewait socket, waiting for the timewait socket's end.
+/// A full socket handed to a timewait socket, waiting for the timewait socket's end. The
+/// timewait socket's substate is the life's `state`.
 #[derive(Clone, Debug)]
 struct Handoff {
     life: Life,
     /// The full socket's `-> CLOSE`.
     at_ns: u64,
-    /// The timewait socket's substate as last seen: FIN_WAIT2 (orphaned, the peer's FIN is still
-    /// to come) or TIME_WAIT.
-    substate: TcpState,
     /// When TIME_WAIT began, once known.
-    time_wait_from_ns: Option<u64>,
+    time_wait_from_ns: MaybeNs,
     /// Set when `time_wait_from_ns` was derived from the timer's expiry in jiffies.
-    resolution_ns: Option<u64>,
+    resolution: Resolution,
     /// `time_wait_from_ns` is an estimate from outside (sock_diag), to be replaced by the
     /// timer's expiry when the timer fires.
     provisional: bool,
@@ -245,23 +385,30 @@ pub struct Losses {
 pub struct Correlator {
     lives: HashMap<u64, Life>,
     /// Full sockets just handed over, by 4-tuple, waiting for their timewait socket's timer.
-    handoffs: HashMap<(SocketAddr, SocketAddr), Handoff>,
+    handoffs: HashMap<Tuple, Handoff>,
     /// Timewait sockets followed, by address.
     timewait: HashMap<u64, Handoff>,
     /// Timewait sockets seen before the full socket's `-> CLOSE` (tcp_time_wait() arms the timer
     /// in inet_twsk_schedule() before tcp_done() closes the full socket), by 4-tuple: their
     /// events, replayed when the handoff comes.
-    unclaimed: HashMap<(SocketAddr, SocketAddr), Vec<TimewaitTimer>>,
+    unclaimed: HashMap<Tuple, Vec<TimewaitTimer>>,
     /// Sockets in a teardown state found at start-up, by 4-tuple, until an event reveals their
     /// kernel address.
-    existing: HashMap<(SocketAddr, SocketAddr), Life>,
+    existing: HashMap<Tuple, Life>,
     /// Timewait sockets whose timer was cancelled: killed, unless the timer is queued again or
     /// fires within [`CANCEL_GRACE_NS`].
     cancelled: PendingCancels,
     max_sockets: usize,
     thresholds: Thresholds,
+    /// The thresholds by state, for the sweep.
+    watched: WatchedStates,
+    /// How often the tables are swept for hung sockets: [`Thresholds::sweep_ns`].
+    sweep_ns: u64,
     /// When the tables were last swept for hung sockets.
     swept_ns: Option<u64>,
+    /// The earliest time a socket of each table may be due for a hung report: a table is swept
+    /// only once it has come.
+    due: DueReports,
     alerts: Vec<Alert>,
     /// How long a handoff waits for its timewait socket to appear before it is emitted without.
     handoff_wait_ns: u64,
@@ -278,8 +425,11 @@ impl Correlator {
     /// [`Correlator::poll_hung`].
     pub fn watching(max_sockets: usize, thresholds: Thresholds) -> Self {
         Self {
+            watched: WatchedStates::new(&thresholds),
+            sweep_ns: thresholds.sweep_ns(),
             thresholds,
             swept_ns: None,
+            due: DueReports::NONE,
             alerts: Vec::new(),
             lives: HashMap::new(),
             handoffs: HashMap::new(),
@@ -317,25 +467,24 @@ impl Correlator {
             self.losses.evicted += 1;
             return;
         }
-        let key = (s.local, s.remote);
+        let tuple = Tuple::new(&s.local, &s.remote);
         let life = Life {
+            tuple,
             family: s.family,
-            local: s.local,
-            remote: s.remote,
             side: None,
-            born_ns: None,
             complete: false,
             state: s.state,
-            since_ns: Some(s.seen_ns),
+            since_is_lower_bound: true,
             close: None,
-            teardown_start_ns: None,
+            born_ns: MaybeNs::UNKNOWN,
+            since_ns: MaybeNs::at(s.seen_ns),
+            teardown_start_ns: MaybeNs::UNKNOWN,
+            hung_at_ns: MaybeNs::UNKNOWN,
             phases: Phases::default(),
             owner: None,
-            last_ns: s.seen_ns,
-            hung_at_ns: None,
-            since_is_lower_bound: true,
         };
-        self.existing.insert(key, life);
+        self.due.lower_existing(life.next_report(&self.watched));
+        self.existing.insert(tuple, life);
     }
 
     pub fn is_empty(&self) -> bool {
@@ -351,13 +500,14 @@ impl Correlator {
         let Some(handoff) = self.timewait.get_mut(&twaddr) else {
             return false;
         };
-        if handoff.substate != TcpState::FinWait2 {
+        if handoff.life.state != TcpState::FinWait2 {
             return false;
         }
-        handoff.substate = TcpState::TimeWait;
-        handoff.time_wait_from_ns = Some(since_ns.max(handoff.at_ns));
+        handoff.life.state = TcpState::TimeWait;
+        handoff.time_wait_from_ns = MaybeNs::at(since_ns.max(handoff.at_ns));
         handoff.provisional = true;
-        handoff.life.hung_at_ns = None;
+        handoff.life.hung_at_ns = MaybeNs::UNKNOWN;
+        self.due.lower_timewait(handoff.next_report(&self.watched));
         true
     }
 
@@ -384,7 +534,7 @@ impl Correlator {
             return;
         };
         if withdraw {
-            old.life.hung_at_ns = None;
+            old.life.hung_at_ns = MaybeNs::UNKNOWN;
         }
         let before = old.phase();
         let end_ns = match cancel {
@@ -411,8 +561,9 @@ impl Correlator {
             counts[life.state as usize] += 1;
         }
         for handoff in self.timewait.values() {
-            if matches!(handoff.substate, TcpState::FinWait2 | TcpState::TimeWait) {
-                counts[handoff.substate as usize] += 1;
+            let substate = handoff.life.state;
+            if matches!(substate, TcpState::FinWait2 | TcpState::TimeWait) {
+                counts[substate as usize] += 1;
             }
         }
         TcpState::ALL
@@ -451,47 +602,46 @@ impl Correlator {
                 self.losses.unfinished += 1;
             }
             self.make_room();
+            // SYN_SENT and SYN_RECV are no teardown phase: nothing to watch yet.
             self.lives.insert(
                 t.skaddr,
                 Life {
+                    tuple: Tuple::new(&t.local, &t.remote),
                     family: t.family,
-                    local: t.local,
-                    remote: t.remote,
                     side: Some(side),
-                    born_ns: Some(t.ts_ns),
                     complete: true,
                     state: t.new,
-                    since_ns: Some(t.ts_ns),
+                    since_is_lower_bound: false,
                     close: None,
-                    teardown_start_ns: None,
+                    born_ns: MaybeNs::at(t.ts_ns),
+                    since_ns: MaybeNs::at(t.ts_ns),
+                    teardown_start_ns: MaybeNs::UNKNOWN,
+                    hung_at_ns: MaybeNs::UNKNOWN,
                     phases: Phases::default(),
                     owner: t.owner().copied(),
-                    last_ns: t.ts_ns,
-                    hung_at_ns: None,
-                    since_is_lower_bound: false,
                 },
             );
             return;
         }
 
-        if !self.lives.contains_key(&t.skaddr) {
-            let found = if self.existing.is_empty() {
-                None
-            } else {
-                self.existing.remove(&(t.local, t.remote))
-            };
-            let life = match found {
-                // Found at start-up, now moving on: the same socket.
-                Some(existing) if existing.state == t.old => existing,
-                // Found at start-up already in `t.new`: this event came before the snapshot, and
-                // times the state better than the snapshot did.
-                _ => Life::first_seen(t),
-            };
-            self.make_room();
-            self.lives.insert(t.skaddr, life);
-        }
-        let Some(life) = self.lives.get_mut(&t.skaddr) else {
-            return;
+        let life = match self.lives.get_mut(&t.skaddr) {
+            Some(life) => life,
+            None => {
+                let found = if self.existing.is_empty() {
+                    None
+                } else {
+                    self.existing.remove(&Tuple::new(&t.local, &t.remote))
+                };
+                let life = match found {
+                    // Found at start-up, now moving on: the same socket.
+                    Some(existing) if existing.state == t.old => existing,
+                    // Found at start-up already in `t.new`: this event came before the snapshot,
+                    // and times the state better than the snapshot did.
+                    _ => Life::first_seen(t),
+                };
+                self.make_room();
+                self.lives.entry(t.skaddr).or_insert(life)
+            }
         };
         let before = life.phase();
         life.advance(t);
@@ -509,6 +659,7 @@ impl Correlator {
             );
         }
         if t.new != Close {
+            self.due.lower_full(life.next_report(&self.watched));
             return;
         }
         let Some(life) = self.lives.remove(&t.skaddr) else {
@@ -517,7 +668,7 @@ impl Correlator {
         match t.old {
             // tcp_time_wait(): the rest happens on a timewait socket.
             FinWait2 | Closing => {
-                let key = (life.local, life.remote);
+                let key = life.tuple;
                 if let Some(previous) = self.handoffs.insert(key, Handoff::new(life, t.ts_ns)) {
                     self.losses.timewait_unseen += 1;
                     out.push(previous.without_timewait());
@@ -532,11 +683,11 @@ impl Correlator {
 
     /// Feeds one timewait timer event; pushes the teardowns it completes onto `out`.
     pub fn on_timewait(&mut self, ev: &TimewaitTimer, out: &mut Vec<Teardown>) {
-        self.end_if_replaced(ev, out);
-        let first = !self.timewait.contains_key(&ev.twaddr);
+        let first = !self.end_if_replaced(ev, out);
         if first {
-            let Some(handoff) = self.handoffs.remove(&(ev.local, ev.remote)) else {
-                if let Some(mut life) = self.existing.remove(&(ev.local, ev.remote)) {
+            let tuple = Tuple::new(&ev.local, &ev.remote);
+            let Some(handoff) = self.handoffs.remove(&tuple) else {
+                if let Some(mut life) = self.existing.remove(&tuple) {
                     // A timewait socket found at start-up: its first timer event is its end (or a
                     // move; either way it is no longer where it was found hung).
                     let before = life.phase();
@@ -550,7 +701,7 @@ impl Correlator {
                     );
                     return;
                 }
-                self.keep_unclaimed(ev);
+                self.keep_unclaimed(ev, tuple);
                 return;
             };
             self.make_room();
@@ -563,7 +714,11 @@ impl Correlator {
         // Before the first timer event the handoff's phase is unknown: a hang carried over from
         // the full socket is judged against the phase the timer reveals.
         let before = if first {
-            handoff.life.hung_at_ns.map(|_| handoff.carried_phase())
+            handoff
+                .life
+                .hung_at_ns
+                .is_known()
+                .then(|| handoff.carried_phase())
         } else {
             handoff.phase()
         };
@@ -580,6 +735,7 @@ impl Correlator {
                     after,
                     ev.ts_ns,
                 );
+                self.due.lower_timewait(handoff.next_report(&self.watched));
             }
             // Judged by what follows: see `expire`.
             TimerAction::Cancelled => {
@@ -594,6 +750,7 @@ impl Correlator {
                         after,
                         ev.ts_ns,
                     );
+                    self.due.lower_timewait(handoff.next_report(&self.watched));
                 }
             }
             TimerAction::Fired => {
@@ -617,35 +774,61 @@ impl Correlator {
 
     /// Pushes onto `out` the alerts due at `now_ns`: sockets that have stayed in their phase
     /// longer than its threshold (or were reported at least [`REPORT_AGAIN_NS`] ago and are still
-    /// there), and reported sockets that have moved on since the last call. The tables are swept
-    /// at most every [`SWEEP_NS`]: a sweep costs a pass over the followed sockets and nothing is
+    /// there), and reported sockets that have moved on since the last call.
+    ///
+    /// The tables are swept at most every [`Thresholds::sweep_ns`] (a tenth of the shortest
+    /// threshold: a report comes at most that late), and a table only once one of its sockets
+    /// may be due: each table keeps the earliest time one of them is, found by the sweep and
+    /// lowered whenever a socket changes phase. A socket healthy churn moves on before its
+    /// threshold costs no sweep; a sweep that does run costs a pass over its table. Nothing is
     /// kept per socket in between, so memory stays bounded by the table whatever the churn.
     pub fn poll_hung(&mut self, now_ns: u64, out: &mut Vec<Alert>) {
         let due = self
             .swept_ns
-            .is_none_or(|swept| now_ns.saturating_sub(swept) >= SWEEP_NS);
+            .is_none_or(|swept| now_ns.saturating_sub(swept) >= self.sweep_ns);
         if due && !self.thresholds.is_empty() {
             self.swept_ns = Some(now_ns);
-            let t = &self.thresholds;
-            for (sk, life) in &mut self.lives {
-                let phase = life.phase();
-                check_hung(t, life, phase, SocketKey::Full(*sk), now_ns, out);
+            let watched = &self.watched;
+            if now_ns >= self.due.full {
+                let mut next = u64::MAX;
+                for (sk, life) in &mut self.lives {
+                    // Most are in ESTABLISHED or the handshake, no teardown phase: judged by
+                    // their state alone.
+                    let Some(threshold) = watched.threshold(life.state) else {
+                        continue;
+                    };
+                    let phase = life.phase();
+                    let key = SocketKey::Full(*sk);
+                    next = next.min(check_hung(threshold, life, phase, key, now_ns, out));
+                }
+                self.due.full = next;
             }
-            for (tw, handoff) in &mut self.timewait {
-                let phase = handoff.phase();
-                check_hung(
-                    t,
-                    &mut handoff.life,
-                    phase,
-                    SocketKey::Timewait(*tw),
-                    now_ns,
-                    out,
-                );
+            if now_ns >= self.due.timewait {
+                let mut next = u64::MAX;
+                for (tw, handoff) in &mut self.timewait {
+                    // Mostly in TIME_WAIT, which lasts its fixed 60 s and is not watched unless
+                    // asked for: judged by their substate alone.
+                    let Some(threshold) = watched.threshold(handoff.life.state) else {
+                        continue;
+                    };
+                    let phase = handoff.phase();
+                    let key = SocketKey::Timewait(*tw);
+                    let life = &mut handoff.life;
+                    next = next.min(check_hung(threshold, life, phase, key, now_ns, out));
+                }
+                self.due.timewait = next;
             }
-            for ((local, remote), life) in &mut self.existing {
-                let phase = life.phase();
-                let key = SocketKey::Existing(*local, *remote);
-                check_hung(t, life, phase, key, now_ns, out);
+            if now_ns >= self.due.existing {
+                let mut next = u64::MAX;
+                for (tuple, life) in &mut self.existing {
+                    let Some(threshold) = watched.threshold(life.state) else {
+                        continue;
+                    };
+                    let phase = life.phase();
+                    let key = SocketKey::Existing(tuple.local(), tuple.remote());
+                    next = next.min(check_hung(threshold, life, phase, key, now_ns, out));
+                }
+                self.due.existing = next;
             }
         }
         out.append(&mut self.alerts);
@@ -658,20 +841,22 @@ impl Correlator {
     /// substate going back from TIME_WAIT to FIN_WAIT2 (tcp_timewait_state_process() only ever
     /// moves it forward) means a new socket: the old one ended at its cancel (or, without one,
     /// unseen). A new socket on the same 4-tuple armed within microseconds of the kill is caught
-    /// earlier, by its full socket's transitions: see [`Correlator::end_killed_by`].
-    fn end_if_replaced(&mut self, ev: &TimewaitTimer, out: &mut Vec<Teardown>) {
+    /// earlier, by its full socket's transitions: see [`Correlator::end_killed_by`]. Returns
+    /// whether a timewait socket followed at `ev`'s address is still there (the same one).
+    fn end_if_replaced(&mut self, ev: &TimewaitTimer, out: &mut Vec<Teardown>) -> bool {
         let Some(known) = self.timewait.get(&ev.twaddr) else {
-            return;
+            return false;
         };
         let cancel = self.cancelled.get(ev.twaddr);
-        let other_tuple = (known.life.local, known.life.remote) != (ev.local, ev.remote);
+        let other_tuple = known.life.tuple != Tuple::new(&ev.local, &ev.remote);
         let late_arming = ev.action == TimerAction::Armed
             && cancel.is_some_and(|c| ev.ts_ns.saturating_sub(c.ts_ns) > MOVE_NS);
-        let went_back = known.substate == TcpState::TimeWait && ev.substate == TcpState::FinWait2;
+        let went_back = known.life.state == TcpState::TimeWait && ev.substate == TcpState::FinWait2;
         if !other_tuple && !late_arming && !went_back {
-            return;
+            return true;
         }
         self.end_unseen(ev.twaddr, ev.ts_ns, false, out);
+        false
     }
 
     /// A full socket on the 4-tuple of a timewait socket whose timer was just cancelled: the
@@ -680,7 +865,7 @@ impl Correlator {
     /// the new connection's own timewait socket, which the slab may place at the same address
     /// microseconds later, could pass for a timer move.
     fn end_killed_by(&mut self, t: &Transition, out: &mut Vec<Teardown>) {
-        if let Some(twaddr) = self.cancelled.on_tuple(&(t.local, t.remote)) {
+        if let Some(twaddr) = self.cancelled.on_tuple(&Tuple::new(&t.local, &t.remote)) {
             self.end_unseen(twaddr, t.ts_ns, false, out);
         }
     }
@@ -688,8 +873,7 @@ impl Correlator {
     /// Keeps the events of a timewait socket created just now, whose full socket's `-> CLOSE` is
     /// still to come. Timewait sockets that were already there when tracing began are not
     /// kept: their first event is not an arming.
-    fn keep_unclaimed(&mut self, ev: &TimewaitTimer) {
-        let key = (ev.local, ev.remote);
+    fn keep_unclaimed(&mut self, ev: &TimewaitTimer, key: Tuple) {
         match self.unclaimed.get_mut(&key) {
             // A handful of events at most before the handoff (armed, maybe moved).
             Some(events) if events.len() < 8 => {
@@ -755,7 +939,7 @@ impl Correlator {
         let mut idle: Vec<(u64, bool, u64)> = self
             .lives
             .iter()
-            .map(|(k, l)| (l.last_ns, false, *k))
+            .map(|(k, l)| (l.since_ns.get().unwrap_or(0), false, *k))
             .chain(self.timewait.iter().map(|(k, h)| (h.at_ns, true, *k)))
             .collect();
         let n = (self.max_sockets / 8).max(1).min(idle.len());
@@ -780,7 +964,7 @@ impl Correlator {
 #[derive(Debug, Default)]
 struct PendingCancels {
     by_addr: HashMap<u64, TimewaitTimer>,
-    by_tuple: HashMap<(SocketAddr, SocketAddr), u64>,
+    by_tuple: HashMap<Tuple, u64>,
 }
 
 impl PendingCancels {
@@ -793,7 +977,8 @@ impl PendingCancels {
     fn note(&mut self, ev: &TimewaitTimer) {
         if let std::collections::hash_map::Entry::Vacant(slot) = self.by_addr.entry(ev.twaddr) {
             slot.insert(*ev);
-            self.by_tuple.insert((ev.local, ev.remote), ev.twaddr);
+            self.by_tuple
+                .insert(Tuple::new(&ev.local, &ev.remote), ev.twaddr);
         }
     }
 
@@ -803,7 +988,7 @@ impl PendingCancels {
 
     fn take(&mut self, twaddr: u64) -> Option<TimewaitTimer> {
         let ev = self.by_addr.remove(&twaddr)?;
-        let tuple = (ev.local, ev.remote);
+        let tuple = Tuple::new(&ev.local, &ev.remote);
         if self.by_tuple.get(&tuple) == Some(&twaddr) {
             self.by_tuple.remove(&tuple);
         }
@@ -811,7 +996,7 @@ impl PendingCancels {
     }
 
     /// The timewait socket on `tuple` with a pending cancel, if any.
-    fn on_tuple(&self, tuple: &(SocketAddr, SocketAddr)) -> Option<u64> {
+    fn on_tuple(&self, tuple: &Tuple) -> Option<u64> {
         self.by_tuple.get(tuple).copied()
     }
 
@@ -825,31 +1010,86 @@ impl PendingCancels {
     }
 }
 
-/// Reports `life` if it has stayed in `phase` past its threshold, or again if it was reported
-/// [`REPORT_AGAIN_NS`] ago and is still there.
+/// The hung thresholds by TCP state, for the sweep: a socket's state alone tells whether it can
+/// hang, without working out its phase.
+#[derive(Clone, Copy, Debug)]
+struct WatchedStates([Option<u64>; 13]);
+
+impl WatchedStates {
+    fn new(thresholds: &Thresholds) -> Self {
+        let mut by_state = [None; 13];
+        for phase in Phase::ALL {
+            by_state[phase.state() as usize] = thresholds.get(phase);
+        }
+        Self(by_state)
+    }
+
+    /// The threshold of the phase a socket in `state` is in (a full socket's state, or a timewait
+    /// socket's substate), if that phase is watched.
+    fn threshold(&self, state: TcpState) -> Option<u64> {
+        self.0[state as usize]
+    }
+}
+
+/// The earliest time a socket of each swept table may be due for a hung report (`u64::MAX`:
+/// none can be). Each is the earliest of the table's sockets at its last sweep, lowered since by
+/// every socket that changed phase there; sockets that left only make it earlier than needed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct DueReports {
+    full: u64,
+    timewait: u64,
+    existing: u64,
+}
+
+impl DueReports {
+    const NONE: Self = Self {
+        full: u64::MAX,
+        timewait: u64::MAX,
+        existing: u64::MAX,
+    };
+
+    fn lower_full(&mut self, due_ns: u64) {
+        self.full = self.full.min(due_ns);
+    }
+
+    fn lower_timewait(&mut self, due_ns: u64) {
+        self.timewait = self.timewait.min(due_ns);
+    }
+
+    fn lower_existing(&mut self, due_ns: u64) {
+        self.existing = self.existing.min(due_ns);
+    }
+}
+
+/// When a socket in its phase since `since_ns` is due for a hung report: once `threshold` has
+/// passed, then [`REPORT_AGAIN_NS`] after each report.
+fn report_due(threshold: u64, since_ns: u64, hung_at_ns: MaybeNs) -> u64 {
+    match hung_at_ns.get() {
+        Some(at) => at.saturating_add(REPORT_AGAIN_NS),
+        None => since_ns.saturating_add(threshold),
+    }
+}
+
+/// Reports `life` if it has stayed in `phase` past `threshold` (its phase's), or again if it
+/// was reported [`REPORT_AGAIN_NS`] ago and is still there. Returns when it is due next
+/// (`u64::MAX`: never, its phase's start being unknown).
 fn check_hung(
-    thresholds: &Thresholds,
+    threshold: u64,
     life: &mut Life,
     phase: Option<(Phase, u64, bool)>,
     key: SocketKey,
     now_ns: u64,
     out: &mut Vec<Alert>,
-) {
+) -> u64 {
     let Some((phase, since_ns, lower_bound)) = phase else {
-        return;
+        return u64::MAX;
     };
-    let Some(threshold) = thresholds.get(phase) else {
-        return;
-    };
-    let due = match life.hung_at_ns {
-        Some(at) => at.saturating_add(REPORT_AGAIN_NS),
-        None => since_ns.saturating_add(threshold),
-    };
+    let due = report_due(threshold, since_ns, life.hung_at_ns);
     if now_ns < due {
-        return;
+        return due;
     }
-    let again = life.hung_at_ns.is_some();
-    life.hung_at_ns = Some(now_ns);
+    let again = life.hung_at_ns.is_known();
+    life.hung_at_ns = MaybeNs::at(now_ns);
     out.push(life.alert(
         AlertKind::Hung {
             age_ns: now_ns.saturating_sub(since_ns),
@@ -861,6 +1101,7 @@ fn check_hung(
         key,
         now_ns,
     ));
+    report_due(threshold, since_ns, life.hung_at_ns)
 }
 
 /// A followed socket went from phase `before` to phase `after` (either may be none) at `ts_ns`:
@@ -895,28 +1136,37 @@ impl Life {
     /// A socket first seen mid-life: what it did before is unknown.
     fn first_seen(t: &Transition) -> Self {
         Self {
+            tuple: Tuple::new(&t.local, &t.remote),
             family: t.family,
-            local: t.local,
-            remote: t.remote,
             side: None,
-            born_ns: None,
             complete: false,
             state: t.old,
-            since_ns: None,
+            since_is_lower_bound: false,
             close: None,
-            teardown_start_ns: None,
+            born_ns: MaybeNs::UNKNOWN,
+            since_ns: MaybeNs::UNKNOWN,
+            teardown_start_ns: MaybeNs::UNKNOWN,
+            hung_at_ns: MaybeNs::UNKNOWN,
             phases: Phases::default(),
             owner: None,
-            last_ns: t.ts_ns,
-            hung_at_ns: None,
-            since_is_lower_bound: false,
         }
     }
 
     /// The teardown phase it is in, since when, and whether that is a lower bound.
     fn phase(&self) -> Option<(Phase, u64, bool)> {
         let phase = Phase::of(self.state)?;
-        Some((phase, self.since_ns?, self.since_is_lower_bound))
+        Some((phase, self.since_ns.get()?, self.since_is_lower_bound))
+    }
+
+    /// When it is due for a hung report in its phase (`u64::MAX`: never).
+    fn next_report(&self, watched: &WatchedStates) -> u64 {
+        let Some(threshold) = watched.threshold(self.state) else {
+            return u64::MAX;
+        };
+        match self.phase() {
+            Some((_, since_ns, _)) => report_due(threshold, since_ns, self.hung_at_ns),
+            None => u64::MAX,
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -936,8 +1186,8 @@ impl Life {
             since_ns,
             since_is_lower_bound,
             family: self.family,
-            local: self.local,
-            remote: self.remote,
+            local: self.tuple.local(),
+            remote: self.tuple.remote(),
             owner: self.owner,
             key,
         }
@@ -948,10 +1198,11 @@ impl Life {
         if self.state != t.old {
             // An event was lost: the time in `t.old` is unknown.
             self.complete = false;
-            self.since_ns = None;
+            self.since_ns = MaybeNs::UNKNOWN;
         }
         let in_old = self
             .since_ns
+            .get()
             .filter(|_| !self.since_is_lower_bound)
             .and_then(|since| t.ts_ns.checked_sub(since));
         if let Some(phase) = Phase::of(t.old) {
@@ -962,15 +1213,14 @@ impl Life {
         }
         // connect() reports CLOSE -> SYN_SENT before the local port is chosen.
         if t.local.port() != 0 {
-            self.local = t.local;
-            self.remote = t.remote;
+            self.tuple = Tuple::new(&t.local, &t.remote);
         }
         if let Some(owner) = t.owner() {
             self.owner = Some(*owner);
         }
         let close = match (t.old, t.new) {
             (Established, FinWait1) | (Established, CloseWait) => {
-                self.teardown_start_ns = Some(t.ts_ns);
+                self.teardown_start_ns = MaybeNs::at(t.ts_ns);
                 Some(if t.new == FinWait1 {
                     CloseKind::Active
                 } else {
@@ -980,7 +1230,9 @@ impl Life {
             (FinWait1, Closing) => Some(CloseKind::Simultaneous),
             (SynSent | SynRecv, Close) => Some(CloseKind::Failed),
             (Established | CloseWait | FinWait1, Close) => {
-                self.teardown_start_ns.get_or_insert(t.ts_ns);
+                if !self.teardown_start_ns.is_known() {
+                    self.teardown_start_ns = MaybeNs::at(t.ts_ns);
+                }
                 Some(CloseKind::Reset)
             }
             _ => None,
@@ -997,24 +1249,24 @@ impl Life {
             };
         }
         self.state = t.new;
-        self.since_ns = Some(t.ts_ns);
+        self.since_ns = MaybeNs::at(t.ts_ns);
         self.since_is_lower_bound = false;
-        self.last_ns = t.ts_ns;
     }
 
     fn finish(self, end_ns: u64) -> Teardown {
         Teardown {
             end_ns,
             family: self.family,
-            local: self.local,
-            remote: self.remote,
+            local: self.tuple.local(),
+            remote: self.tuple.remote(),
             side: self.side,
             close: self.close.unwrap_or(CloseKind::Reset),
             phases: self.phases,
             teardown_ns: self
                 .teardown_start_ns
+                .get()
                 .and_then(|start| end_ns.checked_sub(start)),
-            lifetime_ns: self.born_ns.and_then(|born| end_ns.checked_sub(born)),
+            lifetime_ns: self.born_ns.get().and_then(|born| end_ns.checked_sub(born)),
             complete: self.complete,
             owner: self.owner,
             resolution_ns: None,
@@ -1026,23 +1278,34 @@ impl Life {
 impl Handoff {
     fn new(life: Life, at_ns: u64) -> Self {
         Self {
-            // CLOSING -> CLOSE and FIN_WAIT2 -> CLOSE after the peer's FIN both hand over in
-            // TIME_WAIT; an orphaned FIN_WAIT2 hands over in FIN_WAIT2. The timer says which.
-            substate: life.state,
+            // The life's state is CLOSE for now: CLOSING -> CLOSE and FIN_WAIT2 -> CLOSE after
+            // the peer's FIN both hand over in TIME_WAIT; an orphaned FIN_WAIT2 hands over in
+            // FIN_WAIT2. The timer says which.
             life,
             at_ns,
-            time_wait_from_ns: None,
+            time_wait_from_ns: MaybeNs::UNKNOWN,
+            resolution: Resolution::NONE,
             provisional: false,
-            resolution_ns: None,
         }
     }
 
     /// The phase the timewait socket is in, since when, and whether that is a lower bound.
     fn phase(&self) -> Option<(Phase, u64, bool)> {
-        match self.substate {
-            TcpState::TimeWait => Some((Phase::TimeWait, self.time_wait_from_ns?, false)),
+        match self.life.state {
+            TcpState::TimeWait => Some((Phase::TimeWait, self.time_wait_from_ns.get()?, false)),
             TcpState::FinWait2 => Some(self.carried_phase()),
             _ => None,
+        }
+    }
+
+    /// When it is due for a hung report in its phase (`u64::MAX`: never).
+    fn next_report(&self, watched: &WatchedStates) -> u64 {
+        let Some(threshold) = watched.threshold(self.life.state) else {
+            return u64::MAX;
+        };
+        match self.phase() {
+            Some((_, since_ns, _)) => report_due(threshold, since_ns, self.life.hung_at_ns),
+            None => u64::MAX,
         }
     }
 
@@ -1057,27 +1320,27 @@ impl Handoff {
 
     fn observe_timer(&mut self, ev: &TimewaitTimer, first: bool) {
         if ev.substate != TcpState::TimeWait
-            || (self.time_wait_from_ns.is_some() && !self.provisional)
+            || (self.time_wait_from_ns.is_known() && !self.provisional)
         {
-            self.substate = ev.substate;
+            self.life.state = ev.substate;
             return;
         }
-        self.time_wait_from_ns = Some(if first && ev.action == TimerAction::Armed {
+        self.time_wait_from_ns = MaybeNs::at(if first && ev.action == TimerAction::Armed {
             // Created in TIME_WAIT (tcp_time_wait(TCP_TIME_WAIT)): it began at the handoff.
             self.at_ns
-        } else if self.substate == TcpState::FinWait2 && ev.action == TimerAction::Armed {
+        } else if self.life.state == TcpState::FinWait2 && ev.action == TimerAction::Armed {
             // tcp_timewait_state_process() re-armed the timer on the peer's FIN.
             ev.ts_ns
         } else {
             // The FIN re-armed the timer without a visible `timer_start` (same wheel bucket), or
             // the start was missed: TIME_WAIT began TCP_TIMEWAIT_LEN before the expiry it set.
-            self.resolution_ns = Some(ev.jiffy_ns);
+            self.resolution = Resolution::of_jiffy(ev.jiffy_ns);
             ev.expires_ns
                 .saturating_sub(TIMEWAIT_LEN_NS)
                 .max(self.at_ns)
         });
         self.provisional = false;
-        self.substate = TcpState::TimeWait;
+        self.life.state = TcpState::TimeWait;
     }
 
     /// The teardown when its timewait socket was never seen: what the full socket showed.
@@ -1091,7 +1354,7 @@ impl Handoff {
     fn into_teardown(self, end_ns: u64, how: TimewaitEnd) -> Teardown {
         let mut teardown = self.life.finish(end_ns);
         teardown.timewait_end = Some(how);
-        match self.time_wait_from_ns {
+        match self.time_wait_from_ns.get() {
             Some(from) => {
                 // An orphaned FIN_WAIT2 went on from the handoff to the peer's FIN (the full
                 // socket's part was counted up to the handoff).
@@ -1101,7 +1364,7 @@ impl Handoff {
                 teardown
                     .phases
                     .add(Phase::TimeWait, end_ns.saturating_sub(from));
-                teardown.resolution_ns = self.resolution_ns;
+                teardown.resolution_ns = self.resolution.get();
             }
             None => {
                 // Still FIN_WAIT2 at the end: the peer never sent its FIN.
@@ -1565,7 +1828,8 @@ mod tests {
         feed(&mut c, 1, &OPEN);
         feed(&mut c, 1, &[(100, Established, CloseWait)]);
         assert!(poll(&mut c, 1_000).is_empty());
-        // Swept at most every SWEEP_NS: reported at the first sweep past the threshold.
+        // Swept every 200 ms (a tenth of 1 s, raised to SWEEP_MIN_NS): reported at the first sweep
+        // past the threshold.
         assert!(poll(&mut c, 1_150).is_empty(), "not swept again yet");
         let hung = poll(&mut c, 1_200);
         assert_eq!(hung.len(), 1, "{hung:?}");
@@ -1766,80 +2030,148 @@ mod tests {
         assert!(c.is_empty());
     }
 
-    /// Random event streams (states, orders, clocks, timers, snapshots in any combination) never
-    /// make the engine panic or outgrow its cap, and what it reports stays self-consistent.
-    #[test]
-    fn random_streams_keep_the_engine_sound() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: u64| {
+    /// One step of a random event stream.
+    enum Step {
+        Transition(Transition),
+        Timewait(TimewaitTimer),
+        Existing(ExistingSocket),
+        /// sock_diag shows the timewait socket in TIME_WAIT since then.
+        InTimeWait(u64, u64),
+        /// sock_diag no longer shows the timewait socket.
+        Gone(u64),
+    }
+
+    /// Random event streams: states, orders, clocks (mostly forward, sometimes backwards),
+    /// timers, snapshots and sock_diag's word in any combination, over 64 sockets, 64 4-tuples
+    /// and 16 timewait socket addresses.
+    struct RandomStream {
+        seed: u64,
+        now: u64,
+    }
+
+    impl RandomStream {
+        fn new() -> Self {
+            Self {
+                seed: 0x9e37_79b9_7f4a_7c15,
+                now: 0,
+            }
+        }
+
+        fn next(&mut self, n: u64) -> u64 {
             // xorshift64*
-            seed ^= seed >> 12;
-            seed ^= seed << 25;
-            seed ^= seed >> 27;
-            seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
-        };
-        let t = Thresholds::DEFAULT;
-        let mut c = Correlator::watching(32, t);
-        let (mut out, mut alerts) = (Vec::new(), Vec::new());
-        let mut now = 0u64;
-        let tuple = |n: u64| SocketAddr::new([10, 0, 0, 1].into(), 40_000 + n as u16);
-        for _ in 0..200_000 {
-            // Mostly forward, sometimes backwards.
-            now = if next(50) == 0 {
-                now.saturating_sub(next(1_000) * MS)
+            self.seed ^= self.seed >> 12;
+            self.seed ^= self.seed << 25;
+            self.seed ^= self.seed >> 27;
+            self.seed.wrapping_mul(0x2545_f491_4f6c_dd1d) % n
+        }
+
+        /// The next step, at `self.now`, and whether time-driven work is due after it.
+        fn step(&mut self) -> (Step, bool) {
+            let tuple = |n: u64| SocketAddr::new([10, 0, 0, 1].into(), 40_000 + n as u16);
+            self.now = if self.next(50) == 0 {
+                let back = self.next(1_000) * MS;
+                self.now.saturating_sub(back)
             } else {
-                now + next(5_000) * MS
+                self.now + self.next(5_000) * MS
             };
-            match next(10) {
+            let now = self.now;
+            let step = match self.next(12) {
                 0..=6 => {
-                    let sk = next(64);
-                    let tr = Transition {
+                    let sk = self.next(64);
+                    Step::Transition(Transition {
                         ts_ns: now,
                         skaddr: sk,
                         family: Family::Ipv4,
                         local: tuple(sk),
                         remote: SERVER.parse().unwrap(),
-                        old: TcpState::ALL[next(12) as usize],
-                        new: TcpState::ALL[next(12) as usize],
+                        old: TcpState::ALL[self.next(12) as usize],
+                        new: TcpState::ALL[self.next(12) as usize],
                         task: Task::new(1, 1, "x"),
-                    };
-                    c.on_transition(&tr, &mut out);
+                    })
                 }
                 7 | 8 => {
-                    let n = next(64);
-                    let ev = TimewaitTimer {
+                    let n = self.next(64);
+                    Step::Timewait(TimewaitTimer {
                         ts_ns: now,
-                        twaddr: 0x1000 + next(16),
+                        twaddr: 0x1000 + self.next(16),
                         family: Family::Ipv4,
                         local: tuple(n),
                         remote: SERVER.parse().unwrap(),
-                        substate: [FinWait2, TimeWait][next(2) as usize],
+                        substate: [FinWait2, TimeWait][self.next(2) as usize],
                         action: [
                             TimerAction::Armed,
                             TimerAction::Fired,
                             TimerAction::Cancelled,
-                        ][next(3) as usize],
-                        expires_ns: now + next(70_000) * MS,
+                        ][self.next(3) as usize],
+                        expires_ns: now + self.next(70_000) * MS,
                         jiffy_ns: 4 * MS,
-                    };
-                    c.on_timewait(&ev, &mut out);
+                    })
                 }
+                10 => {
+                    let since = now.saturating_sub(self.next(60_000) * MS);
+                    Step::InTimeWait(0x1000 + self.next(16), since)
+                }
+                11 => Step::Gone(0x1000 + self.next(16)),
                 _ => {
-                    let n = next(64);
-                    c.adopt_existing(&ExistingSocket {
+                    let n = self.next(64);
+                    Step::Existing(ExistingSocket {
                         family: Family::Ipv4,
                         local: tuple(n),
                         remote: SERVER.parse().unwrap(),
-                        state: TcpState::ALL[next(12) as usize],
+                        state: TcpState::ALL[self.next(12) as usize],
                         seen_ns: now,
-                    });
+                    })
                 }
+            };
+            (step, self.next(20) == 0)
+        }
+    }
+
+    impl Step {
+        fn feed(&self, c: &mut Correlator, now: u64, out: &mut Vec<Teardown>) {
+            match *self {
+                Step::Transition(ref t) => c.on_transition(t, out),
+                Step::Timewait(ref ev) => c.on_timewait(ev, out),
+                Step::Existing(ref s) => c.adopt_existing(s),
+                Step::InTimeWait(twaddr, since) => {
+                    c.timewait_in_time_wait(twaddr, since);
+                }
+                Step::Gone(twaddr) => c.timewait_gone(twaddr, now, out),
             }
-            if next(20) == 0 {
-                c.expire(now, &mut out);
-                c.poll_hung(now, &mut alerts);
+        }
+    }
+
+    impl Correlator {
+        /// Checks that no socket is due for a hung report before its table's due time, which
+        /// would let the sweep skip it.
+        fn assert_due_reports_hold(&self) {
+            let w = &self.watched;
+            let full = self.lives.values().map(|l| l.next_report(w)).min();
+            let timewait = self.timewait.values().map(|h| h.next_report(w)).min();
+            let existing = self.existing.values().map(|l| l.next_report(w)).min();
+            assert!(self.due.full <= full.unwrap_or(u64::MAX), "{:?}", self.due);
+            assert!(self.due.timewait <= timewait.unwrap_or(u64::MAX));
+            assert!(self.due.existing <= existing.unwrap_or(u64::MAX));
+        }
+    }
+
+    /// Random event streams (states, orders, clocks, timers, snapshots in any combination) never
+    /// make the engine panic or outgrow its cap, and what it reports stays self-consistent.
+    #[test]
+    fn random_streams_keep_the_engine_sound() {
+        let t = Thresholds::DEFAULT;
+        let mut c = Correlator::watching(32, t);
+        let (mut out, mut alerts) = (Vec::new(), Vec::new());
+        let mut stream = RandomStream::new();
+        for _ in 0..200_000 {
+            let (step, tick) = stream.step();
+            step.feed(&mut c, stream.now, &mut out);
+            if tick {
+                c.expire(stream.now, &mut out);
+                c.poll_hung(stream.now, &mut alerts);
             }
             assert!(c.len() <= 32 + 8, "{} followed", c.len());
+            c.assert_due_reports_hold();
             for r in out.drain(..) {
                 if let (Some(total), Some(life)) = (r.teardown_ns, r.lifetime_ns) {
                     assert!(total <= life || !r.complete, "{r:?}");
@@ -1862,6 +2194,164 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The sweep skips the tables where no socket is due yet: over random streams, it reports
+    /// exactly what a sweep of every socket at every sweep does.
+    #[test]
+    fn skipping_tables_not_due_misses_no_report() {
+        let mut t = thresholds(&[
+            (Phase::FinWait1, 3_000),
+            (Phase::FinWait2, 1_000),
+            (Phase::TimeWait, 20_000),
+            (Phase::CloseWait, 2_000),
+        ]);
+        let only_time_wait = thresholds(&[(Phase::TimeWait, 5_000)]);
+        for thresholds in [Thresholds::DEFAULT, only_time_wait, t, {
+            t.set(Phase::TimeWait, None);
+            t
+        }] {
+            let mut skipping = Correlator::watching(32, thresholds);
+            let mut every = Correlator::watching(32, thresholds);
+            let mut stream = RandomStream::new();
+            let (mut out, mut expected_out) = (Vec::new(), Vec::new());
+            let mut reported = 0;
+            for _ in 0..100_000 {
+                let (step, tick) = stream.step();
+                step.feed(&mut skipping, stream.now, &mut out);
+                step.feed(&mut every, stream.now, &mut expected_out);
+                if !tick {
+                    continue;
+                }
+                skipping.expire(stream.now, &mut out);
+                every.expire(stream.now, &mut expected_out);
+                let (mut alerts, mut expected) = (Vec::new(), Vec::new());
+                skipping.poll_hung(stream.now, &mut alerts);
+                every.due = DueReports {
+                    full: 0,
+                    timewait: 0,
+                    existing: 0,
+                };
+                every.poll_hung(stream.now, &mut expected);
+                // The tables' order of iteration differs from one engine to the other.
+                let sorted = |v: &mut Vec<Alert>| {
+                    let mut v: Vec<String> = v.drain(..).map(|a| format!("{a:?}")).collect();
+                    v.sort();
+                    v
+                };
+                reported += expected.len();
+                assert_eq!(sorted(&mut alerts), sorted(&mut expected));
+                assert_eq!(out.len(), expected_out.len());
+                out.clear();
+                expected_out.clear();
+            }
+            assert!(
+                reported > 100,
+                "{reported} alerts: the streams hang sockets"
+            );
+        }
+    }
+
+    #[test]
+    fn the_sweep_interval_follows_the_shortest_threshold() {
+        // A 20 s threshold: swept every 2 s (a report at most 2 s late).
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 20_000)]));
+        assert_eq!(c.sweep_ns, 2_000 * MS);
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &[(100, Established, CloseWait)]);
+        let mut reported = Vec::new();
+        for ms in (0..25_000).step_by(50) {
+            let alerts = poll(&mut c, ms);
+            if !alerts.is_empty() {
+                reported.push((ms, alerts));
+            }
+        }
+        // Swept at 0, 2 s, ..., 20 s: due at 20.1 s, reported at the sweep of 22 s.
+        assert_eq!(reported.len(), 1, "{reported:?}");
+        let (at, alerts) = &reported[0];
+        assert_eq!(*at, 22_000);
+        assert_eq!(
+            alerts[0].kind,
+            AlertKind::Hung {
+                age_ns: 21_900 * MS,
+                again: false
+            }
+        );
+        // A short threshold is swept for every fifth of a second at most.
+        let c = Correlator::watching(64, thresholds(&[(Phase::LastAck, 500)]));
+        assert_eq!(c.sweep_ns, 200 * MS);
+    }
+
+    #[test]
+    fn a_phase_without_a_threshold_is_never_reported() {
+        // Only FIN_WAIT1 watched: a CLOSE_WAIT leak, a LAST_ACK and TIME_WAIT held for minutes
+        // raise nothing, and the tables where nothing can hang are not swept at all.
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::FinWait1, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, TimeWait, TimerAction::Armed, 600_101);
+        feed(&mut c, 2, &OPEN);
+        feed(&mut c, 2, &[(100, Established, CloseWait)]);
+        feed(&mut c, 3, &OPEN);
+        feed(
+            &mut c,
+            3,
+            &[(100, Established, CloseWait), (200, CloseWait, LastAck)],
+        );
+        assert_eq!(c.len(), 3);
+        // Socket 1 went through FIN_WAIT1, due at 1.1 s had it stayed: its table is swept once
+        // after (every 200 ms: at 1.2 s), and found with nothing that can hang.
+        assert_eq!(c.due.full, 1_100 * MS);
+        assert_eq!(c.due.timewait, u64::MAX);
+        for ms in (0..600_000).step_by(50) {
+            assert!(poll(&mut c, ms).is_empty(), "at {ms} ms");
+            if ms >= 1_200 {
+                assert_eq!(c.due, DueReports::NONE, "at {ms} ms");
+            }
+        }
+        // A socket in FIN_WAIT1 can: the full sockets' table is due then.
+        feed(&mut c, 4, &OPEN);
+        feed(&mut c, 4, &[(600_000, Established, FinWait1)]);
+        assert_eq!(c.due.full, 601_000 * MS);
+        assert_eq!(c.due.timewait, u64::MAX);
+        assert_eq!(poll(&mut c, 601_000).len(), 1);
+        // Reported: due again REPORT_AGAIN_NS later.
+        assert_eq!(c.due.full, 601_000 * MS + REPORT_AGAIN_NS);
+    }
+
+    #[test]
+    fn followed_sockets_stay_compact() {
+        // What a followed socket costs in its table, besides the key: see `Life`.
+        assert!(size_of::<Life>() <= 152, "{}", size_of::<Life>());
+        assert!(size_of::<Handoff>() <= 176, "{}", size_of::<Handoff>());
+        assert!(size_of::<Phases>() == 48);
+        assert!(size_of::<Tuple>() <= 38);
+        let v6 = |s: &str| s.parse::<SocketAddr>().unwrap();
+        for (local, remote) in [
+            (v6("10.0.0.1:40000"), v6("10.0.0.2:80")),
+            (v6("[2001:db8::1]:40000"), v6("[::ffff:10.0.0.2]:80")),
+            (v6("[::1]:1"), v6("127.0.0.1:0")),
+        ] {
+            let tuple = Tuple::new(&local, &remote);
+            assert_eq!((tuple.local(), tuple.remote()), (local, remote));
+        }
+        let mut p = Phases::default();
+        assert_eq!(p.iter().count(), 0);
+        p.add(Phase::LastAck, 0);
+        p.add(Phase::FinWait1, 5);
+        p.add(Phase::FinWait1, 7);
+        assert_eq!(p.get(Phase::FinWait1), Some(12));
+        assert_eq!(p.get(Phase::LastAck), Some(0));
+        assert_eq!(p.get(Phase::TimeWait), None);
+        p.add(Phase::TimeWait, u64::MAX);
+        assert!(p.get(Phase::TimeWait).is_some(), "saturates, still present");
+        assert_eq!(
+            format!("{p:?}"),
+            format!(
+                "{{\"FIN_WAIT1\": 12, \"TIME_WAIT\": {}, \"LAST_ACK\": 0}}",
+                u64::MAX - 1
+            )
+        );
     }
 
     #[test]

@@ -145,13 +145,23 @@ impl Conn {
     }
 
     fn timer(&self, ts_ns: u64, action: TimerAction, expires_ns: u64) -> Event {
+        self.timer_in(TcpState::TimeWait, ts_ns, action, expires_ns)
+    }
+
+    fn timer_in(
+        &self,
+        substate: TcpState,
+        ts_ns: u64,
+        action: TimerAction,
+        expires_ns: u64,
+    ) -> Event {
         Event::Timewait(TimewaitTimer {
             ts_ns,
             twaddr: self.twaddr,
             family: Family::Ipv4,
             local: self.local,
             remote: self.remote,
-            substate: TcpState::TimeWait,
+            substate,
             action,
             expires_ns,
             jiffy_ns: JIFFY_NS,
@@ -172,6 +182,32 @@ impl Conn {
             self.timer(fin, TimerAction::Armed, fin + 60 * S),
             self.transition(fin, FinWait2, Close),
             self.timer(fin + 60 * S, TimerAction::Fired, fin + 60 * S),
+        ]
+    }
+
+    /// A client's close that the peer does not answer with its FIN: FIN_WAIT2 goes on, orphaned,
+    /// on the timewait socket until tcp_fin_timeout (60 s); it ends there.
+    pub fn orphan(&self, t0: u64) -> [Event; 6] {
+        use TcpState::*;
+        let ack = t0 + 100 * MS + MS;
+        [
+            self.transition(t0, Close, SynSent),
+            self.transition(t0 + MS, SynSent, Established),
+            self.transition(t0 + 100 * MS, Established, FinWait1),
+            self.transition(ack, FinWait1, FinWait2),
+            self.timer_in(FinWait2, ack, TimerAction::Armed, ack + 60 * S),
+            self.transition(ack, FinWait2, Close),
+        ]
+    }
+
+    /// A simultaneous close: both FINs cross, CLOSING until the last ACK.
+    pub fn simultaneous(&self, t0: u64) -> [Event; 4] {
+        use TcpState::*;
+        [
+            self.transition(t0, Close, SynSent),
+            self.transition(t0 + MS, SynSent, Established),
+            self.transition(t0 + 100 * MS, Established, FinWait1),
+            self.transition(t0 + 100 * MS, FinWait1, Closing),
         ]
     }
 
@@ -199,6 +235,31 @@ pub fn populate(c: &mut Correlator, n: u32, t0: u64) {
             0 | 1 => &conn.client(t0)[..2],
             2 => &conn.server(t0)[..3],
             _ => &conn.client(t0)[..6],
+        };
+        for ev in events {
+            ev.feed(c, &mut out);
+        }
+    }
+    assert!(out.is_empty(), "{out:#?}");
+    assert_eq!(c.len(), n as usize);
+}
+
+/// Puts `n` sockets into `c`, all in a teardown phase, begun at `t0` and none finished: half
+/// full sockets (FIN_WAIT1, FIN_WAIT2 after a half close, CLOSING, CLOSE_WAIT, LAST_ACK), half
+/// on their timewait socket (four in five in TIME_WAIT, one an orphaned FIN_WAIT2). Their numbers
+/// are `0..n`.
+pub fn populate_teardowns(c: &mut Correlator, n: u32, t0: u64) {
+    let mut out = Vec::new();
+    for i in 0..n {
+        let conn = Conn::new(i);
+        let events: &[Event] = match i % 10 {
+            0 => &conn.client(t0)[..3],
+            1 => &conn.client(t0)[..4],
+            2 => &conn.simultaneous(t0),
+            3 => &conn.server(t0)[..3],
+            4 => &conn.server(t0)[..4],
+            5..=8 => &conn.client(t0)[..6],
+            _ => &conn.orphan(t0),
         };
         for ev in events {
             ev.feed(c, &mut out);
