@@ -4,14 +4,12 @@ use std::{
     borrow::Cow,
     fmt::Write as _,
     io::{self, Write},
-    net::IpAddr,
 };
 
 use jiff::{Timestamp, tz::TimeZone};
-use serde::Serialize;
 
 use super::{Format, WallClock};
-use crate::teardown::{CloseKind, Phase, Phases, Side, Teardown, TimewaitEnd};
+use crate::teardown::{CloseKind, Phase, Side, Teardown, TimewaitEnd};
 
 /// Writes [`Teardown`] records as aligned text (optionally coloured) or JSON lines.
 pub struct TeardownPrinter {
@@ -24,29 +22,9 @@ pub struct TeardownPrinter {
     addr_width: usize,
     /// Reused per line.
     line: String,
-}
-
-#[derive(Serialize)]
-struct TeardownRecord<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    time: Timestamp,
-    ts_ns: u64,
-    family: &'static str,
-    laddr: IpAddr,
-    lport: u16,
-    raddr: IpAddr,
-    rport: u16,
-    side: Option<&'static str>,
-    close: &'static str,
-    phases: PhasesJson<'a>,
-    teardown_ns: Option<u64>,
-    lifetime_ns: Option<u64>,
-    complete: bool,
-    pid: Option<u32>,
-    comm: Option<Cow<'a, str>>,
-    resolution_ns: Option<u64>,
-    timewait_end: Option<&'static str>,
+    /// Reused per JSON line.
+    json: Vec<u8>,
+    time: TimeText,
 }
 
 const RED: &str = "\x1b[31m";
@@ -66,37 +44,18 @@ impl TeardownPrinter {
             header_done: false,
             addr_width: 21,
             line: String::new(),
+            json: Vec::new(),
+            time: TimeText::default(),
         }
     }
 
     pub fn print(&mut self, out: &mut impl Write, t: &Teardown) -> io::Result<()> {
         match self.format {
             Format::Json => {
-                let record = TeardownRecord {
-                    kind: "teardown",
-                    time: self.clock.timestamp(t.end_ns),
-                    ts_ns: t.end_ns,
-                    family: t.family.name(),
-                    laddr: t.local.ip(),
-                    lport: t.local.port(),
-                    raddr: t.remote.ip(),
-                    rport: t.remote.port(),
-                    side: t.side.map(side_name),
-                    close: t.close.name(),
-                    phases: PhasesJson(&t.phases),
-                    teardown_ns: t.teardown_ns,
-                    lifetime_ns: t.lifetime_ns,
-                    complete: t.complete,
-                    pid: t.owner.map(|o| o.pid),
-                    comm: t.owner.as_ref().map(|o| o.comm()),
-                    resolution_ns: t.resolution_ns,
-                    timewait_end: t.timewait_end.map(|end| match end {
-                        TimewaitEnd::Expired => "expired",
-                        TimewaitEnd::Killed => "killed",
-                    }),
-                };
-                serde_json::to_writer(&mut *out, &record)?;
-                out.write_all(b"\n")
+                let line = &mut self.json;
+                line.clear();
+                write_json(line, &mut self.time, self.clock.timestamp(t.end_ns), t)?;
+                out.write_all(line)
             }
             Format::Text => self.print_text(out, t),
         }
@@ -174,17 +133,145 @@ impl TeardownPrinter {
     }
 }
 
-/// The phases as a JSON object, in the order of [`Phase::ALL`], without building a map.
-struct PhasesJson<'a>(&'a Phases);
-
-impl Serialize for PhasesJson<'_> {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeMap as _;
-        let mut map = serializer.serialize_map(None)?;
-        for (phase, ns) in self.0.iter() {
-            map.serialize_entry(phase.name(), &ns)?;
+/// One teardown as a JSON line (the record's contract: field names and order, `null` for what is
+/// unknown). Written by hand rather than through serde: at full churn this is the tracer's
+/// hottest output, and only `comm` needs escaping.
+fn write_json(
+    line: &mut Vec<u8>,
+    time: &mut TimeText,
+    at: Timestamp,
+    t: &Teardown,
+) -> io::Result<()> {
+    line.extend_from_slice(b"{\"type\":\"teardown\",\"time\":\"");
+    time.write(line, at)?;
+    line.extend_from_slice(b"\",\"ts_ns\":");
+    json_u64(line, Some(t.end_ns));
+    line.extend_from_slice(b",\"family\":");
+    json_str(line, Some(t.family.name()));
+    line.extend_from_slice(b",\"laddr\":");
+    json_ip(line, t.local.ip())?;
+    line.extend_from_slice(b",\"lport\":");
+    json_u64(line, Some(t.local.port().into()));
+    line.extend_from_slice(b",\"raddr\":");
+    json_ip(line, t.remote.ip())?;
+    line.extend_from_slice(b",\"rport\":");
+    json_u64(line, Some(t.remote.port().into()));
+    line.extend_from_slice(b",\"side\":");
+    json_str(line, t.side.map(side_name));
+    line.extend_from_slice(b",\"close\":");
+    json_str(line, Some(t.close.name()));
+    line.extend_from_slice(b",\"phases\":{");
+    for (i, (phase, ns)) in t.phases.iter().enumerate() {
+        if i > 0 {
+            line.push(b',');
         }
-        map.end()
+        json_str(line, Some(phase.name()));
+        line.push(b':');
+        json_u64(line, Some(ns));
+    }
+    line.extend_from_slice(b"},\"teardown_ns\":");
+    json_u64(line, t.teardown_ns);
+    line.extend_from_slice(b",\"lifetime_ns\":");
+    json_u64(line, t.lifetime_ns);
+    line.extend_from_slice(if t.complete {
+        b",\"complete\":true,\"pid\":"
+    } else {
+        b",\"complete\":false,\"pid\":"
+    });
+    json_u64(line, t.owner.map(|o| u64::from(o.pid)));
+    line.extend_from_slice(b",\"comm\":");
+    match &t.owner {
+        // Any bytes a task may name itself: escaped as JSON strings must be.
+        Some(owner) => serde_json::to_writer(&mut *line, &owner.comm())?,
+        None => line.extend_from_slice(b"null"),
+    }
+    line.extend_from_slice(b",\"resolution_ns\":");
+    json_u64(line, t.resolution_ns);
+    line.extend_from_slice(b",\"timewait_end\":");
+    json_str(
+        line,
+        t.timewait_end.map(|end| match end {
+            TimewaitEnd::Expired => "expired",
+            TimewaitEnd::Killed => "killed",
+        }),
+    );
+    line.extend_from_slice(b"}\n");
+    Ok(())
+}
+
+fn json_u64(line: &mut Vec<u8>, value: Option<u64>) {
+    match value {
+        Some(v) => line.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
+        None => line.extend_from_slice(b"null"),
+    }
+}
+
+/// An address as a JSON string: IPv4 digit by digit (the common case, and `Display` goes through
+/// the formatting machinery), IPv6 through `Display`.
+fn json_ip(line: &mut Vec<u8>, ip: std::net::IpAddr) -> io::Result<()> {
+    line.push(b'"');
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    line.push(b'.');
+                }
+                line.extend_from_slice(itoa::Buffer::new().format(octet).as_bytes());
+            }
+        }
+        std::net::IpAddr::V6(v6) => write!(line, "{v6}")?,
+    }
+    line.push(b'"');
+    Ok(())
+}
+
+/// A string known to need no escaping (a name of ours), or `null`.
+fn json_str(line: &mut Vec<u8>, value: Option<&str>) {
+    match value {
+        Some(v) => {
+            line.push(b'"');
+            line.extend_from_slice(v.as_bytes());
+            line.push(b'"');
+        }
+        None => line.extend_from_slice(b"null"),
+    }
+}
+
+/// RFC 3339 UTC time, exactly as jiff's `Timestamp` displays it (nanoseconds without their
+/// trailing zeros), with the text up to the seconds kept from one record to the next: the
+/// records of a busy second share it.
+#[derive(Default)]
+struct TimeText {
+    second: Option<i64>,
+    /// `2026-11-22T07:52:48`.
+    prefix: String,
+}
+
+impl TimeText {
+    fn write(&mut self, line: &mut Vec<u8>, at: Timestamp) -> io::Result<()> {
+        let second = at.as_second();
+        if self.second != Some(second) {
+            let whole = Timestamp::from_second(second).unwrap_or(Timestamp::UNIX_EPOCH);
+            self.prefix = whole.to_string();
+            // `...:48Z`: the zone goes after the fraction.
+            self.prefix.pop();
+            self.second = Some(second);
+        }
+        line.extend_from_slice(self.prefix.as_bytes());
+        let nanos = at.subsec_nanosecond();
+        if nanos != 0 {
+            let mut digits = *b"000000000";
+            let mut n = nanos.unsigned_abs();
+            for d in digits.iter_mut().rev() {
+                *d = b'0' + (n % 10) as u8;
+                n /= 10;
+            }
+            let len = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
+            line.push(b'.');
+            line.extend_from_slice(&digits[..len]);
+        }
+        line.push(b'Z');
+        Ok(())
     }
 }
 
@@ -307,6 +394,125 @@ mod tests {
             assert!(v[key].is_null(), "{key}: {}", v[key]);
         }
         assert_eq!(v["complete"], false);
+    }
+
+    /// The encoding written by hand is the one serde would write, byte for byte: same fields,
+    /// same order, same escaping.
+    #[test]
+    fn json_line_is_what_serde_would_write() {
+        use serde::Serialize;
+
+        #[derive(Serialize)]
+        struct Oracle<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            time: Timestamp,
+            ts_ns: u64,
+            family: &'static str,
+            laddr: std::net::IpAddr,
+            lport: u16,
+            raddr: std::net::IpAddr,
+            rport: u16,
+            side: Option<&'static str>,
+            close: &'static str,
+            phases: serde_json::Map<String, serde_json::Value>,
+            teardown_ns: Option<u64>,
+            lifetime_ns: Option<u64>,
+            complete: bool,
+            pid: Option<u32>,
+            comm: Option<Cow<'a, str>>,
+            resolution_ns: Option<u64>,
+            timewait_end: Option<&'static str>,
+        }
+        let clock = WallClock::with_offset(1_700_000_000_000_000_000);
+        let oracle = |t: &Teardown| {
+            let mut line = serde_json::to_vec(&Oracle {
+                kind: "teardown",
+                time: clock.timestamp(t.end_ns),
+                ts_ns: t.end_ns,
+                family: t.family.name(),
+                laddr: t.local.ip(),
+                lport: t.local.port(),
+                raddr: t.remote.ip(),
+                rport: t.remote.port(),
+                side: t.side.map(side_name),
+                close: t.close.name(),
+                phases: t
+                    .phases
+                    .iter()
+                    .map(|(p, ns)| (p.name().to_owned(), ns.into()))
+                    .collect(),
+                teardown_ns: t.teardown_ns,
+                lifetime_ns: t.lifetime_ns,
+                complete: t.complete,
+                pid: t.owner.map(|o| o.pid),
+                comm: t.owner.as_ref().map(|o| o.comm()),
+                resolution_ns: t.resolution_ns,
+                timewait_end: t.timewait_end.map(|e| match e {
+                    TimewaitEnd::Expired => "expired",
+                    TimewaitEnd::Killed => "killed",
+                }),
+            })
+            .unwrap();
+            line.push(b'\n');
+            line
+        };
+        let mut cases = vec![teardown()];
+        let mut odd = teardown();
+        odd.owner = Some(Task::new(7, 8, "a\"b\\c\u{1}\u{7f}é"));
+        odd.local = "[2001:db8::1]:443".parse().unwrap();
+        odd.remote = "[::ffff:10.0.0.1]:5".parse().unwrap();
+        odd.family = Family::Ipv6;
+        odd.end_ns = 5 * 1_000_000_000;
+        odd.phases = Phases::default();
+        cases.push(odd);
+        let mut bare = teardown();
+        bare.owner = None;
+        bare.side = None;
+        bare.teardown_ns = None;
+        bare.lifetime_ns = None;
+        bare.resolution_ns = None;
+        bare.timewait_end = Some(TimewaitEnd::Killed);
+        bare.close = CloseKind::FinTimeout;
+        bare.end_ns = 999_999_999_999;
+        cases.push(bare);
+        let mut p = TeardownPrinter::new(Format::Json, clock, false);
+        for t in &cases {
+            let mut out = Vec::new();
+            p.print(&mut out, t).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&oracle(t))
+            );
+        }
+    }
+
+    #[test]
+    fn time_text_is_jiffs() {
+        let mut time = TimeText::default();
+        // Same second, other second, whole seconds, every count of trailing zeros.
+        let mut ns: i128 = 1_700_000_000_000_000_000;
+        for step in [
+            0,
+            1,
+            10,
+            120,
+            1_000,
+            45_000,
+            600_000,
+            1_000_000,
+            999_999_999,
+            1,
+            7,
+        ] {
+            ns += step;
+            for extra in [0, 100_000_000, 120_000_000, 123_456_789, 999_000_000] {
+                let at = Timestamp::from_nanosecond(ns + extra).unwrap();
+                let mut line = Vec::new();
+                time.write(&mut line, at).unwrap();
+                assert_eq!(String::from_utf8(line).unwrap(), at.to_string());
+            }
+        }
     }
 
     #[test]
