@@ -1,14 +1,23 @@
-//! `cargo xtask bench`: what tracing costs a host that churns TCP connections.
+//! `cargo xtask bench`: what tracing costs a host that churns TCP connections, and how tcpclose
+//! holds up under stress.
 //!
 //! Several client/server pairs churn loopback connections in a network namespace of the bench's
-//! own (a fresh one per measurement), untraced, under `tcpclose` (teardowns: the transition program plus the timer programs
-//! that follow timewait sockets and must reject every other kernel timer), under `tcpclose
-//! --events` (the transition program alone) and under libbpf-tools' `tcpstates` when it is
-//! installed, interleaved over several rounds on one machine. The tracers run in the host
-//! namespace (their tracepoints are global) with their output going to files. It prints the
-//! medians as a markdown table: churn rate relative to untraced, and per tracer the events it
-//! delivered, lost, its CPU time, its kernel programs' time (`kernel.bpf_stats_enabled`), its
-//! wakeups and its peak memory.
+//! own (a fresh one per measurement), untraced, under `tcpclose` (teardowns: the transition
+//! program plus the timer programs that follow timewait sockets and must reject every other
+//! kernel timer), under `tcpclose --events` (the transition program alone) and under
+//! libbpf-tools' `tcpstates` when it is installed, interleaved over several rounds on one
+//! machine. The tracers run in the host namespace (their tracepoints are global) with their
+//! output going to files.
+//!
+//! The churn rates are measured with `kernel.bpf_stats_enabled` off (statistics add two clock
+//! reads to every program run); each traced mode is measured once more per round with it on, for
+//! its kernel programs' run time. Each round also measures `tcpclose --json` under stress: a
+//! burst of churn on an idle tracer (events lost), the tracer stopped for 500 ms under churn
+//! (how fast it drains the backlog), and its memory while it follows 100k open sockets.
+//!
+//! It prints the medians as markdown tables: churn rate relative to untraced, and per tracer the
+//! events it delivered, lost, its CPU time, its kernel programs' time, its wakeups and its peak
+//! memory; then the stress figures against their targets.
 
 use std::{
     collections::BTreeMap,
@@ -19,14 +28,19 @@ use std::{
     os::fd::AsRawFd as _,
     path::{Path, PathBuf},
     process::{self, Child, Command, Stdio},
-    sync::atomic::{AtomicBool, AtomicU32, Ordering},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, AtomicU32, Ordering},
+    },
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
 use serde_json::Value;
-use tcpclose_common::{TIMER_PROGRAMS, TRANSITION_PROGRAM};
+use tcpclose_common::{
+    DEFAULT_RING_BYTES, TIMER_PROGRAMS, TRANSITION_EVENT_SIZE, TRANSITION_PROGRAM,
+};
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 /// The kernel keeps the first 15 characters of a program's name (BPF_OBJ_NAME_LEN).
@@ -48,11 +62,61 @@ const SETTLE: Duration = Duration::from_millis(500);
 /// Loopback addresses the clients rotate over, so that 4-tuples are not reused too soon.
 const CLIENT_ADDRS: u8 = 64;
 
+/// Burst: how long the freshly attached tracer idles before the churn starts, and how long the
+/// churn lasts.
+const BURST_IDLE: Duration = Duration::from_secs(1);
+const BURST: Duration = Duration::from_secs(2);
+/// Backlog drain: churn before the tracer is stopped, how long it stays stopped, churn after.
+const DRAIN_LEAD: Duration = Duration::from_secs(1);
+const DRAIN_STOP: Duration = Duration::from_millis(500);
+const DRAIN_TAIL: Duration = Duration::from_millis(1500);
+/// RSS: connections held open at once (each is two sockets), the listener ports and the
+/// destination addresses they spread over (32 destinations: ephemeral ports suffice), and how
+/// long the tracer gets to see them all before its memory is read.
+const HELD_CONNECTIONS: usize = 50_000;
+const HOLD_PORTS: usize = 4;
+const HOLD_ADDRS: u8 = 8;
+const HOLD_SEEN: Duration = Duration::from_secs(2);
+/// Accept queue of the RSS listeners (the kernel caps it at `net.core.somaxconn`).
+const HOLD_BACKLOG: i32 = 4096;
+
+/// Targets the stress figures are held to.
+const TARGET_DRAIN_PER_S: f64 = 2.5e6;
+const TARGET_DELAY_P99_NS: f64 = 100e6;
+const TARGET_RSS_MIB: f64 = 64.0;
+
 /// What `cargo xtask bench` was asked for.
 pub struct Options {
     pub rounds: usize,
     pub seconds: u64,
     pub pairs: usize,
+    /// The parts to run (all when empty).
+    pub only: Vec<Part>,
+}
+
+/// The parts of the bench, each measured once per round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Part {
+    /// Churn rate untraced and under each tracer, `kernel.bpf_stats_enabled` off.
+    Churn,
+    /// Each tracer once more with `kernel.bpf_stats_enabled` on: its kernel programs' run time.
+    Stats,
+    /// 2 s of full churn on an idle, attached `tcpclose --json`: events lost.
+    Burst,
+    /// `tcpclose --json` stopped 500 ms under full churn: how fast it drains the backlog.
+    Drain,
+    /// `tcpclose --json` following 100k open sockets: its memory.
+    Rss,
+}
+
+impl Part {
+    const ALL: [Part; 5] = [
+        Part::Churn,
+        Part::Stats,
+        Part::Burst,
+        Part::Drain,
+        Part::Rss,
+    ];
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +145,18 @@ impl Mode {
     }
 }
 
+/// One measurement of a round.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Job {
+    /// Churn under `mode`, statistics off.
+    Churn(Mode),
+    /// Churn under the tracer `mode`, statistics on.
+    Stats(Mode),
+    Burst,
+    Drain,
+    Rss,
+}
+
 /// Everything the measurements share.
 struct Bench {
     tcpclose: PathBuf,
@@ -89,6 +165,7 @@ struct Bench {
     dir: TempDir,
     pairs: usize,
     period: Duration,
+    parts: Vec<Part>,
 }
 
 impl Bench {
@@ -97,6 +174,34 @@ impl Bench {
             .into_iter()
             .filter(|&m| m != Mode::Tcpstates || self.tcpstates.is_some())
             .collect()
+    }
+
+    fn runs(&self, part: Part) -> bool {
+        self.parts.contains(&part)
+    }
+
+    /// The measurements of one round, in their order in the first round.
+    fn jobs(&self) -> Vec<Job> {
+        let mut jobs = Vec::new();
+        for part in &self.parts {
+            match part {
+                Part::Churn => jobs.extend(self.modes().into_iter().map(Job::Churn)),
+                // Next to the same tracer's churn run, which it is compared with.
+                Part::Stats => {
+                    for mode in self.modes().into_iter().filter(|&m| m != Mode::Untraced) {
+                        let at = jobs
+                            .iter()
+                            .position(|&j| j == Job::Churn(mode))
+                            .map_or(jobs.len(), |i| i + 1);
+                        jobs.insert(at, Job::Stats(mode));
+                    }
+                }
+                Part::Burst => jobs.push(Job::Burst),
+                Part::Drain => jobs.push(Job::Drain),
+                Part::Rss => jobs.push(Job::Rss),
+            }
+        }
+        jobs
     }
 
     /// The command of the tracer of `mode`, none for untraced.
@@ -113,7 +218,7 @@ impl Bench {
     }
 }
 
-/// One measurement.
+/// One churn measurement.
 #[derive(Clone, Debug, Default)]
 struct Sample {
     connections_per_s: f64,
@@ -133,50 +238,244 @@ struct Traced {
     /// CPU time of the tracer from the start of the churn to the end of [`DRAIN`].
     cpu_ns: u64,
     cpu_ns_per_event: f64,
-    bpf_ns_per_event: f64,
+    /// Run time of its kernel programs per event delivered: only with statistics on.
+    bpf_ns_per_event: Option<f64>,
     wakeups_per_s: f64,
     peak_rss_kib: u64,
     /// Sockets tcpclose dropped from its full table (summary `evicted`).
     evicted: u64,
-    /// Per kernel program of the tracer: runs per second and ns per run.
+    /// How far tcpclose fell behind the kernel (from its summary).
+    lag: Option<Lag>,
+    /// Per kernel program of the tracer: runs per second and ns per run (statistics on).
     programs: BTreeMap<String, (f64, f64)>,
+}
+
+/// tcpclose's own account of how far it fell behind the kernel (summary `delay_*_ns`,
+/// `largest_backlog_*`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Lag {
+    pub(crate) delay_p50_ns: u64,
+    pub(crate) delay_p99_ns: u64,
+    pub(crate) delay_max_ns: u64,
+    pub(crate) backlog_events: u64,
+    pub(crate) backlog_drain_ns: u64,
+}
+
+impl Lag {
+    /// Events per second it drained its largest backlog at.
+    pub(crate) fn drain_per_s(&self) -> Option<f64> {
+        (self.backlog_drain_ns > 0)
+            .then(|| self.backlog_events as f64 * 1e9 / self.backlog_drain_ns as f64)
+    }
+}
+
+/// A burst of churn on an idle tracer.
+#[derive(Clone, Debug, Default)]
+struct Burst {
+    connections: u64,
+    events: u64,
+    lost: u64,
+    lag: Option<Lag>,
+}
+
+/// The tracer stopped under churn, then let go.
+#[derive(Clone, Debug, Default)]
+struct Stopped {
+    events: u64,
+    lost: u64,
+    lag: Option<Lag>,
+}
+
+/// The tracer following many open sockets.
+#[derive(Clone, Debug, Default)]
+struct Held {
+    /// Sockets open in the namespace (both ends of each connection).
+    sockets: u64,
+    /// Seconds it took to open them.
+    open_s: f64,
+    idle_rss_kib: u64,
+    rss_kib: u64,
+    hwm_kib: u64,
+    /// Events the tracer delivered and lost meanwhile; sockets it evicted.
+    events: u64,
+    lost: u64,
+    evicted: u64,
+}
+
+/// Everything measured, in order.
+#[derive(Default)]
+struct Results {
+    churn: Vec<(Mode, Sample)>,
+    stats: Vec<(Mode, Sample)>,
+    burst: Vec<Burst>,
+    drain: Vec<Stopped>,
+    rss: Vec<Held>,
 }
 
 pub fn bench(tcpclose: &Path, options: &Options) -> Result<()> {
     if options.rounds == 0 || options.pairs == 0 || options.seconds == 0 {
         bail!("--rounds, --pairs and --seconds must be at least 1");
     }
+    let mut parts = if options.only.is_empty() {
+        Part::ALL.to_vec()
+    } else {
+        options.only.clone()
+    };
+    parts.sort_unstable();
+    parts.dedup();
     let bench = Bench {
         tcpclose: tcpclose.to_path_buf(),
         tcpstates: find_tcpstates(),
         dir: TempDir::create()?,
         pairs: options.pairs,
         period: Duration::from_secs(options.seconds),
+        parts,
     };
-    let previous = fs::read_to_string(BPF_STATS)
-        .with_context(|| format!("reading {BPF_STATS} (run the benchmark as root)"))?;
-    fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
-    let result = rounds_of(&bench, options.rounds);
-    // Statistics cost a little on every program run: leave the host as it was.
-    let _ = fs::write(BPF_STATS, previous.trim());
-    let samples = result?;
-    report(&bench, options, &samples);
+    install_interrupt_handler();
+    let stats = BpfStats::take()?;
+    let results = rounds_of(&bench, &stats, options.rounds);
+    // Statistics cost a little on every program run: leave the host as it was, also on error.
+    stats.restore()?;
+    let results = results?;
+    report(&bench, options, &results);
     Ok(())
 }
 
-fn rounds_of(bench: &Bench, rounds: usize) -> Result<Vec<(Mode, Sample)>> {
-    let modes = bench.modes();
-    let mut samples = Vec::new();
-    for round in 0..rounds {
-        // Rotate the order so that no mode always runs first (warm caches, thermal drift).
-        for i in 0..modes.len() {
-            let mode = modes[(i + round) % modes.len()];
-            let sample = measure(bench, mode).with_context(|| format!("measuring {mode:?}"))?;
-            eprintln!("round {}: {}", round + 1, progress(mode, &sample));
-            samples.push((mode, sample));
+/// `kernel.bpf_stats_enabled`, off for the bench but while a statistics run needs it, and put
+/// back as it was when dropped (or [`BpfStats::restore`]d).
+struct BpfStats {
+    previous: String,
+    restored: bool,
+}
+
+impl BpfStats {
+    fn take() -> Result<Self> {
+        let previous = fs::read_to_string(BPF_STATS)
+            .with_context(|| format!("reading {BPF_STATS} (run the benchmark as root)"))?;
+        let stats = Self {
+            previous: previous.trim().to_owned(),
+            restored: false,
+        };
+        stats.set(false)?;
+        Ok(stats)
+    }
+
+    fn set(&self, on: bool) -> Result<()> {
+        fs::write(BPF_STATS, if on { "1" } else { "0" })
+            .with_context(|| format!("writing {BPF_STATS}"))
+    }
+
+    fn restore(mut self) -> Result<()> {
+        self.restored = true;
+        fs::write(BPF_STATS, &self.previous)
+            .with_context(|| format!("restoring {BPF_STATS} to {}", self.previous))
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        if !self.restored {
+            let _ = fs::write(BPF_STATS, &self.previous);
         }
     }
-    Ok(samples)
+}
+
+/// Set by SIGINT: the bench stops after the measurement under way (and puts the host back).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_interrupt(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::Relaxed);
+}
+
+fn install_interrupt_handler() {
+    let handler: extern "C" fn(libc::c_int) = on_interrupt;
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe. Children get the
+    // default disposition back at exec.
+    unsafe { libc::signal(libc::SIGINT, handler as libc::sighandler_t) };
+}
+
+fn rounds_of(bench: &Bench, stats: &BpfStats, rounds: usize) -> Result<Results> {
+    let jobs = bench.jobs();
+    let mut results = Results::default();
+    for round in 0..rounds {
+        // Rotate the order so that no measurement always runs first (warm caches, thermal
+        // drift).
+        for i in 0..jobs.len() {
+            if INTERRUPTED.load(Ordering::Relaxed) {
+                bail!("interrupted");
+            }
+            let job = jobs[(i + round) % jobs.len()];
+            let line = run_job(bench, stats, job, &mut results)
+                .with_context(|| format!("measuring {job:?}"))?;
+            eprintln!("round {}: {line}", round + 1);
+        }
+    }
+    Ok(results)
+}
+
+/// Runs `job`, keeps its result, and returns a line saying what it found.
+fn run_job(bench: &Bench, stats: &BpfStats, job: Job, results: &mut Results) -> Result<String> {
+    Ok(match job {
+        Job::Churn(mode) => {
+            let sample = measure(bench, mode, false)?;
+            let line = format!("churn  {}", progress(mode, &sample));
+            results.churn.push((mode, sample));
+            line
+        }
+        Job::Stats(mode) => {
+            stats.set(true)?;
+            let sample = measure(bench, mode, true);
+            stats.set(false)?;
+            let sample = sample?;
+            let line = format!("stats  {}", progress(mode, &sample));
+            results.stats.push((mode, sample));
+            line
+        }
+        Job::Burst => {
+            let burst = in_fresh_netns(|netns| burst(bench, netns))?;
+            let line = format!(
+                "burst  {:<26} {} connections, {} events, {} lost",
+                Mode::Teardowns.name(),
+                burst.connections,
+                burst.events,
+                burst.lost
+            );
+            results.burst.push(burst);
+            line
+        }
+        Job::Drain => {
+            let stopped = in_fresh_netns(|netns| stop_and_drain(bench, netns))?;
+            let lag = stopped.lag.unwrap_or_default();
+            let line = format!(
+                "drain  {:<26} backlog {} events drained in {:.1} ms ({} events/s), {} lost",
+                Mode::Teardowns.name(),
+                lag.backlog_events,
+                lag.backlog_drain_ns as f64 / 1e6,
+                number(lag.drain_per_s()),
+                stopped.lost
+            );
+            results.drain.push(stopped);
+            line
+        }
+        Job::Rss => {
+            let held = in_fresh_netns(|netns| hold(bench, netns))?;
+            let line = format!(
+                "rss    {:<26} {} sockets open (in {:.1} s): VmRSS {:.1} MiB (idle {:.1}), VmHWM \
+                 {:.1} MiB, {} events, {} lost, {} evicted",
+                Mode::Teardowns.name(),
+                held.sockets,
+                held.open_s,
+                held.rss_kib as f64 / 1024.0,
+                held.idle_rss_kib as f64 / 1024.0,
+                held.hwm_kib as f64 / 1024.0,
+                held.events,
+                held.lost,
+                held.evicted
+            );
+            results.rss.push(held);
+            line
+        }
+    })
 }
 
 fn progress(mode: Mode, sample: &Sample) -> String {
@@ -191,23 +490,39 @@ fn progress(mode: Mode, sample: &Sample) -> String {
             ", {:>8.0} events/s, {} lost, {:.0} CPU ns/event",
             t.events_per_s, t.lost, t.cpu_ns_per_event
         );
+        if let Some(bpf) = t.bpf_ns_per_event {
+            line += &format!(", {bpf:.0} BPF ns/event");
+        }
+        if let Some(lag) = t.lag {
+            line += &format!(
+                ", delay p99 {:.1} ms max {:.1} ms",
+                lag.delay_p99_ns as f64 / 1e6,
+                lag.delay_max_ns as f64 / 1e6
+            );
+        }
     }
     line
+}
+
+/// Runs `f` in a fresh namespace, deleted after it, then lets the kernel settle.
+fn in_fresh_netns<T>(f: impl FnOnce(&Netns) -> Result<T>) -> Result<T> {
+    let netns = Netns::create()?;
+    let result = f(&netns);
+    drop(netns);
+    thread::sleep(SETTLE);
+    result
 }
 
 /// Measures `mode` in a fresh namespace, so that every measurement starts without timewait
 /// sockets: one namespace for the whole bench would hold the last minute's, reach
 /// `tcp_max_tw_buckets` within seconds, and from then on the kernel would skip TIME_WAIT (and
-/// the timer programs' work) for most connections.
-fn measure(bench: &Bench, mode: Mode) -> Result<Sample> {
-    let netns = Netns::create()?;
-    let sample = measure_in(bench, mode, &netns);
-    drop(netns);
-    thread::sleep(SETTLE);
-    sample
+/// the timer programs' work) for most connections. `stats`: whether
+/// `kernel.bpf_stats_enabled` is on, so that the programs' run time can be read.
+fn measure(bench: &Bench, mode: Mode, stats: bool) -> Result<Sample> {
+    in_fresh_netns(|netns| measure_in(bench, mode, netns, stats))
 }
 
-fn measure_in(bench: &Bench, mode: Mode, netns: &Netns) -> Result<Sample> {
+fn measure_in(bench: &Bench, mode: Mode, netns: &Netns, stats: bool) -> Result<Sample> {
     let mut tracer = match bench.tracer_command(mode) {
         Some(cmd) => Some(Tracer::start(cmd, mode, &bench.dir.0)?),
         None => None,
@@ -217,7 +532,7 @@ fn measure_in(bench: &Bench, mode: Mode, netns: &Netns) -> Result<Sample> {
     let churned = churn(netns, bench.pairs, bench.period)?;
     let elapsed = started.elapsed().as_secs_f64();
     let traced = match (tracer.as_mut(), before) {
-        (Some(tracer), Some(before)) => Some(finish(tracer, &before, elapsed)?),
+        (Some(tracer), Some(before)) => Some(finish(tracer, &before, elapsed, stats)?),
         _ => None,
     };
     let tracer_cpu_ns = traced.as_ref().map_or(0, |t| t.cpu_ns);
@@ -231,7 +546,7 @@ fn measure_in(bench: &Bench, mode: Mode, netns: &Netns) -> Result<Sample> {
 
 /// After `elapsed` s of churn: gives the tracer time to drain, reads what it used since
 /// `before`, and stops it.
-fn finish(tracer: &mut Tracer, before: &Usage, elapsed: f64) -> Result<Traced> {
+fn finish(tracer: &mut Tracer, before: &Usage, elapsed: f64, stats: bool) -> Result<Traced> {
     let programs_after = program_runs(&tracer.programs)?;
     thread::sleep(DRAIN);
     let process_after = process_usage(tracer.pid())?;
@@ -247,6 +562,7 @@ fn finish(tracer: &mut Tracer, before: &Usage, elapsed: f64) -> Result<Traced> {
         events: delivered.events,
         lost: delivered.lost,
         evicted: delivered.evicted,
+        lag: delivered.lag,
         events_per_s: delivered.events as f64 / elapsed,
         cpu_ns,
         cpu_ns_per_event: cpu_ns as f64 / events,
@@ -254,16 +570,374 @@ fn finish(tracer: &mut Tracer, before: &Usage, elapsed: f64) -> Result<Traced> {
         peak_rss_kib,
         ..Traced::default()
     };
-    let mut bpf_ns = 0;
-    for (name, runs, ns) in runs_between(&before.programs, &programs_after) {
-        bpf_ns += ns;
-        let ns_per_run = ns as f64 / runs.max(1) as f64;
-        traced
-            .programs
-            .insert(name, (runs as f64 / elapsed, ns_per_run));
+    if stats {
+        let mut bpf_ns = 0;
+        for (name, runs, ns) in runs_between(&before.programs, &programs_after) {
+            bpf_ns += ns;
+            let ns_per_run = ns as f64 / runs.max(1) as f64;
+            traced
+                .programs
+                .insert(name, (runs as f64 / elapsed, ns_per_run));
+        }
+        traced.bpf_ns_per_event = Some(bpf_ns as f64 / events);
     }
-    traced.bpf_ns_per_event = bpf_ns as f64 / events;
     Ok(traced)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stress: burst, backlog drain, many open sockets
+
+/// Starts `tcpclose --json`, lets it idle, churns [`BURST`] at full speed, and reads what it
+/// lost.
+fn burst(bench: &Bench, netns: &Netns) -> Result<Burst> {
+    let mut tracer = start_tcpclose(bench)?;
+    thread::sleep(BURST_IDLE);
+    let churned = churn(netns, bench.pairs, BURST)?;
+    thread::sleep(DRAIN);
+    let delivered = tracer.stop()?;
+    Ok(Burst {
+        connections: churned.connections,
+        events: delivered.events,
+        lost: delivered.lost,
+        lag: delivered.lag,
+    })
+}
+
+fn start_tcpclose(bench: &Bench) -> Result<Tracer> {
+    let mode = Mode::Teardowns;
+    let cmd = bench
+        .tracer_command(mode)
+        .context("tcpclose has a command")?;
+    Tracer::start(cmd, mode, &bench.dir.0)
+}
+
+/// Under full churn, stops `tcpclose --json` (SIGSTOP) for [`DRAIN_STOP`], lets it go on
+/// (SIGCONT), and reads from its summary how fast it caught up.
+fn stop_and_drain(bench: &Bench, netns: &Netns) -> Result<Stopped> {
+    let mut tracer = start_tcpclose(bench)?;
+    let pid = i32::try_from(tracer.pid()).context("pid out of range")?;
+    thread::scope(|scope| -> Result<()> {
+        let churn = scope.spawn(|| churn(netns, bench.pairs, DRAIN_LEAD + DRAIN_STOP + DRAIN_TAIL));
+        thread::sleep(DRAIN_LEAD);
+        // Not in the middle of a catch-up (whose time would then include the stop).
+        wait_asleep(tracer.pid());
+        {
+            let _stopped = Sigstopped::stop(pid)?;
+            thread::sleep(DRAIN_STOP);
+        }
+        churn.join().map_err(|_| anyhow!("the churn panicked"))??;
+        Ok(())
+    })?;
+    thread::sleep(DRAIN);
+    let delivered = tracer.stop()?;
+    if delivered.lag.is_none() {
+        bail!("tcpclose's summary has no delay_*_ns / largest_backlog_* (an older binary?)");
+    }
+    Ok(Stopped {
+        events: delivered.events,
+        lost: delivered.lost,
+        lag: delivered.lag,
+    })
+}
+
+/// Waits (at most 200 ms) until the main thread of `pid`, tcpclose's event loop, is asleep
+/// (state `S`): waiting for the ring buffer or its timer, not draining a backlog. A drain that
+/// returns a full batch is followed by another without sleeping.
+fn wait_asleep(pid: u32) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(200) {
+        let asleep = fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat"))
+            .ok()
+            .and_then(|stat| {
+                let (_, rest) = stat.rsplit_once(')')?;
+                rest.split_whitespace().next().map(|state| state == "S")
+            })
+            .unwrap_or(false);
+        if asleep {
+            return;
+        }
+        thread::sleep(Duration::from_micros(200));
+    }
+}
+
+/// A process stopped by SIGSTOP, continued (SIGCONT) when dropped.
+struct Sigstopped(i32);
+
+impl Sigstopped {
+    fn stop(pid: i32) -> Result<Self> {
+        // SAFETY: kill(2) on our own child, which has not been reaped yet.
+        if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+            return Err(io::Error::last_os_error()).context("SIGSTOP to the tracer");
+        }
+        Ok(Self(pid))
+    }
+}
+
+impl Drop for Sigstopped {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(self.0, libc::SIGCONT) };
+    }
+}
+
+/// Starts `tcpclose --json`, opens [`HELD_CONNECTIONS`] loopback connections in `netns` and
+/// holds them, gives the tracer [`HOLD_SEEN`] to see them all, reads its memory, stops it, and
+/// resets the connections (no timewait sockets left behind). The sockets are spread over
+/// helper processes (`cargo xtask hold-connections`): a process may not hold more than
+/// RLIMIT_NOFILE's hard limit, which root cannot raise without CAP_SYS_RESOURCE.
+fn hold(bench: &Bench, netns: &Netns) -> Result<Held> {
+    let mut tracer = start_tcpclose(bench)?;
+    let pid = tracer.pid();
+    let idle_rss_kib = status_field(&read_proc(pid, "status")?, "VmRSS:").unwrap_or(0);
+    let per_process = connections_per_process()?;
+    let processes = HELD_CONNECTIONS.div_ceil(per_process);
+    let started = Instant::now();
+    let mut holders = (0..processes)
+        .map(|i| {
+            let count =
+                HELD_CONNECTIONS / processes + usize::from(i < HELD_CONNECTIONS % processes);
+            Holder::spawn(netns, count)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut sockets = 0;
+    for holder in &mut holders {
+        sockets += 2 * holder.wait_ready()? as u64;
+    }
+    let open_s = started.elapsed().as_secs_f64();
+    thread::sleep(HOLD_SEEN);
+    let status = read_proc(pid, "status")?;
+    let (rss_kib, hwm_kib) = (
+        status_field(&status, "VmRSS:").unwrap_or(0),
+        status_field(&status, "VmHWM:").unwrap_or(0),
+    );
+    // The tracer stops before the connections close: what it reports covers their opening.
+    let delivered = tracer.stop();
+    drop(holders);
+    let delivered = delivered?;
+    Ok(Held {
+        sockets,
+        open_s,
+        idle_rss_kib,
+        rss_kib,
+        hwm_kib,
+        events: delivered.events,
+        lost: delivered.lost,
+        evicted: delivered.evicted,
+    })
+}
+
+/// Connections one helper process can hold: both ends of each, within its file limit.
+fn connections_per_process() -> Result<usize> {
+    let hard = usize::try_from(fd_limit()?.rlim_max).unwrap_or(usize::MAX);
+    let per_process = hard.saturating_sub(64).min(1 << 20) / 2;
+    if per_process < 1000 {
+        bail!("RLIMIT_NOFILE's hard limit ({hard}) is too low to hold connections");
+    }
+    Ok(per_process)
+}
+
+/// A helper process holding connections (`cargo xtask hold-connections`); when dropped, it is
+/// told to reset them and waited for.
+struct Holder {
+    child: Child,
+    stdout: io::BufReader<process::ChildStdout>,
+}
+
+impl Holder {
+    fn spawn(netns: &Netns, count: usize) -> Result<Self> {
+        let exe = env::current_exe().context("finding the xtask binary")?;
+        let mut child = Command::new(&exe)
+            .args(["hold-connections", &netns.name, &count.to_string()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {} hold-connections", exe.display()))?;
+        let stdout = child.stdout.take().context("the holder's stdout")?;
+        Ok(Self {
+            child,
+            stdout: io::BufReader::new(stdout),
+        })
+    }
+
+    /// Waits until it holds its connections; returns how many.
+    fn wait_ready(&mut self) -> Result<usize> {
+        use io::BufRead as _;
+        let mut line = String::new();
+        self.stdout.read_line(&mut line)?;
+        line.trim()
+            .strip_prefix("ready ")
+            .and_then(|n| n.parse().ok())
+            .context("a connection holder failed (see its error above)")
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        // EOF on its stdin: reset the connections and exit.
+        drop(self.child.stdin.take());
+        let started = Instant::now();
+        while let Ok(None) = self.child.try_wait() {
+            if started.elapsed() > STOP_TIMEOUT {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                return;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// `cargo xtask hold-connections NETNS COUNT` (the bench's helper): in the namespace `netns`,
+/// opens `count` connections to listeners of its own and accepts them, says `ready COUNT` on
+/// stdout, holds them until stdin ends, then resets them.
+pub fn hold_connections(netns: &str, count: usize) -> Result<()> {
+    use io::{BufRead as _, Write as _};
+    let hard = fd_limit()?.rlim_max;
+    raise_fd_limit(hard)?;
+    enter_netns(netns)?;
+    let sockets = open_connections(count)?;
+    let mut stdout = io::stdout().lock();
+    writeln!(stdout, "ready {count}")?;
+    stdout.flush()?;
+    let _ = io::stdin().lock().read_line(&mut String::new());
+    for socket in &sockets {
+        reset_on_close(socket);
+    }
+    Ok(())
+}
+
+/// Opens `n` connections to listeners on [`HOLD_PORTS`] ports at [`HOLD_ADDRS`] loopback
+/// addresses of the calling thread's namespace; returns both ends of each.
+fn open_connections(n: usize) -> Result<Vec<TcpStream>> {
+    let listeners = (0..HOLD_PORTS)
+        .map(|_| -> Result<TcpListener> {
+            let listener = TcpListener::bind("0.0.0.0:0").context("binding a listener")?;
+            // std listens with a backlog of 128: a deeper accept queue lets the connects run
+            // ahead of the accepts. Listening again changes it.
+            // SAFETY: listen(2) on a socket we own.
+            if unsafe { libc::listen(listener.as_raw_fd(), HOLD_BACKLOG) } != 0 {
+                return Err(io::Error::last_os_error()).context("listen");
+            }
+            Ok(listener)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let ports: Vec<u16> = listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<io::Result<_>>()?;
+    let per_listener: Vec<usize> = (0..HOLD_PORTS)
+        .map(|i| n / HOLD_PORTS + usize::from(i < n % HOLD_PORTS))
+        .collect();
+    let accepted = Mutex::new(Vec::with_capacity(n));
+    let clients = thread::scope(|scope| -> Result<Vec<TcpStream>> {
+        let acceptors: Vec<_> = listeners
+            .iter()
+            .zip(&per_listener)
+            .map(|(listener, &count)| {
+                let accepted = &accepted;
+                scope.spawn(move || -> Result<()> {
+                    let mut mine = Vec::with_capacity(count);
+                    while mine.len() < count {
+                        let (stream, _) = listener.accept().context("accepting")?;
+                        mine.push(stream);
+                    }
+                    accepted
+                        .lock()
+                        .map_err(|_| anyhow!("poisoned"))?
+                        .extend(mine);
+                    Ok(())
+                })
+            })
+            .collect();
+        let mut clients = Vec::with_capacity(n);
+        let mut failure = None;
+        for i in 0..n {
+            let addr = SocketAddr::from((
+                [
+                    127,
+                    0,
+                    0,
+                    1 + (i / HOLD_PORTS % usize::from(HOLD_ADDRS)) as u8,
+                ],
+                ports[i % HOLD_PORTS],
+            ));
+            match TcpStream::connect(addr) {
+                Ok(stream) => clients.push(stream),
+                Err(err) => {
+                    failure = Some(anyhow::Error::new(err).context(format!(
+                        "connection {} of {n} to {addr} (file descriptors, ephemeral ports?)",
+                        i + 1
+                    )));
+                    break;
+                }
+            }
+        }
+        if let Some(err) = failure {
+            // Unblock the acceptors, which wait for connections that will not come: accept()
+            // on a listener shut down fails (EINVAL).
+            for listener in &listeners {
+                // SAFETY: shutdown(2) on a socket we own.
+                unsafe { libc::shutdown(listener.as_raw_fd(), libc::SHUT_RDWR) };
+            }
+            for acceptor in acceptors {
+                let _ = acceptor.join();
+            }
+            return Err(err);
+        }
+        for acceptor in acceptors {
+            acceptor
+                .join()
+                .map_err(|_| anyhow!("an acceptor panicked"))??;
+        }
+        Ok(clients)
+    })?;
+    let mut all = accepted.into_inner().map_err(|_| anyhow!("poisoned"))?;
+    all.extend(clients);
+    Ok(all)
+}
+
+/// SO_LINGER 0: closing sends an RST and leaves no timewait socket.
+fn reset_on_close(stream: &TcpStream) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt(2) on a socket we own, with a linger struct of the size given.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&raw const linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+fn fd_limit() -> Result<libc::rlimit> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit(2) writes one rlimit that we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return Err(io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    Ok(limit)
+}
+
+/// Raises RLIMIT_NOFILE's soft limit to `n` (at most the hard limit).
+fn raise_fd_limit(n: u64) -> Result<()> {
+    let mut limit = fd_limit()?;
+    if limit.rlim_cur >= n {
+        return Ok(());
+    }
+    limit.rlim_cur = n.min(limit.rlim_max);
+    // SAFETY: setrlimit(2) reads one rlimit that we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        return Err(io::Error::last_os_error()).context("raising RLIMIT_NOFILE");
+    }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -396,15 +1070,20 @@ impl Netns {
 
     /// Moves the calling thread into the namespace: sockets it makes from now on belong to it.
     fn enter(&self) -> Result<()> {
-        let path = format!("/run/netns/{}", self.name);
-        let file = File::open(&path).with_context(|| format!("opening {path}"))?;
-        // SAFETY: setns(2) on a namespace fd that stays open for the call; affects only this
-        // thread.
-        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-            return Err(io::Error::last_os_error()).with_context(|| format!("setns({path})"));
-        }
-        Ok(())
+        enter_netns(&self.name)
     }
+}
+
+/// Moves the calling thread into the network namespace `name` (`ip netns`).
+fn enter_netns(name: &str) -> Result<()> {
+    let path = format!("/run/netns/{name}");
+    let file = File::open(&path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: setns(2) on a namespace fd that stays open for the call; affects only this
+    // thread.
+    if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(io::Error::last_os_error()).with_context(|| format!("setns({path})"));
+    }
+    Ok(())
 }
 
 impl Drop for Netns {
@@ -451,6 +1130,9 @@ pub(crate) struct Delivered {
     pub(crate) events: u64,
     pub(crate) lost: u64,
     evicted: u64,
+    /// tcpclose's account of how far it fell behind (none from tcpstates, or from a tcpclose
+    /// that predates it).
+    pub(crate) lag: Option<Lag>,
 }
 
 impl Tracer {
@@ -580,6 +1262,19 @@ fn tcpclose_delivered(stdout: &Path) -> Result<Delivered> {
         events: field("transitions")?,
         lost: field("lost")? + field("timewait_lost")?,
         evicted: field("evicted")?,
+        lag: lag_of(&summary),
+    })
+}
+
+/// The delay and backlog figures of a tcpclose summary, when it has them all.
+pub(crate) fn lag_of(summary: &Value) -> Option<Lag> {
+    let field = |name: &str| summary.get(name).and_then(Value::as_u64);
+    Some(Lag {
+        delay_p50_ns: field("delay_p50_ns")?,
+        delay_p99_ns: field("delay_p99_ns")?,
+        delay_max_ns: field("delay_max_ns")?,
+        backlog_events: field("largest_backlog_events")?,
+        backlog_drain_ns: field("largest_backlog_drain_ns")?,
     })
 }
 
@@ -602,6 +1297,7 @@ fn tcpstates_delivered(stdout: &Path, stderr: &Path) -> Result<Delivered> {
         events,
         lost,
         evicted: 0,
+        lag: None,
     })
 }
 
@@ -816,15 +1512,32 @@ impl Drop for TempDir {
 // ---------------------------------------------------------------------------------------------
 // The report
 
-fn report(bench: &Bench, options: &Options, samples: &[(Mode, Sample)]) {
+fn report(bench: &Bench, options: &Options, results: &Results) {
     println!();
     println!("{}", machine_facts(bench, options));
+    if bench.runs(Part::Churn) {
+        println!();
+        println!("Churn, kernel.bpf_stats_enabled=0:");
+        println!();
+        print_main_table(bench, results);
+    }
+    if bench.runs(Part::Stats) {
+        println!();
+        println!("Kernel programs, separate runs with kernel.bpf_stats_enabled=1:");
+        println!();
+        print_stats_table(bench, results);
+        println!();
+        print_program_table(bench, &results.stats);
+    }
+    let stress = stress_rows(bench, results);
+    if !stress.is_empty() {
+        println!();
+        println!("tcpclose under stress (default ring buffer), medians of the rounds:");
+        println!();
+        print_stress_table(&stress);
+    }
     println!();
-    print_main_table(bench, samples);
-    println!();
-    print_program_table(bench, samples);
-    println!();
-    print_notes(bench, samples);
+    print_notes(bench, results);
 }
 
 fn machine_facts(bench: &Bench, options: &Options) -> String {
@@ -840,15 +1553,31 @@ fn machine_facts(bench: &Bench, options: &Options) -> String {
                 .map(|(_, model)| model.trim().to_owned())
         })
         .unwrap_or_else(|| "?".into());
+    let parts: Vec<&str> = bench
+        .parts
+        .iter()
+        .map(|p| match p {
+            Part::Churn => "churn",
+            Part::Stats => "stats",
+            Part::Burst => "burst",
+            Part::Drain => "drain",
+            Part::Rss => "rss",
+        })
+        .collect();
     format!(
         "Linux {kernel}, {cores} cores ({cpu}). Loopback churn: {} client/server pairs (threads) \
-         in a network namespace of their own (fresh per run), server closes first; {} interleaved rounds of {} s; \
-         medians. Tracers in the host namespace, output to a file.",
-        bench.pairs, options.rounds, options.seconds,
+         in a network namespace of their own (fresh per run), server closes first; {} \
+         interleaved rounds of {} s ({}); medians. Tracers in the host namespace, output to a \
+         file.",
+        bench.pairs,
+        options.rounds,
+        options.seconds,
+        parts.join(", "),
     )
 }
 
-fn print_main_table(bench: &Bench, samples: &[(Mode, Sample)]) {
+fn print_main_table(bench: &Bench, results: &Results) {
+    let samples = &results.churn;
     let rate = |s: &Sample| Some(s.connections_per_s);
     let cpu = |s: &Sample| Some(s.cpu_ns_per_connection / 1e3);
     let (base_rate, base_cpu) = (
@@ -857,7 +1586,7 @@ fn print_main_table(bench: &Bench, samples: &[(Mode, Sample)]) {
     );
     println!(
         "| mode | conn/s (min-max) | vs untraced | CPU us/conn | vs untraced | events/s | lost \
-         (all runs) | tracer CPU ns/event | BPF ns/event | wakeups/s | peak RSS |"
+         (all runs) | tracer CPU ns/event | BPF ns/event (bpf_stats runs) | wakeups/s | peak RSS |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for mode in Mode::ALL {
@@ -873,6 +1602,9 @@ fn print_main_table(bench: &Bench, samples: &[(Mode, Sample)]) {
             median_of(samples, mode, cpu),
         );
         let traced = |f: fn(&Traced) -> f64| median_of(samples, mode, |s| s.traced.as_ref().map(f));
+        let bpf = median_of(&results.stats, mode, |s| {
+            s.traced.as_ref()?.bpf_ns_per_event
+        });
         println!(
             "| {} | {} ({}) | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             mode.name(),
@@ -884,10 +1616,40 @@ fn print_main_table(bench: &Bench, samples: &[(Mode, Sample)]) {
             number(traced(|t| t.events_per_s)),
             lost(samples, mode),
             number(traced(|t| t.cpu_ns_per_event)),
-            number(traced(|t| t.bpf_ns_per_event)),
+            number(bpf),
             number(traced(|t| t.wakeups_per_s)),
-            traced(|t| t.peak_rss_kib as f64)
-                .map_or("-".into(), |kib| format!("{:.1} MiB", kib / 1024.0)),
+            traced(|t| t.peak_rss_kib as f64).map_or("-".into(), mib),
+        );
+    }
+}
+
+/// The statistics runs: their churn rate against the same tracer's with statistics off (what
+/// statistics cost), and the programs' time per event.
+fn print_stats_table(bench: &Bench, results: &Results) {
+    let rate = |s: &Sample| Some(s.connections_per_s);
+    let bpf = |s: &Sample| s.traced.as_ref()?.bpf_ns_per_event;
+    println!(
+        "| mode | conn/s, bpf_stats on (min-max) | vs same mode, bpf_stats off (per round) | lost \
+         (all runs) | BPF ns/event (min-max) |"
+    );
+    println!("|---|---:|---:|---:|---:|");
+    for mode in bench.modes().into_iter().filter(|&m| m != Mode::Untraced) {
+        // Per round (the two runs are next to each other), then the median: steadier than the
+        // ratio of the medians on a machine whose load drifts.
+        let ratios: Vec<f64> = of_mode(&results.stats, mode)
+            .zip(of_mode(&results.churn, mode))
+            .filter(|(_, off)| off.connections_per_s > 0.0)
+            .map(|(on, off)| on.connections_per_s / off.connections_per_s)
+            .collect();
+        println!(
+            "| {} | {} ({}) | {} | {} | {} ({}) |",
+            mode.name(),
+            number(median_of(&results.stats, mode, rate)),
+            spread(&results.stats, mode, rate),
+            median(ratios).map_or("-".into(), |r| format!("{r:.2}")),
+            lost(&results.stats, mode),
+            number(median_of(&results.stats, mode, bpf)),
+            spread(&results.stats, mode, bpf),
         );
     }
 }
@@ -902,9 +1664,16 @@ fn ratio(value: Option<f64>, base: Option<f64>) -> String {
 /// `min-max` of `f` over the runs of `mode`.
 fn spread(samples: &[(Mode, Sample)], mode: Mode, f: impl Fn(&Sample) -> Option<f64>) -> String {
     let values: Vec<f64> = of_mode(samples, mode).filter_map(f).collect();
+    min_max(&values, |v| number(Some(v)))
+}
+
+fn min_max(values: &[f64], show: impl Fn(f64) -> String) -> String {
     let min = values.iter().copied().reduce(f64::min);
     let max = values.iter().copied().reduce(f64::max);
-    format!("{}-{}", number(min), number(max))
+    match (min, max) {
+        (Some(min), Some(max)) => format!("{}-{}", show(min), show(max)),
+        _ => "-".into(),
+    }
 }
 
 /// Events lost over all runs of `mode`, and their share of the events.
@@ -953,35 +1722,329 @@ fn print_program_table(bench: &Bench, samples: &[(Mode, Sample)]) {
     }
 }
 
-fn print_notes(bench: &Bench, samples: &[(Mode, Sample)]) {
-    println!(
-        "conn/s: connections the churn completed per second, medians with the range over runs. \
-         CPU/conn: CPU time of the churn's threads (CLOCK_THREAD_CPUTIME_ID, kernel work in their \
-         context included) plus the tracer's, per connection; less sensitive than conn/s to \
-         other load on the machine. events: TCP state changes the tracer delivered (tcpclose: summary `transitions`; \
-         tcpstates: output lines). lost: dropped in the kernel with the buffer full (tcpclose: \
-         `lost` + `timewait_lost`; tcpstates: its `lost N events` warnings). tracer CPU: utime + stime \
-         of the tracer (/proc/PID/stat, clock ticks) from the start of the churn to {} ms after \
-         it, start-up excluded. BPF: run time of the tracer's kernel programs \
-         (kernel.bpf_stats_enabled, which adds its own clock reads). wakeups: voluntary context \
-         switches of the tracer's threads (/proc/PID/task/*/status), a proxy. peak RSS: VmHWM \
-         just before SIGINT.",
-        DRAIN.as_millis()
-    );
-    let evicted: u64 = samples
+/// What a stress figure is held to.
+#[derive(Clone, Copy)]
+enum Target {
+    None,
+    /// Zero in every round.
+    Zero,
+    AtMost(f64),
+    AtLeast(f64),
+}
+
+/// One line of the stress table: a figure per round.
+struct Row {
+    what: String,
+    values: Vec<f64>,
+    show: fn(f64) -> String,
+    target: Target,
+}
+
+impl Row {
+    fn new(what: impl Into<String>, values: Vec<f64>, show: fn(f64) -> String) -> Self {
+        Self {
+            what: what.into(),
+            values,
+            show,
+            target: Target::None,
+        }
+    }
+
+    fn target(self, target: Target) -> Self {
+        Self { target, ..self }
+    }
+}
+
+fn stress_rows(bench: &Bench, results: &Results) -> Vec<Row> {
+    let count = |v: f64| number(Some(v));
+    let mut rows = Vec::new();
+    let lag_of_runs = |mode: Mode| -> Vec<Lag> {
+        of_mode(&results.churn, mode)
+            .filter_map(|s| s.traced.as_ref()?.lag)
+            .collect()
+    };
+    if bench.runs(Part::Burst) {
+        let b = &results.burst;
+        rows.push(
+            Row::new(
+                format!(
+                    "burst: events lost in {} s of full churn from idle",
+                    BURST.as_secs()
+                ),
+                b.iter().map(|b| b.lost as f64).collect(),
+                count,
+            )
+            .target(Target::Zero),
+        );
+        rows.push(Row::new(
+            "burst: events delivered",
+            b.iter().map(|b| b.events as f64).collect(),
+            count,
+        ));
+        rows.push(Row::new(
+            "burst: delay p99",
+            b.iter()
+                .filter_map(|b| b.lag)
+                .map(|l| l.delay_p99_ns as f64)
+                .collect(),
+            ms,
+        ));
+        rows.push(Row::new(
+            "burst: delay max",
+            b.iter()
+                .filter_map(|b| b.lag)
+                .map(|l| l.delay_max_ns as f64)
+                .collect(),
+            ms,
+        ));
+    }
+    if bench.runs(Part::Drain) {
+        let lags: Vec<Lag> = results.drain.iter().filter_map(|d| d.lag).collect();
+        rows.push(
+            Row::new(
+                format!(
+                    "drain after {} ms SIGSTOP: events/s",
+                    DRAIN_STOP.as_millis()
+                ),
+                lags.iter().filter_map(Lag::drain_per_s).collect(),
+                count,
+            )
+            .target(Target::AtLeast(TARGET_DRAIN_PER_S)),
+        );
+        rows.push(Row::new(
+            "drain: backlog (events in the largest catch-up)",
+            lags.iter().map(|l| l.backlog_events as f64).collect(),
+            count,
+        ));
+        rows.push(Row::new(
+            "drain: catch-up time",
+            lags.iter().map(|l| l.backlog_drain_ns as f64).collect(),
+            ms,
+        ));
+        rows.push(Row::new(
+            "drain: delay max (the stop included)",
+            lags.iter().map(|l| l.delay_max_ns as f64).collect(),
+            ms,
+        ));
+        rows.push(
+            Row::new(
+                "drain: events lost",
+                results.drain.iter().map(|d| d.lost as f64).collect(),
+                count,
+            )
+            .target(Target::Zero),
+        );
+        rows.push(Row::new(
+            "drain: events delivered",
+            results.drain.iter().map(|d| d.events as f64).collect(),
+            count,
+        ));
+    }
+    if bench.runs(Part::Churn) {
+        for mode in [Mode::Teardowns, Mode::Events] {
+            let lags = lag_of_runs(mode);
+            let name = mode.name();
+            rows.push(Row::new(
+                format!("delay p50 at full churn, {name}"),
+                lags.iter().map(|l| l.delay_p50_ns as f64).collect(),
+                ms,
+            ));
+            rows.push(
+                Row::new(
+                    format!("delay p99 at full churn, {name}"),
+                    lags.iter().map(|l| l.delay_p99_ns as f64).collect(),
+                    ms,
+                )
+                .target(Target::AtMost(TARGET_DELAY_P99_NS)),
+            );
+            rows.push(Row::new(
+                format!("delay max at full churn, {name}"),
+                lags.iter().map(|l| l.delay_max_ns as f64).collect(),
+                ms,
+            ));
+        }
+    }
+    if bench.runs(Part::Rss) {
+        let r = &results.rss;
+        let sockets = r.iter().map(|h| h.sockets).max().unwrap_or(0);
+        rows.push(
+            Row::new(
+                format!(
+                    "RSS following {} open sockets: VmRSS",
+                    number(Some(sockets as f64))
+                ),
+                r.iter().map(|h| h.rss_kib as f64).collect(),
+                mib,
+            )
+            .target(Target::AtMost(TARGET_RSS_MIB * 1024.0)),
+        );
+        rows.push(Row::new(
+            "RSS: VmHWM",
+            r.iter().map(|h| h.hwm_kib as f64).collect(),
+            mib,
+        ));
+        rows.push(Row::new(
+            "RSS: VmRSS idle, before the connections",
+            r.iter().map(|h| h.idle_rss_kib as f64).collect(),
+            mib,
+        ));
+        rows.push(Row::new(
+            "RSS: seconds to open the connections",
+            r.iter().map(|h| h.open_s).collect(),
+            |s| format!("{s:.1}"),
+        ));
+        rows.push(
+            Row::new(
+                "RSS: events lost while they opened",
+                r.iter().map(|h| h.lost as f64).collect(),
+                count,
+            )
+            .target(Target::Zero),
+        );
+        rows.push(
+            Row::new(
+                "RSS: sockets evicted",
+                r.iter().map(|h| h.evicted as f64).collect(),
+                count,
+            )
+            .target(Target::Zero),
+        );
+    }
+    rows
+}
+
+fn print_stress_table(rows: &[Row]) {
+    println!("| measurement | median | min-max | per round | target | met |");
+    println!("|---|---:|---:|---|---:|---|");
+    for row in rows {
+        let median = median(row.values.clone());
+        let (target, met) = match row.target {
+            Target::None => (String::new(), None),
+            Target::Zero => ("0".into(), Some(row.values.iter().all(|&v| v == 0.0))),
+            Target::AtMost(t) => (format!("<= {}", (row.show)(t)), median.map(|m| m <= t)),
+            Target::AtLeast(t) => (format!(">= {}", (row.show)(t)), median.map(|m| m >= t)),
+        };
+        let met = match (met, row.values.is_empty()) {
+            (_, true) => "",
+            (Some(true), _) => "yes",
+            (Some(false), _) => "NO",
+            (None, _) => "",
+        };
+        let per_round: Vec<String> = row.values.iter().map(|&v| (row.show)(v)).collect();
+        println!(
+            "| {} | {} | {} | {} | {target} | {met} |",
+            row.what,
+            median.map_or("-".into(), row.show),
+            min_max(&row.values, row.show),
+            if per_round.is_empty() {
+                "-".into()
+            } else {
+                per_round.join(", ")
+            },
+        );
+    }
+}
+
+fn print_notes(bench: &Bench, results: &Results) {
+    if bench.runs(Part::Churn) {
+        print_churn_notes();
+    }
+    if bench.runs(Part::Stats) {
+        if bench.runs(Part::Churn) {
+            println!();
+        }
+        print_stats_notes();
+    }
+    if !results.burst.is_empty() || !results.drain.is_empty() || !results.rss.is_empty() {
+        println!();
+        print_stress_notes();
+    }
+    let evicted: u64 = results
+        .churn
         .iter()
+        .chain(&results.stats)
         .filter_map(|(_, s)| s.traced.as_ref())
         .map(|t| t.evicted)
         .sum();
     if evicted > 0 {
         println!(
             "\ntcpclose evicted {evicted} sockets from its full table (`--max-sockets`) over all \
-             runs."
+             churn runs."
         );
     }
     if bench.tcpstates.is_none() {
         println!("\ntcpstates was not found in {TCPSTATES_PATHS:?} or on PATH.");
     }
+}
+
+fn print_churn_notes() {
+    println!(
+        "conn/s: connections the churn completed per second, medians with the range over runs. \
+         CPU/conn: CPU time of the churn's threads (CLOCK_THREAD_CPUTIME_ID, kernel work in their \
+         context included) plus the tracer's, per connection; less sensitive than conn/s to \
+         other load on the machine. events: TCP state changes the tracer delivered (tcpclose: \
+         summary `transitions`; tcpstates: output lines). lost: dropped in the kernel with the \
+         buffer full (tcpclose: `lost` + `timewait_lost`; tcpstates: its `lost N events` \
+         warnings). tracer CPU: utime + stime of the tracer (/proc/PID/stat, clock ticks) from \
+         the start of the churn to {} ms after it, start-up excluded. wakeups: voluntary \
+         context switches of the tracer's threads (/proc/PID/task/*/status), a proxy. peak RSS: \
+         VmHWM just before SIGINT.",
+        DRAIN.as_millis()
+    );
+}
+
+fn print_stats_notes() {
+    println!(
+        "bpf_stats: kernel.bpf_stats_enabled makes the kernel read the clock twice around every \
+         program run, which slows the traced churn; the churn runs above have it off. Each \
+         round measures each tracer once more, the same way, with it on: BPF ns/event is the \
+         run time of the tracer's kernel programs (bpf_prog_info run_time_ns, between the start \
+         and the end of the churn) per event delivered, and the program table gives their runs \
+         and ns per run; `vs same mode, bpf_stats off` is what the statistics themselves cost \
+         the churn (the median over rounds of the ratio of the two runs, which are next to each \
+         other in each round). The sysctl is put back as it was at the end (also on error or Ctrl-C)."
+    );
+}
+
+fn print_stress_notes() {
+    println!(
+        "Stress, each in a fresh namespace with `tcpclose --json` (default ring buffer) \
+             started for it. burst: the tracer idles {} s once attached, then {} s of full churn; \
+             lost is its summary's `lost` + `timewait_lost`, per round. drain: {} s into full \
+             churn the tracer gets SIGSTOP (once its event loop is asleep, not amid a catch-up), {} \
+         ms later SIGCONT, and the churn goes on {} s; \
+             tcpclose itself measures its largest catch-up (consecutive drains of the ring that \
+             each return a full batch of 4096 records, ended by one that returns fewer: records \
+             handled, including those that arrived meanwhile, over the time from its first \
+             drain's start to its last's end; summary `largest_backlog_events` / \
+             `largest_backlog_drain_ns`); the default ring ({} MiB) holds about {} transition \
+             records (8-byte header each), beyond which the kernel drops events. delay: for each drain of the ring, CLOCK_MONOTONIC at \
+             its start minus the `ts_ns` of the oldest record it handled, in an hdrhistogram \
+             (summary `delay_p50_ns`, `delay_p99_ns`, `delay_max_ns`, per drain, not per event); \
+             the full-churn rows come from the churn runs. RSS: {} connections ({} sockets) \
+             opened to {} listener ports at 127.0.0.1-{} and held, {} s for the tracer to see \
+             them, then its VmRSS and VmHWM (/proc/PID/status); the connections are reset after \
+             the tracer stopped. They are held by a few helper processes (RLIMIT_NOFILE's hard \
+             limit bounds each).",
+        BURST_IDLE.as_secs(),
+        BURST.as_secs(),
+        DRAIN_LEAD.as_secs(),
+        DRAIN_STOP.as_millis(),
+        DRAIN_TAIL.as_secs_f64(),
+        DEFAULT_RING_BYTES >> 20,
+        number(Some(ring_records() as f64)),
+        number(Some(HELD_CONNECTIONS as f64)),
+        number(Some(2.0 * HELD_CONNECTIONS as f64)),
+        HOLD_PORTS,
+        HOLD_ADDRS,
+        HOLD_SEEN.as_secs(),
+    );
+}
+
+/// Transition records the default ring buffer holds: each takes an 8-byte header and its size
+/// rounded up to 8 bytes.
+fn ring_records() -> usize {
+    DEFAULT_RING_BYTES as usize / (8 + TRANSITION_EVENT_SIZE.next_multiple_of(8))
 }
 
 fn of_mode(samples: &[(Mode, Sample)], mode: Mode) -> impl Iterator<Item = &Sample> {
@@ -996,7 +2059,10 @@ fn median_of(
     mode: Mode,
     f: impl Fn(&Sample) -> Option<f64>,
 ) -> Option<f64> {
-    let mut v: Vec<f64> = of_mode(samples, mode).filter_map(f).collect();
+    median(of_mode(samples, mode).filter_map(f).collect())
+}
+
+fn median(mut v: Vec<f64>) -> Option<f64> {
     v.sort_by(f64::total_cmp);
     let mid = v.len() / 2;
     match v.len() {
@@ -1004,6 +2070,21 @@ fn median_of(
         n if n % 2 == 1 => Some(v[mid]),
         _ => Some((v[mid - 1] + v[mid]) / 2.0),
     }
+}
+
+/// Nanoseconds as milliseconds.
+fn ms(ns: f64) -> String {
+    let ms = ns / 1e6;
+    if ms < 10.0 {
+        format!("{ms:.2} ms")
+    } else {
+        format!("{ms:.1} ms")
+    }
+}
+
+/// KiB as MiB.
+fn mib(kib: f64) -> String {
+    format!("{:.1} MiB", kib / 1024.0)
 }
 
 /// A rounded number with thousands separated, `-` for none.
@@ -1023,4 +2104,35 @@ fn number(value: Option<f64>) -> String {
         out.insert(0, '-');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn medians_and_numbers() {
+        assert_eq!(median(vec![]), None);
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(number(Some(2_500_000.4)), "2,500,000");
+        assert_eq!(number(Some(-1234.0)), "-1,234");
+        assert_eq!(number(None), "-");
+        assert_eq!(ms(45_300_000.0), "45.3 ms");
+        assert_eq!(ms(1_234_000.0), "1.23 ms");
+        assert_eq!(mib(65_536.0), "64.0 MiB");
+    }
+
+    #[test]
+    fn lag_comes_from_the_summary() {
+        let summary: Value = serde_json::from_str(
+            r#"{"type":"summary","delay_p50_ns":1,"delay_p99_ns":2,"delay_max_ns":3,
+                "largest_backlog_events":250000,"largest_backlog_drain_ns":100000000}"#,
+        )
+        .unwrap();
+        let lag = lag_of(&summary).unwrap();
+        assert_eq!(lag.delay_p99_ns, 2);
+        assert_eq!(lag.drain_per_s(), Some(2.5e6));
+        assert!(lag_of(&serde_json::json!({"type": "summary"})).is_none());
+    }
 }

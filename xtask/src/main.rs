@@ -39,17 +39,23 @@ enum Task {
     },
     /// Build, then measure what tracing costs a host churning loopback connections in a network
     /// namespace: untraced, `tcpclose`, `tcpclose --events` and libbpf-tools' `tcpstates` (when
-    /// installed) interleaved, medians in a markdown table (as root).
+    /// installed) interleaved, with kernel.bpf_stats_enabled off, and again with it on for the
+    /// kernel programs' time; then tcpclose under stress (a burst from idle, the backlog after
+    /// a 500 ms SIGSTOP, the memory it takes to follow 100k open sockets). Medians in markdown
+    /// tables (as root; about 4 minutes with the defaults).
     Bench {
-        /// Rounds of all the modes.
+        /// Rounds of all the measurements, interleaved.
         #[arg(long, default_value_t = 5)]
         rounds: usize,
-        /// Seconds per measurement.
+        /// Seconds per churn measurement (the stress parts have lengths of their own).
         #[arg(long, default_value_t = 3)]
         seconds: u64,
         /// Client/server pairs churning at once, a thread each side.
         #[arg(long, default_value_t = 2)]
         pairs: usize,
+        /// Only these parts (repeatable or comma-separated); all by default.
+        #[arg(long, value_enum, value_delimiter = ',')]
+        only: Vec<bench::Part>,
     },
     /// Build, then run `tcpclose --json` under full churn for minutes, sampling its RSS every
     /// 10 s; fails unless it stops cleanly, its summary reconciles and its RSS stays flat after
@@ -61,6 +67,10 @@ enum Task {
         #[arg(long, default_value_t = 2)]
         pairs: usize,
     },
+    /// The bench's helper: holds COUNT loopback connections in the network namespace NETNS
+    /// until its stdin ends.
+    #[command(hide = true)]
+    HoldConnections { netns: String, count: usize },
     /// Set up (with test packages), build, and run every test: unit tests and the integration
     /// tests against the real kernel (as root).
     Test {
@@ -94,6 +104,7 @@ fn main() -> Result<()> {
             rounds,
             seconds,
             pairs,
+            only,
         } => {
             build()?;
             if !is_root() {
@@ -103,6 +114,7 @@ fn main() -> Result<()> {
                 rounds,
                 seconds,
                 pairs,
+                only,
             };
             bench::bench(&root.join("target/release/tcpclose"), &options)
         }
@@ -114,6 +126,7 @@ fn main() -> Result<()> {
             let options = soak::Options { minutes, pairs };
             soak::soak(&root.join("target/release/tcpclose"), &options)
         }
+        Task::HoldConnections { netns, count } => bench::hold_connections(&netns, count),
         Task::Test { args } => {
             setup::all(true)?;
             build()?;

@@ -108,6 +108,18 @@ pub fn soak(tcpclose: &Path, options: &Options) -> Result<()> {
         n("timewait_lost"),
         n("undecodable")
     );
+    if let Some(lag) = bench::lag_of(&summary) {
+        println!(
+            "kernel-to-reader delay: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; largest backlog \
+             {} events drained in {:.1} ms ({:.0} events/s)",
+            lag.delay_p50_ns as f64 / 1e6,
+            lag.delay_p99_ns as f64 / 1e6,
+            lag.delay_max_ns as f64 / 1e6,
+            lag.backlog_events,
+            lag.backlog_drain_ns as f64 / 1e6,
+            lag.drain_per_s().unwrap_or(0.0)
+        );
+    }
     let rss: Vec<String> = samples
         .iter()
         .map(|(at, rss)| format!("{at}s:{rss}"))

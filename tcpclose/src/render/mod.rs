@@ -245,6 +245,21 @@ pub struct Summary {
     /// Connections still closing when tracing ended (e.g. in TIME_WAIT): not printed.
     pub in_progress: u64,
     pub duration_ns: u64,
+    /// Delay from the kernel to the correlator, in ns: each time the ring buffer is drained,
+    /// how long the oldest record handled had waited (CLOCK_MONOTONIC when the drain started
+    /// minus the record's `ts_ns`); the median, 99th percentile (two significant digits) and
+    /// max over the drains that handled records. All 0 when none did.
+    pub delay_p50_ns: u64,
+    pub delay_p99_ns: u64,
+    pub delay_max_ns: u64,
+    /// The largest backlog the reader caught up with: a run of drains that each handed the
+    /// reader a full batch (4096 records), ended by one that handed fewer. The records handled
+    /// in it (including those that arrived meanwhile), and the ns from the start of its first
+    /// drain to the end of its last: `largest_backlog_events / largest_backlog_drain_ns` is how
+    /// fast tcpclose drains a backlog. Both 0 when the reader never fell a batch behind (a
+    /// catch-up cut short by the end of tracing is not counted).
+    pub largest_backlog_events: u64,
+    pub largest_backlog_drain_ns: u64,
 }
 
 impl Summary {
@@ -293,7 +308,29 @@ impl Summary {
                         write!(out, ", {n} {what}")?;
                     }
                 }
-                writeln!(out)
+                writeln!(out)?;
+                if self.delay_max_ns > 0 {
+                    write!(
+                        out,
+                        "tcpclose: kernel-to-reader delay p50 {}, p99 {}, max {}",
+                        human(self.delay_p50_ns),
+                        human(self.delay_p99_ns),
+                        human(self.delay_max_ns)
+                    )?;
+                    if self.largest_backlog_events > 0 {
+                        write!(
+                            out,
+                            "; largest backlog {} events, drained in {} ({:.2}M events/s)",
+                            self.largest_backlog_events,
+                            human(self.largest_backlog_drain_ns),
+                            self.largest_backlog_events as f64
+                                / self.largest_backlog_drain_ns.max(1) as f64
+                                * 1e3
+                        )?;
+                    }
+                    writeln!(out)?;
+                }
+                Ok(())
             }
         }
     }
@@ -411,5 +448,49 @@ mod tests {
         assert_eq!(v["transitions"], 10);
         assert_eq!(v["lost"], 2);
         assert_eq!(v["matched"], 12);
+    }
+
+    #[test]
+    fn summary_reports_delay_and_backlog() {
+        let s = Summary {
+            transitions: 10,
+            delay_p50_ns: 1_500_000,
+            delay_p99_ns: 45_000_000,
+            delay_max_ns: 52_000_000,
+            largest_backlog_events: 250_000,
+            largest_backlog_drain_ns: 100_000_000,
+            ..Summary::default()
+        };
+        let mut out = Vec::new();
+        s.print(Format::Json, &mut out).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["delay_p50_ns"], 1_500_000);
+        assert_eq!(v["delay_p99_ns"], 45_000_000);
+        assert_eq!(v["delay_max_ns"], 52_000_000);
+        assert_eq!(v["largest_backlog_events"], 250_000);
+        assert_eq!(v["largest_backlog_drain_ns"], 100_000_000);
+
+        let mut out = Vec::new();
+        s.print(Format::Text, &mut out).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let mut lines = text.lines();
+        assert!(
+            lines.next().unwrap().contains(" 0 lost (ring buffer full)"),
+            "{text}"
+        );
+        assert_eq!(
+            lines.next(),
+            Some(
+                "tcpclose: kernel-to-reader delay p50 1.50ms, p99 45.0ms, max 52.0ms; \
+                 largest backlog 250000 events, drained in 100ms (2.50M events/s)"
+            ),
+            "{text}"
+        );
+        assert_eq!(lines.next(), None);
+
+        // Nothing drained: one line, as before.
+        let mut out = Vec::new();
+        Summary::default().print(Format::Text, &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap().lines().count(), 1);
     }
 }
