@@ -87,6 +87,8 @@ pub struct Metrics {
     matched_seen: u64,
     received: Counter,
     received_seen: u64,
+    missed: Counter,
+    missed_seen: u64,
     tracked: Gauge,
 }
 
@@ -145,6 +147,13 @@ impl Metrics {
             "Events read from the ring buffer",
             received.clone(),
         );
+        let missed = Counter::default();
+        registry.register(
+            "tcpclose_missed_events",
+            "Tracepoint hits the kernel did not hand to tcpclose's programs because one was \
+             already running on that CPU (BPF recursion protection): never matched nor received",
+            missed.clone(),
+        );
         let tracked = Gauge::default();
         registry.register(
             "tcpclose_tracked_sockets",
@@ -178,6 +187,8 @@ impl Metrics {
             matched_seen: 0,
             received,
             received_seen: 0,
+            missed,
+            missed_seen: 0,
             tracked,
         }
     }
@@ -245,6 +256,7 @@ impl Metrics {
             (&self.lost, &mut self.lost_seen, events.lost),
             (&self.matched, &mut self.matched_seen, events.matched),
             (&self.received, &mut self.received_seen, events.received),
+            (&self.missed, &mut self.missed_seen, events.missed),
         ] {
             if total > *seen {
                 counter.inc_by(total - *seen);
@@ -268,6 +280,8 @@ pub struct EventTotals {
     pub matched: u64,
     pub received: u64,
     pub lost: u64,
+    /// Hits the kernel skipped (see `tcpclose_missed_events`).
+    pub missed: u64,
 }
 
 /// Close kinds, so that every one appears in the exposition from the start (a counter that
@@ -417,6 +431,7 @@ mod tests {
             matched: 100 + lost,
             received: 100,
             lost,
+            missed: 2,
         };
         m.update(
             &[(TcpState::CloseWait, 3)],
@@ -465,6 +480,7 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("tcpclose_lost_events_total 9"), "{text}");
+        assert!(text.contains("tcpclose_missed_events_total 2"), "{text}");
         assert!(text.contains("tcpclose_kernel_events_total 109"), "{text}");
         assert!(
             text.contains("tcpclose_received_events_total 100"),

@@ -136,6 +136,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     matched: counters.matched + counters.timewait_matched,
                     received: session.transitions + session.timewait_events + session.undecodable,
                     lost: counters.lost + counters.timewait_lost,
+                    missed: tracer.missed()?,
                 });
             }
             _ = tick.tick() => {}
@@ -153,6 +154,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
 
     // Detach first, then read what the program submitted before it was detached.
+    // The programs' own counts go with them: read before detaching.
+    let missed = tracer.missed()?;
     tracer.detach();
     while tracer.drain(BATCH, |record| session.handle(record)) > 0 {}
     session.expire();
@@ -163,6 +166,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         transitions: session.transitions,
         lost: counters.lost,
         matched: counters.matched,
+        missed,
         undecodable: session.undecodable,
         timewait_matched: counters.timewait_matched,
         timewait_events: session.timewait_events,

@@ -220,6 +220,11 @@ pub struct Summary {
     pub lost: u64,
     /// Transitions that passed the kernel filters (`transitions + lost + undecodable`).
     pub matched: u64,
+    /// Tracepoint hits (transitions and timers alike) the kernel did not hand to tcpclose's
+    /// programs because one was already running on that CPU: an interrupt changed a socket's
+    /// state while a program ran, and BPF's recursion protection skipped the nested run. Never
+    /// matched nor received; a socket whose transition was missed may be reported incomplete.
+    pub missed: u64,
     /// Records the loader could not decode (see the warning printed with the first one).
     pub undecodable: u64,
     /// Transitions of sockets not followed because the socket table was full (--events).
@@ -294,6 +299,7 @@ impl Summary {
                     self.lost + self.timewait_lost
                 )?;
                 let notes = [
+                    (self.missed, "missed (kernel BPF recursion protection)"),
                     (self.undecodable, "undecodable"),
                     (self.untracked, "of untracked sockets (table full)"),
                     (self.evicted, "sockets evicted (table full)"),
