@@ -342,7 +342,7 @@ impl Session {
         if let View::Teardowns(t) = &mut self.view
             && !t.alerts.is_empty()
         {
-            let alerts = confirm_fin_wait2(
+            let alerts = confirm(
                 std::mem::take(&mut t.alerts),
                 &mut t.correlator,
                 &mut t.done,
@@ -550,6 +550,78 @@ fn adopt_existing(correlator: &mut Correlator, filter: &KernelFilter) {
              hung sockets among them will not be reported"
         ),
     }
+}
+
+/// Checks hangs with sock_diag before reporting them, where the engine's view may be wrong:
+/// - a full socket (or one found at start-up) whose last transition the kernel skipped (the
+///   summary's `missed`) seems to hang in its last seen state. sock_diag showing its 4-tuple in
+///   that state confirms the hang; showing it in another state means the engine is behind (not
+///   reported this time); showing nothing means it is gone: dropped, counted unfinished.
+/// - see [`confirm_fin_wait2`] for timewait sockets.
+///
+/// Many hangs at once (a leak building up) are checked against one snapshot of every namespace
+/// rather than a lookup each.
+fn confirm(
+    alerts: Vec<Alert>,
+    correlator: &mut Correlator,
+    done: &mut Vec<Teardown>,
+    now_ns: u64,
+) -> Vec<Alert> {
+    let full_hangs = alerts
+        .iter()
+        .filter(|a| {
+            matches!(a.kind, AlertKind::Hung { .. })
+                && matches!(a.key, SocketKey::Full(_) | SocketKey::Existing(..))
+        })
+        .count();
+    let snapshot: Option<HashMap<(SocketAddr, SocketAddr), Vec<TcpState>>> = (full_hangs > 8)
+        .then(sockets::snapshot_all_namespaces)
+        .and_then(Result::ok)
+        .map(|all| {
+            let mut by_tuple: HashMap<_, Vec<TcpState>> = HashMap::new();
+            for i in all.into_iter().filter(|i| !i.timewait) {
+                by_tuple
+                    .entry((i.local, i.remote))
+                    .or_default()
+                    .push(i.state);
+            }
+            by_tuple
+        });
+    let alerts = alerts
+        .into_iter()
+        .filter(|a| {
+            if !matches!(a.kind, AlertKind::Hung { .. })
+                || !matches!(a.key, SocketKey::Full(_) | SocketKey::Existing(..))
+            {
+                return true;
+            }
+            let states: Vec<TcpState> = match &snapshot {
+                Some(by_tuple) => by_tuple
+                    .get(&(a.local, a.remote))
+                    .cloned()
+                    .unwrap_or_default(),
+                None => match sockets::lookup_all_namespaces(a.local, a.remote) {
+                    Ok(found) => found
+                        .iter()
+                        .filter(|i| !i.timewait)
+                        .map(|i| i.state)
+                        .collect(),
+                    // Cannot tell: report it.
+                    Err(_) => return true,
+                },
+            };
+            if states.contains(&a.phase.state()) {
+                return true;
+            }
+            if states.is_empty() {
+                correlator.socket_gone(a.key);
+            } else {
+                correlator.withdraw_hang(a.key);
+            }
+            false
+        })
+        .collect();
+    confirm_fin_wait2(alerts, correlator, done, now_ns)
 }
 
 /// Checks the FIN_WAIT2 hangs of timewait sockets with sock_diag before reporting them. The

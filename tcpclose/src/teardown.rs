@@ -519,6 +519,41 @@ impl Correlator {
         self.end_unseen(twaddr, now_ns, true, out);
     }
 
+    /// A hang the caller did not report after all (sock_diag shows the socket in another state:
+    /// the engine is behind the kernel): forgotten, so that the socket's next phase does not
+    /// resolve a hang nobody was told of. It is judged again from scratch at later sweeps.
+    pub fn withdraw_hang(&mut self, key: SocketKey) {
+        let life = match key {
+            SocketKey::Full(skaddr) => self.lives.get_mut(&skaddr),
+            SocketKey::Existing(local, remote) => {
+                self.existing.get_mut(&Tuple::new(&local, &remote))
+            }
+            SocketKey::Timewait(twaddr) => self.timewait.get_mut(&twaddr).map(|h| &mut h.life),
+        };
+        if let Some(life) = life {
+            life.hung_at_ns = MaybeNs::UNKNOWN;
+        }
+    }
+
+    /// What sock_diag says of a full socket followed here (or one found at start-up): no socket
+    /// has its 4-tuple any more, in any network namespace. Its end was missed (the kernel skips a
+    /// program run nested in another on the same CPU: the summary's `missed`), so its life is
+    /// dropped without a record and counted unfinished; a hang reported for it is withdrawn, not
+    /// resolved. Returns whether it was followed.
+    pub fn socket_gone(&mut self, key: SocketKey) -> bool {
+        let gone = match key {
+            SocketKey::Full(skaddr) => self.lives.remove(&skaddr).is_some(),
+            SocketKey::Existing(local, remote) => {
+                self.existing.remove(&Tuple::new(&local, &remote)).is_some()
+            }
+            SocketKey::Timewait(_) => false,
+        };
+        if gone {
+            self.losses.unfinished += 1;
+        }
+        gone
+    }
+
     /// Ends a followed timewait socket whose end was not read as such: at its pending cancel
     /// if there was one (a kill), else incomplete at `fallback_ns` (counted unfinished). With
     /// `withdraw`, a hang reported for it is dropped instead of resolved.
@@ -2492,6 +2527,40 @@ mod tests {
             poll(&mut c, 7_000).is_empty(),
             "no hang of the old connection"
         );
+    }
+
+    #[test]
+    fn a_full_socket_sock_diag_no_longer_shows_is_gone_not_hung() {
+        // Its `LAST_ACK -> CLOSE` was missed: it seems to hang in LAST_ACK.
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::LastAck, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(
+            &mut c,
+            1,
+            &[(100, Established, CloseWait), (150, CloseWait, LastAck)],
+        );
+        let alerts = poll(&mut c, 1_200);
+        assert_eq!(alerts.len(), 1, "{alerts:#?}");
+        assert!(c.socket_gone(alerts[0].key));
+        assert!(!c.socket_gone(alerts[0].key), "once");
+        assert_eq!(c.losses().unfinished, 1);
+        assert!(c.is_empty());
+        assert!(
+            poll(&mut c, 5_000).is_empty(),
+            "withdrawn, so never resolved"
+        );
+        assert!(!c.socket_gone(SocketKey::Timewait(0xbeef)));
+
+        // Shown in another state: the engine is behind. The hang is forgotten, so the event that
+        // catches up resolves nothing.
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &[(100, Established, CloseWait)]);
+        let alerts = poll(&mut c, 1_200);
+        assert_eq!(alerts.len(), 1, "{alerts:#?}");
+        c.withdraw_hang(alerts[0].key);
+        feed(&mut c, 1, &[(1_250, CloseWait, LastAck)]);
+        assert!(poll(&mut c, 1_300).is_empty());
     }
 
     #[test]
