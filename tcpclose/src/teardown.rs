@@ -38,6 +38,11 @@ pub const CANCEL_GRACE_NS: u64 = 10_000_000;
 /// cancel is not a move.
 const MOVE_NS: u64 = 1_000_000;
 
+/// tcp_time_wait() arms the new timewait socket's timer microseconds before tcp_done() reports
+/// the full socket's `-> CLOSE`: an unclaimed arming older than this at a handoff is not of the
+/// socket handed over (with room for a CPU busy with interrupts in between).
+const ARMED_BEFORE_HANDOFF_NS: u64 = 10_000_000;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
     /// Opened by `connect()`.
@@ -416,7 +421,8 @@ pub struct Correlator {
 }
 
 impl Correlator {
-    /// `max_sockets` bounds the sockets followed at once (full and timewait together).
+    /// `max_sockets` bounds the sockets followed at once (full and timewait sockets, handoffs,
+    /// unclaimed timewait sockets and sockets found at start-up together).
     pub fn new(max_sockets: usize) -> Self {
         Self::watching(max_sockets, Thresholds::NONE)
     }
@@ -521,7 +527,8 @@ impl Correlator {
 
     /// A hang the caller did not report after all (sock_diag shows the socket in another state:
     /// the engine is behind the kernel): forgotten, so that the socket's next phase does not
-    /// resolve a hang nobody was told of. It is judged again from scratch at later sweeps.
+    /// resolve a hang nobody was told of. Still there, it is judged again at a sweep within
+    /// [`REPORT_AGAIN_NS`].
     pub fn withdraw_hang(&mut self, key: SocketKey) {
         let life = match key {
             SocketKey::Full(skaddr) => self.lives.get_mut(&skaddr),
@@ -708,8 +715,13 @@ impl Correlator {
                     self.losses.timewait_unseen += 1;
                     out.push(previous.without_timewait());
                 }
-                for ev in self.unclaimed.remove(&key).unwrap_or_default() {
-                    self.on_timewait(&ev, out);
+                if !self.unclaimed.is_empty()
+                    && let Some(events) = self.unclaimed.remove(&key)
+                    && claims(&events, t.ts_ns)
+                {
+                    for ev in events {
+                        self.on_timewait(&ev, out);
+                    }
                 }
             }
             _ => out.push(life.finish(t.ts_ns)),
@@ -907,25 +919,30 @@ impl Correlator {
 
     /// Keeps the events of a timewait socket created just now, whose full socket's `-> CLOSE` is
     /// still to come. Timewait sockets that were already there when tracing began are not
-    /// kept: their first event is not an arming.
+    /// kept: their first event is not an arming. A 4-tuple holds one timewait socket at a time,
+    /// so the list follows the latest: an arming that starts a new one (see [`starts_anew`])
+    /// replaces it, and an event of another timewait socket on the 4-tuple drops it.
     fn keep_unclaimed(&mut self, ev: &TimewaitTimer, key: Tuple) {
-        match self.unclaimed.get_mut(&key) {
-            // A handful of events at most before the handoff (armed, maybe moved).
-            Some(events) if events.len() < 8 => {
-                if events
-                    .first()
-                    .is_some_and(|first| first.twaddr != ev.twaddr)
-                {
-                    events.clear();
-                }
-                events.push(*ev);
-            }
-            Some(_) => {}
-            None if ev.action == TimerAction::Armed => {
+        let Some(events) = self.unclaimed.get_mut(&key) else {
+            if ev.action == TimerAction::Armed {
                 self.make_room();
                 self.unclaimed.insert(key, vec![*ev]);
             }
-            None => {}
+            return;
+        };
+        let Some(last) = events.last() else {
+            return;
+        };
+        if starts_anew(last, ev) {
+            if ev.action == TimerAction::Armed {
+                events.clear();
+                events.push(*ev);
+            } else {
+                self.unclaimed.remove(&key);
+            }
+        } else if events.len() < 8 {
+            // A handful of events at most before the handoff (armed, maybe moved).
+            events.push(*ev);
         }
     }
 
@@ -965,33 +982,108 @@ impl Correlator {
         }
     }
 
-    /// Keeps the tables under their cap: when full, drops the eighth of the full and timewait
-    /// sockets that has been idle longest (handoffs leave within `handoff_wait_ns` anyway).
+    /// Keeps the tables under their cap: when full, drops the eighth of the sockets followed
+    /// that has been idle longest, whatever their table: full and timewait sockets, handoffs
+    /// waiting for their timewait socket, unclaimed timewait sockets and sockets found at
+    /// start-up (each of which alone may fill the table).
     fn make_room(&mut self) {
         if self.len() < self.max_sockets {
             return;
         }
-        let mut idle: Vec<(u64, bool, u64)> = self
-            .lives
-            .iter()
-            .map(|(k, l)| (l.since_ns.get().unwrap_or(0), false, *k))
-            .chain(self.timewait.iter().map(|(k, h)| (h.at_ns, true, *k)))
-            .collect();
+        // By last event (or handoff, or sighting at start-up).
+        let mut idle: Vec<(u64, Victim)> = Vec::with_capacity(self.len());
+        idle.extend(
+            self.lives
+                .iter()
+                .map(|(k, l)| (l.since_ns.get().unwrap_or(0), Victim::Full(*k))),
+        );
+        idle.extend(
+            self.timewait
+                .iter()
+                .map(|(k, h)| (h.at_ns, Victim::Timewait(*k))),
+        );
+        idle.extend(
+            self.handoffs
+                .iter()
+                .map(|(k, h)| (h.at_ns, Victim::Handoff(*k))),
+        );
+        idle.extend(self.unclaimed.iter().map(|(k, events)| {
+            let last = events.last().map_or(0, |ev| ev.ts_ns);
+            (last, Victim::Unclaimed(*k))
+        }));
+        idle.extend(
+            self.existing
+                .iter()
+                .map(|(k, l)| (l.since_ns.get().unwrap_or(0), Victim::Existing(*k))),
+        );
         let n = (self.max_sockets / 8).max(1).min(idle.len());
         if n == 0 {
             return;
         }
-        idle.select_nth_unstable(n - 1);
-        for &(_, timewait, key) in &idle[..n] {
-            if timewait {
-                self.timewait.remove(&key);
-                self.cancelled.take(key);
-            } else {
-                self.lives.remove(&key);
+        idle.select_nth_unstable_by_key(n - 1, |(ns, _)| *ns);
+        for (_, victim) in &idle[..n] {
+            match victim {
+                Victim::Full(sk) => {
+                    self.lives.remove(sk);
+                }
+                Victim::Timewait(tw) => {
+                    self.timewait.remove(tw);
+                    self.cancelled.take(*tw);
+                }
+                Victim::Handoff(tuple) => {
+                    self.handoffs.remove(tuple);
+                }
+                Victim::Unclaimed(tuple) => {
+                    self.unclaimed.remove(tuple);
+                }
+                Victim::Existing(tuple) => {
+                    self.existing.remove(tuple);
+                }
             }
         }
         self.losses.evicted += n as u64;
     }
+}
+
+/// A socket [`Correlator::make_room`] may drop, by its key in its table.
+#[derive(Clone, Copy, Debug)]
+enum Victim {
+    Full(u64),
+    Timewait(u64),
+    Handoff(Tuple),
+    Unclaimed(Tuple),
+    Existing(Tuple),
+}
+
+/// Whether timer event `ev` is of another timewait socket than the one whose latest event was
+/// `last`, on the same 4-tuple: another address, or the same one after the previous socket ended
+/// (its timer fired, or was cancelled and not queued again at once: see [`MOVE_NS`]) or with its
+/// substate going back from TIME_WAIT to FIN_WAIT2 (the slab reused the address).
+fn starts_anew(last: &TimewaitTimer, ev: &TimewaitTimer) -> bool {
+    last.twaddr != ev.twaddr
+        || match last.action {
+            TimerAction::Fired => true,
+            TimerAction::Cancelled => {
+                ev.action == TimerAction::Armed && ev.ts_ns.saturating_sub(last.ts_ns) > MOVE_NS
+            }
+            TimerAction::Armed => {
+                last.substate == TcpState::TimeWait && ev.substate == TcpState::FinWait2
+            }
+        }
+}
+
+/// Whether the events kept of an unclaimed timewait socket (see [`Correlator::keep_unclaimed`])
+/// are of the one a full socket hands over to at `handoff_ns`: tcp_time_wait() arms its timer
+/// (inet_twsk_schedule()) microseconds before tcp_done() reports the full socket's `-> CLOSE`,
+/// and nothing can end it in between. An older arming, or a timer that already fired or was
+/// cancelled, is an earlier timewait socket's on the 4-tuple, whose own full socket was not
+/// followed: replayed, its end would end this connection.
+fn claims(events: &[TimewaitTimer], handoff_ns: u64) -> bool {
+    let (Some(armed), Some(last)) = (events.first(), events.last()) else {
+        return false;
+    };
+    last.action == TimerAction::Armed
+        && handoff_ns.saturating_sub(armed.ts_ns) <= ARMED_BEFORE_HANDOFF_NS
 }
 
 /// Timer cancels of followed timewait sockets, not judged yet: by socket address, and by 4-tuple
@@ -1235,9 +1327,15 @@ impl Life {
             self.complete = false;
             self.since_ns = MaybeNs::UNKNOWN;
         }
-        let in_old = self
-            .since_ns
-            .get()
+        let since = self.since_ns.get();
+        if since.is_some_and(|since| t.ts_ns < since) {
+            // Left a state before it entered it: records out of timestamp order (each CPU
+            // stamps its own with bpf_ktime_get_ns(); the ring buffer keeps the order they were
+            // reserved in, which may differ) or hostile input. Whatever the state, the life's
+            // durations no longer add up: not seen whole.
+            self.complete = false;
+        }
+        let in_old = since
             .filter(|_| !self.since_is_lower_bound)
             .and_then(|since| t.ts_ns.checked_sub(since));
         if let Some(phase) = Phase::of(t.old) {
@@ -1354,6 +1452,11 @@ impl Handoff {
     }
 
     fn observe_timer(&mut self, ev: &TimewaitTimer, first: bool) {
+        if ev.ts_ns < self.at_ns && !(first && ev.action == TimerAction::Armed) {
+            // Only tcp_time_wait()'s arming comes before the full socket's `-> CLOSE`: a later
+            // event dated earlier is out of timestamp order, and the phases it times unsure.
+            self.life.complete = false;
+        }
         if ev.substate != TcpState::TimeWait
             || (self.time_wait_from_ns.is_known() && !self.provisional)
         {
@@ -1365,13 +1468,16 @@ impl Handoff {
             self.at_ns
         } else if self.life.state == TcpState::FinWait2 && ev.action == TimerAction::Armed {
             // tcp_timewait_state_process() re-armed the timer on the peer's FIN.
-            ev.ts_ns
+            ev.ts_ns.max(self.at_ns)
         } else {
             // The FIN re-armed the timer without a visible `timer_start` (same wheel bucket), or
             // the start was missed: TIME_WAIT began TCP_TIMEWAIT_LEN before the expiry it set.
+            // The substate says TIME_WAIT at this event, so it began by then: the expiry,
+            // rounded up to the jiffy by the timer wheel (or nonsense), must not place it later.
             self.resolution = Resolution::of_jiffy(ev.jiffy_ns);
             ev.expires_ns
                 .saturating_sub(TIMEWAIT_LEN_NS)
+                .min(ev.ts_ns)
                 .max(self.at_ns)
         });
         self.provisional = false;
@@ -1389,8 +1495,16 @@ impl Handoff {
     fn into_teardown(self, end_ns: u64, how: TimewaitEnd) -> Teardown {
         let mut teardown = self.life.finish(end_ns);
         teardown.timewait_end = Some(how);
+        if end_ns < self.at_ns {
+            // The timewait socket ended before the full socket handed over to it: records out
+            // of timestamp order, or hostile input.
+            teardown.complete = false;
+        }
         match self.time_wait_from_ns.get() {
             Some(from) => {
+                // Between the handoff and the end, whatever the order of the timestamps (an
+                // estimate from the expiry or by sock_diag, records out of order).
+                let from = from.min(end_ns).max(self.at_ns);
                 // An orphaned FIN_WAIT2 went on from the handoff to the peer's FIN (the full
                 // socket's part was counted up to the handoff).
                 if from > self.at_ns {
