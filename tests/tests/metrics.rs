@@ -602,6 +602,7 @@ fn exposition_parses_and_labels_are_bounded() {
         ("tcpclose_sockets", &["state"]),
         ("tcpclose_hung_sockets", &["state"]),
         ("tcpclose_lost_events_total", &[]),
+        ("tcpclose_missed_events_total", &[]),
         ("tcpclose_kernel_events_total", &[]),
         ("tcpclose_received_events_total", &[]),
         ("tcpclose_tracked_sockets", &[]),
