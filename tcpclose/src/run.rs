@@ -342,13 +342,13 @@ impl Session {
         if let View::Teardowns(t) = &mut self.view
             && !t.alerts.is_empty()
         {
-            let alerts = confirm(
+            let (alerts, confirmed) = confirm(
                 std::mem::take(&mut t.alerts),
                 &mut t.correlator,
                 &mut t.done,
                 now,
             );
-            let alerts = attribute(alerts, &mut t.holders);
+            let alerts = attribute(alerts, &confirmed, &mut t.holders);
             for a in &alerts {
                 t.leaks.observe(&a.alert, a.holder().as_ref());
                 if self.write_error.is_none() && result.is_ok() {
@@ -566,54 +566,47 @@ fn confirm(
     correlator: &mut Correlator,
     done: &mut Vec<Teardown>,
     now_ns: u64,
-) -> Vec<Alert> {
-    let full_hangs = alerts
-        .iter()
-        .filter(|a| {
-            matches!(a.kind, AlertKind::Hung { .. })
-                && matches!(a.key, SocketKey::Full(_) | SocketKey::Existing(..))
-        })
-        .count();
-    let snapshot: Option<HashMap<(SocketAddr, SocketAddr), Vec<TcpState>>> = (full_hangs > 8)
-        .then(sockets::snapshot_all_namespaces)
-        .and_then(Result::ok)
-        .map(|all| {
-            let mut by_tuple: HashMap<_, Vec<TcpState>> = HashMap::new();
-            for i in all.into_iter().filter(|i| !i.timewait) {
+) -> (Vec<Alert>, Confirmed) {
+    let full_hang = |a: &Alert| {
+        matches!(a.kind, AlertKind::Hung { .. })
+            && matches!(a.key, SocketKey::Full(_) | SocketKey::Existing(..))
+    };
+    let snapshot: Option<HashMap<(SocketAddr, SocketAddr), Vec<sockets::SocketInfo>>> =
+        (alerts.iter().filter(|a| full_hang(a)).count() > 8)
+            .then(sockets::snapshot_all_namespaces)
+            .and_then(Result::ok)
+            .map(|all| {
+                let mut by_tuple: HashMap<_, Vec<_>> = HashMap::new();
+                for i in all.into_iter().filter(|i| !i.timewait) {
+                    by_tuple.entry((i.local, i.remote)).or_default().push(i);
+                }
                 by_tuple
-                    .entry((i.local, i.remote))
-                    .or_default()
-                    .push(i.state);
-            }
-            by_tuple
-        });
+            });
+    let mut confirmed = Confirmed::new();
     let alerts = alerts
         .into_iter()
         .filter(|a| {
-            if !matches!(a.kind, AlertKind::Hung { .. })
-                || !matches!(a.key, SocketKey::Full(_) | SocketKey::Existing(..))
-            {
+            if !full_hang(a) {
                 return true;
             }
-            let states: Vec<TcpState> = match &snapshot {
+            let found: Vec<sockets::SocketInfo> = match &snapshot {
                 Some(by_tuple) => by_tuple
                     .get(&(a.local, a.remote))
                     .cloned()
                     .unwrap_or_default(),
                 None => match sockets::lookup_all_namespaces(a.local, a.remote) {
-                    Ok(found) => found
-                        .iter()
-                        .filter(|i| !i.timewait)
-                        .map(|i| i.state)
-                        .collect(),
+                    Ok(found) => found.into_iter().filter(|i| !i.timewait).collect(),
                     // Cannot tell: report it.
                     Err(_) => return true,
                 },
             };
-            if states.contains(&a.phase.state()) {
+            // Containers reuse addresses (127.0.0.1 in each): of the sockets with this 4-tuple
+            // in any namespace, the one in the hung state.
+            if let Some(info) = found.iter().find(|i| i.state == a.phase.state()) {
+                confirmed.insert((a.local, a.remote), info.inode);
                 return true;
             }
-            if states.is_empty() {
+            if found.is_empty() {
                 correlator.socket_gone(a.key);
             } else {
                 correlator.withdraw_hang(a.key);
@@ -621,8 +614,15 @@ fn confirm(
             false
         })
         .collect();
-    confirm_fin_wait2(alerts, correlator, done, now_ns)
+    (
+        confirm_fin_wait2(alerts, correlator, done, now_ns),
+        confirmed,
+    )
 }
+
+/// The inode of each full socket whose hang sock_diag confirmed, by 4-tuple (0 for an orphan:
+/// no file refers to it).
+type Confirmed = HashMap<(SocketAddr, SocketAddr), u64>;
 
 /// Checks the FIN_WAIT2 hangs of timewait sockets with sock_diag before reporting them. The
 /// peer's FIN moves a timewait socket from FIN_WAIT2 to TIME_WAIT without a timer event when
@@ -674,41 +674,39 @@ fn confirm_fin_wait2(
         .collect()
 }
 
-/// Names the processes holding newly hung sockets, the way `ss -p` does (sock_diag for the
-/// inode, `/proc/*/fd` for the holders), once per batch of alerts. Sockets reported again and
+/// Names the processes holding newly hung sockets, the way `ss -p` does (the inode from
+/// sock_diag, which [`confirm`] already asked, `/proc/*/fd` for the holders), once per batch of
+/// alerts. Sockets reported again and
 /// resolved ones keep the holders found the first time.
 fn attribute(
     alerts: Vec<Alert>,
+    confirmed: &Confirmed,
     known: &mut HashMap<(SocketAddr, SocketAddr), Vec<Holder>>,
 ) -> Vec<OwnedAlert> {
-    let fresh: Vec<&Alert> = alerts
-        .iter()
-        .filter(|a| matches!(a.kind, AlertKind::Hung { again: false, .. }))
-        .collect();
     let mut inodes: HashMap<(SocketAddr, SocketAddr), u64> = HashMap::new();
-    // Many at once (a leak building up): one dump of our namespace answers most of them.
-    let ours: HashMap<(SocketAddr, SocketAddr), sockets::SocketInfo> = if fresh.len() > 8 {
-        sockets::snapshot()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|i| ((i.local, i.remote), i))
-            .collect()
-    } else {
-        HashMap::new()
-    };
-    for a in &fresh {
-        let in_state = |i: &sockets::SocketInfo| i.state == a.phase.state() && i.inode != 0;
-        if let Some(info) = ours.get(&(a.local, a.remote)).filter(|i| in_state(i)) {
-            inodes.insert((a.local, a.remote), info.inode);
+    for a in &alerts {
+        // Timewait sockets have no file, hence no holder.
+        if !matches!(a.kind, AlertKind::Hung { again: false, .. })
+            || matches!(a.key, SocketKey::Timewait(_))
+        {
             continue;
         }
-        // Containers reuse addresses (127.0.0.1 in each): of the sockets with this 4-tuple in
-        // any namespace, the one in the hung state. Timewait sockets and orphans have no file,
-        // hence no holder (inode 0).
-        if let Ok(found) = sockets::lookup_all_namespaces(a.local, a.remote)
-            && let Some(info) = found.iter().find(|i| in_state(i))
-        {
-            inodes.insert((a.local, a.remote), info.inode);
+        let tuple = (a.local, a.remote);
+        // Found by `confirm`, or looked up here when it could not tell.
+        let inode = match confirmed.get(&tuple) {
+            Some(&inode) => inode,
+            None => sockets::lookup_all_namespaces(a.local, a.remote)
+                .ok()
+                .and_then(|found| {
+                    found
+                        .iter()
+                        .find(|i| !i.timewait && i.state == a.phase.state())
+                        .map(|i| i.inode)
+                })
+                .unwrap_or(0),
+        };
+        if inode != 0 {
+            inodes.insert(tuple, inode);
         }
     }
     if !inodes.is_empty() {
