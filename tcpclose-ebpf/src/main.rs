@@ -10,11 +10,13 @@
 #![no_std]
 #![no_main]
 
+use core::ptr::addr_of_mut;
+
 use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns,
-        bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        generated::bpf_get_current_comm as bpf_get_current_comm_into,
     },
     macros::{map, raw_tracepoint},
     maps::{Array, PerCpuArray, RingBuf},
@@ -154,8 +156,14 @@ fn on_transition(sk: u64, oldstate: i32, newstate: i32) {
     if config.family != 0 && ends.family != config.family {
         return;
     }
-    // The local port as inet_sock keeps it: `skc_num` is already 0 at `-> CLOSE`.
-    ends.sport = u16::from_be(read_kernel::<u16>(sk + u64::from(layout.inet_sport)).unwrap_or(0));
+    // At `-> CLOSE` the local port comes from inet_sock: tcp_set_state() has already released
+    // the port (inet_put_port() zeroes `skc_num`) when it reports the change. At any other
+    // change `skc_num` holds it: connect() sets both together (__inet_hash_connect()), a child
+    // copies its listener's; both are 0 at `CLOSE -> SYN_SENT`, before a port is picked.
+    if newstate == TCP_CLOSE {
+        ends.sport =
+            u16::from_be(read_kernel::<u16>(sk + u64::from(layout.inet_sport)).unwrap_or(0));
+    }
     if !ports_pass(&config, ends.sport, ends.dport) {
         return;
     }
@@ -167,33 +175,43 @@ fn on_transition(sk: u64, oldstate: i32, newstate: i32) {
     };
     let (saddr, daddr) = addresses(sk, &ends, layout);
     let pid_tgid = bpf_get_current_pid_tgid();
-    // The current task owns the socket only when a system call made the change (connect,
-    // listen, close, shutdown: see `Transition::made_by_syscall`); the others run in softirq or
-    // timer context on whatever task was there. Its name is wanted only then.
-    let comm = if made_by_syscall(oldstate, newstate) {
-        bpf_get_current_comm().unwrap_or([0; 16])
-    } else {
-        [0; 16]
-    };
-    entry.write(TransitionEvent {
-        kind: record_kind::TRANSITION,
-        _pad: 0,
-        family: ends.family,
-        sport: ends.sport,
-        dport: ends.dport,
-        // SAFETY: helper without preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        skaddr: sk,
-        saddr,
-        daddr,
-        tid: pid_tgid as u32,
-        tgid: (pid_tgid >> 32) as u32,
-        oldstate,
-        newstate,
-        comm,
-    });
+    let ev = entry.as_mut_ptr();
+    // SAFETY: `ev` points to the reserved record, which is written whole before submission;
+    // fields are written in place, field by field, not built on the stack and copied.
+    unsafe {
+        // Field by field: a whole-struct write zeroes `comm` through a byte-wise memset loop.
+        addr_of_mut!((*ev).kind).write(record_kind::TRANSITION);
+        addr_of_mut!((*ev)._pad).write(0);
+        addr_of_mut!((*ev).family).write(ends.family);
+        addr_of_mut!((*ev).sport).write(ends.sport);
+        addr_of_mut!((*ev).dport).write(ends.dport);
+        addr_of_mut!((*ev).ts_ns).write(bpf_ktime_get_ns());
+        addr_of_mut!((*ev).skaddr).write(sk);
+        addr_of_mut!((*ev).saddr).write(saddr);
+        addr_of_mut!((*ev).daddr).write(daddr);
+        addr_of_mut!((*ev).tid).write(pid_tgid as u32);
+        addr_of_mut!((*ev).tgid).write((pid_tgid >> 32) as u32);
+        addr_of_mut!((*ev).oldstate).write(oldstate);
+        addr_of_mut!((*ev).newstate).write(newstate);
+        let comm = addr_of_mut!((*ev).comm);
+        if made_by_syscall(oldstate, newstate) {
+            bpf_get_current_comm_into(comm.cast(), COMM_LEN);
+        } else {
+            // 8-aligned in the record (see `TransitionEvent`): two stores, volatile so that
+            // LLVM does not turn them into a call to a byte-wise memset.
+            let words = comm.cast::<u64>();
+            words.write_volatile(0);
+            words.add(1).write_volatile(0);
+        }
+    }
     entry.submit(submit_flags(&config));
 }
+
+/// `TCP_CLOSE`.
+const TCP_CLOSE: i32 = 7;
+
+/// `TASK_COMM_LEN`.
+const COMM_LEN: u32 = 16;
 
 /// A wakeup per record costs the traced CPU an irq_work and an IPI; the consumer polls on a timer
 /// instead, and is woken only when a backlog builds up.

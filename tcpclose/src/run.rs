@@ -89,7 +89,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         }
     } else {
         let colour = format == Format::Text && io::stdout().is_terminal();
-        let mut correlator = Correlator::watching(cli.max_sockets, cli.hung_thresholds());
+        let mut correlator =
+            Correlator::watching(cli.max_sockets, cli.hung_thresholds()).in_kernel_order();
         if !cli.hung_thresholds().is_empty() {
             adopt_existing(&mut correlator, &filter);
         }

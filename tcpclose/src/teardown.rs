@@ -417,6 +417,9 @@ pub struct Correlator {
     alerts: Vec<Alert>,
     /// How long a handoff waits for its timewait socket to appear before it is emitted without.
     handoff_wait_ns: u64,
+    /// Whether timewait timer events come in the kernel's order (see
+    /// [`Correlator::in_kernel_order`]): a handoff that claims no arming is then complete.
+    armed_before_close: bool,
     losses: Losses,
 }
 
@@ -445,8 +448,22 @@ impl Correlator {
             existing: HashMap::new(),
             max_sockets: max_sockets.max(8),
             handoff_wait_ns: 2_000_000_000,
+            armed_before_close: false,
             losses: Losses::default(),
         }
+    }
+
+    /// Declares that timewait timer events are fed in the order the kernel made them, interleaved
+    /// with the transitions (one ring buffer, so one CPU's events stay in order). tcp_time_wait()
+    /// arms the timewait socket's timer (inet_twsk_hashdance_schedule()) before tcp_done()
+    /// reports the full socket's `-> CLOSE`, on the same CPU: a handoff that finds no such arming
+    /// has no timewait socket (the kernel refused one at `tcp_max_tw_buckets`, or the arming was
+    /// lost or missed, which the kernel program counts). It is emitted at once instead of being
+    /// kept for the wait, which at high churn with the timewait table full would hold seconds of
+    /// connections.
+    pub fn in_kernel_order(mut self) -> Self {
+        self.armed_before_close = true;
+        self
     }
 
     pub fn losses(&self) -> Losses {
@@ -711,17 +728,25 @@ impl Correlator {
             // tcp_time_wait(): the rest happens on a timewait socket.
             FinWait2 | Closing => {
                 let key = life.tuple;
-                if let Some(previous) = self.handoffs.insert(key, Handoff::new(life, t.ts_ns)) {
+                let armed = match self.unclaimed.is_empty() {
+                    true => None,
+                    false => self
+                        .unclaimed
+                        .remove(&key)
+                        .filter(|events| claims(events, t.ts_ns)),
+                };
+                let handoff = Handoff::new(life, t.ts_ns);
+                if armed.is_none() && self.armed_before_close {
+                    self.losses.timewait_unseen += 1;
+                    out.push(handoff.without_timewait());
+                    return;
+                }
+                if let Some(previous) = self.handoffs.insert(key, handoff) {
                     self.losses.timewait_unseen += 1;
                     out.push(previous.without_timewait());
                 }
-                if !self.unclaimed.is_empty()
-                    && let Some(events) = self.unclaimed.remove(&key)
-                    && claims(&events, t.ts_ns)
-                {
-                    for ev in events {
-                        self.on_timewait(&ev, out);
-                    }
+                for ev in armed.into_iter().flatten() {
+                    self.on_timewait(&ev, out);
                 }
             }
             _ => out.push(life.finish(t.ts_ns)),
@@ -1671,18 +1696,23 @@ mod tests {
     #[test]
     fn timer_armed_before_the_full_socket_closes() {
         // tcp_time_wait() arms the timewait socket's timer before tcp_done() reports CLOSE.
-        let mut c = Correlator::new(64);
-        feed(&mut c, 1, &OPEN);
-        feed(&mut c, 1, &ORPHANED_CLOSE[..2]);
-        assert!(timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101).is_empty());
-        assert!(feed(&mut c, 1, &ORPHANED_CLOSE[2..]).is_empty());
-        assert!(timer(&mut c, 401, TimeWait, TimerAction::Armed, 60_401).is_empty());
-        let t = one(timer(&mut c, 60_401, TimeWait, TimerAction::Fired, 60_401));
+        for mut c in [Correlator::new(64), Correlator::new(64).in_kernel_order()] {
+            timer_armed_before_the_full_socket_closes_in(&mut c);
+        }
+    }
+
+    fn timer_armed_before_the_full_socket_closes_in(c: &mut Correlator) {
+        feed(c, 1, &OPEN);
+        feed(c, 1, &ORPHANED_CLOSE[..2]);
+        assert!(timer(c, 101, FinWait2, TimerAction::Armed, 60_101).is_empty());
+        assert!(feed(c, 1, &ORPHANED_CLOSE[2..]).is_empty());
+        assert!(timer(c, 401, TimeWait, TimerAction::Armed, 60_401).is_empty());
+        let t = one(timer(c, 60_401, TimeWait, TimerAction::Fired, 60_401));
         assert_eq!(t.phases.get(Phase::FinWait2), Some(300 * MS));
         assert_eq!(t.phases.get(Phase::TimeWait), Some(60_000 * MS));
         assert!(t.complete);
         // A timewait socket nobody claims is forgotten after the wait, and not counted.
-        assert!(timer(&mut c, 70_000, TimeWait, TimerAction::Armed, 130_000).is_empty());
+        assert!(timer(c, 70_000, TimeWait, TimerAction::Armed, 130_000).is_empty());
         assert_eq!(c.len(), 1);
         let mut out = Vec::new();
         c.expire(73_000 * MS, &mut out);
@@ -1871,6 +1901,21 @@ mod tests {
         let t = one(out);
         assert!(!t.complete);
         assert_eq!(t.phases.get(Phase::TimeWait), None);
+        assert_eq!(t.end_ns, 101 * MS);
+        assert_eq!(c.losses().timewait_unseen, 1);
+        assert!(c.is_empty());
+    }
+
+    #[test]
+    fn in_kernel_order_a_handoff_that_claims_no_arming_is_emitted_at_once() {
+        let mut c = Correlator::new(64).in_kernel_order();
+        feed(&mut c, 1, &OPEN);
+        // A stale arming on the 4-tuple is not this connection's timewait socket.
+        assert!(timer(&mut c, 50, FinWait2, TimerAction::Armed, 60_050).is_empty());
+        let t = one(feed(&mut c, 1, &ORPHANED_CLOSE));
+        assert!(!t.complete);
+        assert_eq!(t.phases.get(Phase::TimeWait), None);
+        assert_eq!(t.phases.get(Phase::FinWait1), Some(MS));
         assert_eq!(t.end_ns, 101 * MS);
         assert_eq!(c.losses().timewait_unseen, 1);
         assert!(c.is_empty());

@@ -651,6 +651,51 @@ fn orphaned_fin_wait2_times_out() {
     assert_ours(c, &comm);
 }
 
+/// A namespace whose timewait sockets are all refused (`tcp_max_tw_buckets` = 0, as on a host
+/// where other connections hold them all): tcp_time_wait() finds no timewait socket and closes
+/// the client's full socket at once. The record is printed then, without TIME_WAIT, not after
+/// the two seconds tcpclose would otherwise give a timewait socket to show up: the kernel arms
+/// a timewait socket's timer before the full socket's `-> CLOSE`, so none came.
+#[test]
+fn a_close_refused_its_timewait_socket_is_reported_at_once() {
+    let place = Place::new("twrefused");
+    place.ns.sysctl("net.ipv4.tcp_max_tw_buckets", "0");
+    let (conn, client, mut server) = connection_in(place, false);
+    let comm = thread_comm();
+
+    // A shutdown, not a close: an orphaned FIN_WAIT2 would go to a timewait socket at once.
+    let (closed, fin_wait2) = conn.place.close_to_fin_wait2(conn.client_side, || {
+        client.shutdown(Shutdown::Write).expect("shutdown")
+    });
+    read_eof(&mut server);
+    thread::sleep(Duration::from_millis(100));
+    let (second, ()) = Moment::of(|| timed(|| drop(server)));
+    assert_eq!(conn.place.state(conn.client_side), None, "no TIME_WAIT");
+    drop(client);
+    conn.tracer.wait_for(
+        "the client's record, well before a timewait socket's wait (2 s) is over",
+        Duration::from_millis(1_000),
+        |records| {
+            records
+                .iter()
+                .any(|r| r["type"] == "teardown" && about(r, conn.client_side))
+        },
+    );
+    let run = conn.tracer.stop();
+    check_run(&run);
+    let c = record_of(&run, conn.client_side);
+    assert_eq!(c["side"], "client", "{c}");
+    assert_eq!(c["close"], "active", "{c}");
+    assert_eq!(c["complete"], false, "its timewait phases are missing: {c}");
+    assert!(c["timewait_end"].is_null(), "{c}");
+    assert_phase(c, "FIN_WAIT1", closed.to(fin_wait2), TOLERANCE);
+    assert_phase(c, "FIN_WAIT2", fin_wait2.to(second), TOLERANCE);
+    assert_eq!(phase(c, "TIME_WAIT"), None, "{c}");
+    assert_ends(c, second, TOLERANCE);
+    assert_ours(c, &comm);
+    assert_eq!(run.summary()["timewait_unseen"], 1, "{}", run.summary());
+}
+
 /// A client reconnecting from the same port, again and again: each connection's SYN kills the
 /// server's timewait socket of the previous one (tcp_timewait_state_process() accepts a SYN with
 /// newer timestamps), and the new connection, closed first by the server, gets a timewait socket
