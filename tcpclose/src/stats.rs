@@ -2,8 +2,9 @@
 //! port, remote port or command), with percentiles and a log2 view. Pure: teardown records in,
 //! reports out.
 
-use std::collections::HashMap;
-
+// Looked up once per phase of every teardown record: foldhash, not SipHash. Flooding it with
+// keys gains nothing: the groups are capped (`max_groups`).
+use foldhash::{HashMap, HashMapExt as _};
 use hdrhistogram::Histogram;
 
 use crate::teardown::{CloseKind, Phase, Teardown};
