@@ -120,15 +120,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         eprintln!("Tracing TCP teardowns... Hit Ctrl-C to end.");
     }
 
-    let mut drained = 0;
+    // The last drain stopped at its cap, or more than one pass completes was due.
+    let mut behind = false;
     loop {
         tokio::select! {
             biased;
             _ = sigint.recv() => break,
             _ = sigterm.recv() => break,
             _ = &mut deadline, if cli.duration.is_some() => break,
-            // The previous drain stopped at its cap: go on after letting other tasks run.
-            () = tokio::task::yield_now(), if drained == BATCH => {}
+            // Work left from the last pass: go on after letting other tasks run.
+            () = tokio::task::yield_now(), if behind => {}
             ready = tracer.backlog() => ready.context("waiting on the ring buffer")?,
             _ = interval.tick(), if cli.interval.is_some() => session.show_aggregates(),
             _ = refresh.tick(), if cli.metrics.is_some() => {
@@ -143,12 +144,10 @@ pub async fn run(cli: Cli) -> Result<()> {
             _ = tick.tick() => {}
         }
         let pass_ns = now_ns();
-        drained = tracer.drain(BATCH, |record| session.handle(record));
+        let drained = tracer.drain(BATCH, |record| session.handle(record));
         session.lag.pass(pass_ns, drained, now_ns);
-        if drained < BATCH {
-            // Caught up with the kernel: what only time completes is due now.
-            session.expire();
-        }
+        // Caught up with the kernel: what only time completes is due now.
+        behind = drained == BATCH || session.expire();
         if !session.flush()? {
             break;
         }
@@ -159,7 +158,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let missed = tracer.missed()?;
     tracer.detach();
     while tracer.drain(BATCH, |record| session.handle(record)) > 0 {}
-    session.expire();
+    while session.expire() {}
     session.show_aggregates();
     session.flush()?;
     let counters = tracer.counters()?;
@@ -331,13 +330,14 @@ impl Session {
     }
 
     /// Completes what only time completes (see [`Correlator::expire`]) and reports sockets that
-    /// have hung, or stopped hanging, since the last call.
-    fn expire(&mut self) {
+    /// have hung, or stopped hanging, since the last call. Returns whether more is due than one
+    /// call completes: the caller reads the ring first, then calls again.
+    fn expire(&mut self) -> bool {
         let View::Teardowns(t) = &mut self.view else {
-            return;
+            return false;
         };
         let now = now_ns();
-        t.correlator.expire(now, &mut t.done);
+        let more = t.correlator.expire(now, &mut t.done);
         t.correlator.poll_hung(now, &mut t.alerts);
         let mut result = self.print_done();
         if let View::Teardowns(t) = &mut self.view
@@ -359,6 +359,7 @@ impl Session {
             self.hung_alerts += alerts.len() as u64;
         }
         self.keep_error(result);
+        more
     }
 
     /// Brings the gauges up to date and encodes the exposition for the next scrapes.

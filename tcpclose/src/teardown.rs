@@ -12,6 +12,8 @@
 //!   socket is killed early (reuse, RST).
 
 use std::{
+    cmp::Reverse,
+    collections::BinaryHeap,
     fmt,
     hash::{Hash, Hasher},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -33,6 +35,11 @@ pub const TIMEWAIT_LEN_NS: u64 = 60_000_000_000;
 /// A timer cancel is followed within microseconds by its queueing again (`__mod_timer()`) or its
 /// firing (`expire_timers()`); one not followed within this is a kill.
 pub const CANCEL_GRACE_NS: u64 = 10_000_000;
+
+/// Kills [`Correlator::expire`] ends per call. A network namespace that goes away cancels all
+/// its timewait sockets at once (inet_twsk_purge()): ending 100k of them in one call would keep
+/// the reader from the ring for a good part of a second, and the ring would overflow.
+pub const EXPIRE_BATCH: usize = 4096;
 
 /// `__mod_timer()` queues a timer again right after it detached it: an arming this long after a
 /// cancel is not a move.
@@ -975,15 +982,19 @@ impl Correlator {
     /// [`CANCEL_GRACE_NS`] ago (killed), and handoffs whose timewait socket did not appear within
     /// the wait (timewait tracking unavailable, or the kernel refused a timewait socket:
     /// `tcp_max_tw_buckets`). `now_ns` must not be earlier than the events already fed.
-    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Teardown>) {
+    ///
+    /// Ends at most [`EXPIRE_BATCH`] killed timewait sockets per call, the longest cancelled
+    /// first; returns whether more are due, for the caller to call again once it has read the
+    /// ring.
+    pub fn expire(&mut self, now_ns: u64, out: &mut Vec<Teardown>) -> bool {
+        let mut more = false;
         if !self.cancelled.is_empty() {
-            let killed = self
-                .cancelled
-                .older_than(now_ns.saturating_sub(CANCEL_GRACE_NS));
-            for twaddr in killed {
+            let before_ns = now_ns.saturating_sub(CANCEL_GRACE_NS);
+            for twaddr in self.cancelled.due(before_ns, EXPIRE_BATCH) {
                 // Ended at the cancel: a kill.
                 self.end_unseen(twaddr, now_ns, false, out);
             }
+            more = self.cancelled.any_due(before_ns);
         }
         let wait = self.handoff_wait_ns;
         // Timewait sockets whose full socket never handed over: not a connection tcpclose
@@ -1005,6 +1016,7 @@ impl Correlator {
                 out.push(h.without_timewait());
             }
         }
+        more
     }
 
     /// Keeps the tables under their cap: when full, drops the eighth of the sockets followed
@@ -1117,6 +1129,9 @@ fn claims(events: &[TimewaitTimer], handoff_ns: u64) -> bool {
 struct PendingCancels {
     by_addr: HashMap<u64, TimewaitTimer>,
     by_tuple: HashMap<Tuple, u64>,
+    /// `(ts_ns, twaddr)` of each cancel noted, earliest first, for [`PendingCancels::due`]; an
+    /// entry whose cancel was taken since is skipped when it comes up.
+    by_time: BinaryHeap<Reverse<(u64, u64)>>,
 }
 
 impl PendingCancels {
@@ -1131,6 +1146,17 @@ impl PendingCancels {
             slot.insert(*ev);
             self.by_tuple
                 .insert(Tuple::new(&ev.local, &ev.remote), ev.twaddr);
+            if self.by_time.len() > 2 * self.by_addr.len() + 64 {
+                // Mostly taken cancels whose time has not come (a clock that jumped ahead):
+                // rebuilt from those pending, so that it stays bounded by them.
+                self.by_time = self
+                    .by_addr
+                    .values()
+                    .map(|ev| Reverse((ev.ts_ns, ev.twaddr)))
+                    .collect();
+            } else {
+                self.by_time.push(Reverse((ev.ts_ns, ev.twaddr)));
+            }
         }
     }
 
@@ -1152,13 +1178,35 @@ impl PendingCancels {
         self.by_tuple.get(tuple).copied()
     }
 
-    /// The timewait sockets cancelled before `ns`.
-    fn older_than(&self, ns: u64) -> Vec<u64> {
-        self.by_addr
-            .iter()
-            .filter(|(_, ev)| ev.ts_ns < ns)
-            .map(|(k, _)| *k)
-            .collect()
+    /// Up to `max` timewait sockets cancelled before `ns`, the earliest first; each is left
+    /// pending until taken.
+    fn due(&mut self, ns: u64, max: usize) -> Vec<u64> {
+        let mut due = Vec::new();
+        while due.len() < max {
+            let Some(&Reverse((ts_ns, twaddr))) = self.by_time.peek() else {
+                break;
+            };
+            if ts_ns >= ns {
+                break;
+            }
+            self.by_time.pop();
+            // Still pending, and this very cancel (not a later one of a reused address).
+            if self
+                .by_addr
+                .get(&twaddr)
+                .is_some_and(|ev| ev.ts_ns == ts_ns)
+            {
+                due.push(twaddr);
+            }
+        }
+        due
+    }
+
+    /// Whether a pending cancel is older than `ns`.
+    fn any_due(&self, ns: u64) -> bool {
+        self.by_time
+            .peek()
+            .is_some_and(|Reverse((ts_ns, _))| *ts_ns < ns)
     }
 }
 
@@ -1939,6 +1987,66 @@ mod tests {
         // The most recent sockets are still followed.
         let t = one(feed(&mut c, 999, &[(1_000, SynSent, Close)]));
         assert!(t.complete);
+    }
+
+    /// A namespace going away cancels all its timewait sockets at once: they are ended a batch
+    /// per call, the earliest cancelled first, and each call says whether more are due.
+    #[test]
+    fn a_mass_kill_is_ended_in_batches() {
+        let n = EXPIRE_BATCH as u64 + 10;
+        let mut c = Correlator::new(2 * n as usize);
+        let mut out = Vec::new();
+        let local = |sk: u64| SocketAddr::new([10, 0, (sk >> 8) as u8, sk as u8].into(), 1_000);
+        let tw = |sk: u64, ms: u64, action| TimewaitTimer {
+            ts_ns: ms * MS,
+            twaddr: 0x10_000 + sk,
+            family: Family::Ipv4,
+            local: local(sk),
+            remote: SERVER.parse().unwrap(),
+            substate: TimeWait,
+            action,
+            expires_ns: 60_000 * MS,
+            jiffy_ns: 4 * MS,
+        };
+        for sk in 0..n {
+            let t = |old, new| Transition {
+                ts_ns: MS,
+                skaddr: sk,
+                family: Family::Ipv4,
+                local: local(sk),
+                remote: SERVER.parse().unwrap(),
+                old,
+                new,
+                task: Task::new(7, 7, "app"),
+            };
+            for (old, new) in [
+                (Established, FinWait1),
+                (FinWait1, FinWait2),
+                (FinWait2, Close),
+            ] {
+                c.on_transition(&t(old, new), &mut out);
+            }
+            c.on_timewait(&tw(sk, 1, TimerAction::Armed), &mut out);
+        }
+        assert!(out.is_empty());
+        // Cancelled in reverse order of address, 1 ms apart from 1 s on.
+        for sk in (0..n).rev() {
+            c.on_timewait(&tw(sk, 1_000 + (n - sk), TimerAction::Cancelled), &mut out);
+        }
+        let now = (2_000 + n) * MS;
+        assert!(c.expire(now, &mut out), "more are due");
+        assert_eq!(out.len(), EXPIRE_BATCH);
+        let ends: Vec<u64> = out.iter().map(|t| t.end_ns).collect();
+        assert!(ends.is_sorted(), "earliest cancel first");
+        assert_eq!(ends[0], 1_001 * MS);
+        assert!(
+            out.iter()
+                .all(|t| t.timewait_end == Some(TimewaitEnd::Killed))
+        );
+        out.clear();
+        assert!(!c.expire(now, &mut out), "none left");
+        assert_eq!(out.len(), 10);
+        assert!(c.is_empty());
     }
 
     #[test]
