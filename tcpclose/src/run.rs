@@ -587,9 +587,9 @@ fn confirm(
     let mut confirmed = Confirmed::new();
     let alerts = alerts
         .into_iter()
-        .filter(|a| {
-            if !full_hang(a) {
-                return true;
+        .filter_map(|a| {
+            if !full_hang(&a) {
+                return Some(a);
             }
             let found: Vec<sockets::SocketInfo> = match &snapshot {
                 Some(by_tuple) => by_tuple
@@ -599,27 +599,45 @@ fn confirm(
                 None => match sockets::lookup_all_namespaces(a.local, a.remote) {
                     Ok(found) => found.into_iter().filter(|i| !i.timewait).collect(),
                     // Cannot tell: report it.
-                    Err(_) => return true,
+                    Err(_) => return Some(a),
                 },
             };
             // Containers reuse addresses (127.0.0.1 in each): of the sockets with this 4-tuple
             // in any namespace, the one in the hung state.
             if let Some(info) = found.iter().find(|i| i.state == a.phase.state()) {
                 confirmed.insert((a.local, a.remote), info.inode);
-                return true;
+                return Some(a);
             }
             if found.is_empty() {
                 correlator.socket_gone(a.key);
             } else {
                 correlator.withdraw_hang(a.key);
             }
-            false
+            ended_unseen(a)
         })
         .collect();
     (
         confirm_fin_wait2(alerts, correlator, done, now_ns),
         confirmed,
     )
+}
+
+/// What becomes of hang alert `a` when sock_diag no longer shows its socket in the hung state
+/// (gone, or in another state): the engine missed the transition that ended the hang. A hang not
+/// reported yet is dropped: there is nothing to take back. One reported before is resolved now,
+/// at the latest, so that the hung gauges and the owners kept for it let go of it (they count
+/// it hung until a resolution).
+fn ended_unseen(a: Alert) -> Option<Alert> {
+    match a.kind {
+        AlertKind::Hung {
+            age_ns,
+            again: true,
+        } => Some(Alert {
+            kind: AlertKind::Resolved { stuck_ns: age_ns },
+            ..a
+        }),
+        _ => None,
+    }
 }
 
 /// The inode of each full socket whose hang sock_diag confirmed, by 4-tuple (0 for an orphan:
@@ -750,6 +768,55 @@ mod tests {
             lag.saw(t);
         }
         lag.pass(start, drained, || end);
+    }
+
+    fn hang(again: bool) -> Alert {
+        Alert {
+            kind: AlertKind::Hung {
+                age_ns: 90_000 * MS,
+                again,
+            },
+            phase: Phase::CloseWait,
+            ts_ns: 100_000 * MS,
+            since_ns: 10_000 * MS,
+            since_is_lower_bound: false,
+            family: tcpclose::event::Family::Ipv4,
+            local: "10.0.0.1:80".parse().unwrap(),
+            remote: "10.0.0.2:5000".parse().unwrap(),
+            owner: None,
+            key: SocketKey::Full(0xffff_0000),
+        }
+    }
+
+    #[test]
+    fn a_reported_hang_that_ended_unseen_is_resolved() {
+        let resolved = ended_unseen(hang(true)).expect("resolved");
+        assert_eq!(
+            resolved.kind,
+            AlertKind::Resolved {
+                stuck_ns: 90_000 * MS
+            }
+        );
+        assert_eq!(resolved.local, hang(true).local);
+        assert_eq!(resolved.key, hang(true).key);
+        // Fed to the leak view, it takes back the hang reported before.
+        let mut leaks = tcpclose::hung::LeakView::default();
+        leaks.observe(&hang(false), None);
+        let close_wait = |leaks: &tcpclose::hung::LeakView| {
+            leaks
+                .hung_by_phase()
+                .into_iter()
+                .find(|(phase, _)| *phase == Phase::CloseWait)
+                .map_or(0, |(_, n)| n)
+        };
+        assert_eq!(close_wait(&leaks), 1);
+        leaks.observe(&resolved, None);
+        assert_eq!(close_wait(&leaks), 0);
+    }
+
+    #[test]
+    fn a_hang_never_reported_that_ended_unseen_is_dropped() {
+        assert!(ended_unseen(hang(false)).is_none());
     }
 
     #[test]

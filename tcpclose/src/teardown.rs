@@ -549,10 +549,10 @@ impl Correlator {
         self.end_unseen(twaddr, now_ns, true, out);
     }
 
-    /// A hang the caller did not report after all (sock_diag shows the socket in another state:
-    /// the engine is behind the kernel): forgotten, so that the socket's next phase does not
-    /// resolve a hang nobody was told of. Still there, it is judged again at a sweep within
-    /// [`REPORT_AGAIN_NS`].
+    /// A hang sock_diag contradicts (it shows the socket in another state: the engine is behind
+    /// the kernel): forgotten, so that the socket's next phase does not resolve it. The caller
+    /// drops it if it was about to be reported first, and resolves it if it was reported before.
+    /// Still there, it is judged again at a sweep within [`REPORT_AGAIN_NS`].
     pub fn withdraw_hang(&mut self, key: SocketKey) {
         let life = match key {
             SocketKey::Full(skaddr) => self.lives.get_mut(&skaddr),
@@ -569,8 +569,8 @@ impl Correlator {
     /// What sock_diag says of a full socket followed here (or one found at start-up): no socket
     /// has its 4-tuple any more, in any network namespace. Its end was missed (the kernel skips a
     /// program run nested in another on the same CPU: the summary's `missed`), so its life is
-    /// dropped without a record and counted unfinished; a hang reported for it is withdrawn, not
-    /// resolved. Returns whether it was followed.
+    /// dropped without a record and counted unfinished. A hang already reported for it is the
+    /// caller's to resolve. Returns whether it was followed.
     pub fn socket_gone(&mut self, key: SocketKey) -> bool {
         let gone = match key {
             SocketKey::Full(skaddr) => self.lives.remove(&skaddr).is_some(),
