@@ -95,8 +95,8 @@ pub struct Cli {
     pub ipv6: bool,
 
     /// Follow at most N sockets at once (about 200 bytes each). When the table is full the
-    /// sockets idle longest are dropped and counted in the summary; with --events their
-    /// transitions are still printed, without durations.
+    /// sockets idle longest are dropped (those reported hung last) and counted in the summary;
+    /// with --events their transitions are still printed, without durations.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS)]
     pub max_sockets: usize,
 

@@ -1020,44 +1020,45 @@ impl Correlator {
     }
 
     /// Keeps the tables under their cap: when full, drops the eighth of the sockets followed
-    /// that has been idle longest, whatever their table: full and timewait sockets, handoffs
+    /// that has been idle longest (sockets reported hung last), whatever their table: full and timewait sockets, handoffs
     /// waiting for their timewait socket, unclaimed timewait sockets and sockets found at
     /// start-up (each of which alone may fill the table).
     fn make_room(&mut self) {
         if self.len() < self.max_sockets {
             return;
         }
-        // By last event (or handoff, or sighting at start-up).
-        let mut idle: Vec<(u64, Victim)> = Vec::with_capacity(self.len());
-        idle.extend(
-            self.lives
-                .iter()
-                .map(|(k, l)| (l.since_ns.get().unwrap_or(0), Victim::Full(*k))),
-        );
+        // By last event (or handoff, or sighting at start-up), sockets reported hung last: they
+        // are the idlest of all, and the very ones an operator is watching (a process leaking
+        // CLOSE_WAIT sockets while the host churns through timewait sockets).
+        let hung = |life: &Life| life.hung_at_ns.is_known();
+        let mut idle: Vec<((bool, u64), Victim)> = Vec::with_capacity(self.len());
+        idle.extend(self.lives.iter().map(|(k, l)| {
+            let last = l.since_ns.get().unwrap_or(0);
+            ((hung(l), last), Victim::Full(*k))
+        }));
         idle.extend(
             self.timewait
                 .iter()
-                .map(|(k, h)| (h.at_ns, Victim::Timewait(*k))),
+                .map(|(k, h)| ((hung(&h.life), h.at_ns), Victim::Timewait(*k))),
         );
         idle.extend(
             self.handoffs
                 .iter()
-                .map(|(k, h)| (h.at_ns, Victim::Handoff(*k))),
+                .map(|(k, h)| ((false, h.at_ns), Victim::Handoff(*k))),
         );
         idle.extend(self.unclaimed.iter().map(|(k, events)| {
             let last = events.last().map_or(0, |ev| ev.ts_ns);
-            (last, Victim::Unclaimed(*k))
+            ((false, last), Victim::Unclaimed(*k))
         }));
-        idle.extend(
-            self.existing
-                .iter()
-                .map(|(k, l)| (l.since_ns.get().unwrap_or(0), Victim::Existing(*k))),
-        );
+        idle.extend(self.existing.iter().map(|(k, l)| {
+            let last = l.since_ns.get().unwrap_or(0);
+            ((hung(l), last), Victim::Existing(*k))
+        }));
         let n = (self.max_sockets / 8).max(1).min(idle.len());
         if n == 0 {
             return;
         }
-        idle.select_nth_unstable_by_key(n - 1, |(ns, _)| *ns);
+        idle.select_nth_unstable_by_key(n - 1, |(key, _)| *key);
         for (_, victim) in &idle[..n] {
             match victim {
                 Victim::Full(sk) => {
@@ -2168,6 +2169,37 @@ mod tests {
         // LAST_ACK is not watched; the end resolves nothing more.
         feed(&mut c, 1, &[(70_001, LastAck, Close)]);
         assert!(poll(&mut c, 200_000).is_empty());
+    }
+
+    /// A process leaks a CLOSE_WAIT socket while the host churns through far more sockets than
+    /// the table holds: the leak, idlest of all, is still followed, and its close resolves it.
+    #[test]
+    fn sockets_reported_hung_are_evicted_last() {
+        let mut c = Correlator::watching(16, thresholds(&[(Phase::CloseWait, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &[(100, Established, CloseWait)]);
+        assert_eq!(poll(&mut c, 1_200).len(), 1);
+        for sk in 100..1_000u64 {
+            let t = |old, new| Transition {
+                ts_ns: (2_000 + sk) * MS,
+                skaddr: sk,
+                family: Family::Ipv4,
+                local: SocketAddr::new([10, 0, 0, 1].into(), sk as u16),
+                remote: SERVER.parse().unwrap(),
+                old,
+                new,
+                task: Task::new(7, 7, "app"),
+            };
+            c.on_transition(&t(Close, SynSent), &mut Vec::new());
+            assert!(c.len() <= 16);
+        }
+        assert!(c.losses().evicted >= 900 - 16);
+        feed(&mut c, 1, &[(5_000, CloseWait, LastAck)]);
+        let resolved = poll(&mut c, 5_001);
+        assert_eq!(resolved.len(), 1, "{resolved:?}");
+        assert!(matches!(resolved[0].kind, AlertKind::Resolved { .. }));
+        let t = one(feed(&mut c, 1, &[(5_002, LastAck, Close)]));
+        assert_eq!(t.phases.get(Phase::CloseWait), Some(4_900 * MS));
     }
 
     #[test]
