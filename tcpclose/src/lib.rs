@@ -4,6 +4,7 @@
 //! tested and benchmarked without privileges.
 
 pub mod btf;
+mod dense;
 pub mod event;
 pub mod hung;
 pub mod render;

@@ -25,6 +25,7 @@ use std::{
 use foldhash::{HashMap, HashMapExt as _};
 
 use crate::{
+    dense::DenseMap,
     event::{Family, Task, TcpState, TimerAction, TimewaitTimer, Transition},
     hung::{Alert, AlertKind, REPORT_AGAIN_NS, SocketKey, Thresholds},
 };
@@ -395,11 +396,11 @@ pub struct Losses {
 /// The per-socket correlation engine.
 #[derive(Debug)]
 pub struct Correlator {
-    lives: HashMap<u64, Life>,
+    lives: DenseMap<u64, Life>,
     /// Full sockets just handed over, by 4-tuple, waiting for their timewait socket's timer.
     handoffs: HashMap<Tuple, Handoff>,
     /// Timewait sockets followed, by address.
-    timewait: HashMap<u64, Handoff>,
+    timewait: DenseMap<u64, Handoff>,
     /// Timewait sockets seen before the full socket's `-> CLOSE` (tcp_time_wait() arms the timer
     /// in inet_twsk_schedule() before tcp_done() closes the full socket), by 4-tuple: their
     /// events, replayed when the handoff comes.
@@ -447,9 +448,9 @@ impl Correlator {
             swept_ns: None,
             due: DueReports::NONE,
             alerts: Vec::new(),
-            lives: HashMap::new(),
+            lives: DenseMap::new(),
             handoffs: HashMap::new(),
-            timewait: HashMap::new(),
+            timewait: DenseMap::new(),
             cancelled: PendingCancels::default(),
             unclaimed: HashMap::new(),
             existing: HashMap::new(),
@@ -706,7 +707,7 @@ impl Correlator {
                     _ => Life::first_seen(t),
                 };
                 self.make_room();
-                self.lives.entry(t.skaddr).or_insert(life)
+                self.lives.get_or_insert_with(t.skaddr, || life)
             }
         };
         let before = life.phase();
@@ -870,7 +871,7 @@ impl Correlator {
             let watched = &self.watched;
             if now_ns >= self.due.full {
                 let mut next = u64::MAX;
-                for (sk, life) in &mut self.lives {
+                for (sk, life) in self.lives.iter_mut() {
                     // Most are in ESTABLISHED or the handshake, no teardown phase: judged by
                     // their state alone.
                     let Some(threshold) = watched.threshold(life.state) else {
@@ -884,7 +885,7 @@ impl Correlator {
             }
             if now_ns >= self.due.timewait {
                 let mut next = u64::MAX;
-                for (tw, handoff) in &mut self.timewait {
+                for (tw, handoff) in self.timewait.iter_mut() {
                     // Mostly in TIME_WAIT, which lasts its fixed 60 s and is not watched unless
                     // asked for: judged by their substate alone.
                     let Some(threshold) = watched.threshold(handoff.life.state) else {
