@@ -85,7 +85,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     let view = if cli.events {
         View::Events {
             states: SocketStates::new(cli.max_sockets),
-            printer: EventPrinter::new(format, WallClock::now()),
+            printer: Box::new(EventPrinter::new(format, WallClock::now())),
         }
     } else {
         let colour = format == Format::Text && io::stdout().is_terminal();
@@ -212,7 +212,7 @@ enum View {
     /// Every transition (`--events`).
     Events {
         states: SocketStates,
-        printer: EventPrinter,
+        printer: Box<EventPrinter>,
     },
     /// One record per finished connection (the default), and hung teardowns as they happen.
     Teardowns(Box<Teardowns>),

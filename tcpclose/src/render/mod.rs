@@ -4,11 +4,12 @@
 use std::{
     borrow::Cow,
     io::{self, Write},
-    net::IpAddr,
 };
 
 use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
+
+mod json;
 
 mod teardown;
 
@@ -77,31 +78,9 @@ pub struct EventPrinter {
     remote: String,
     pid: String,
     ms: String,
-}
-
-/// Serializes a kernel address as `"0xffff..."` without an intermediate String.
-fn hex<S: serde::Serializer>(addr: &u64, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.collect_str(&format_args!("{addr:#x}"))
-}
-
-#[derive(Serialize)]
-struct TransitionRecord<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    ts_ns: u64,
-    time: Timestamp,
-    #[serde(serialize_with = "hex")]
-    skaddr: u64,
-    family: &'static str,
-    laddr: IpAddr,
-    lport: u16,
-    raddr: IpAddr,
-    rport: u16,
-    old: &'static str,
-    new: &'static str,
-    in_old_ns: Option<u64>,
-    pid: Option<u32>,
-    comm: Option<Cow<'a, str>>,
+    /// Reused per JSON line.
+    json: Vec<u8>,
+    time: json::TimeText,
 }
 
 impl EventPrinter {
@@ -116,6 +95,8 @@ impl EventPrinter {
             remote: String::new(),
             pid: String::new(),
             ms: String::new(),
+            json: Vec::new(),
+            time: json::TimeText::default(),
         }
     }
 
@@ -129,24 +110,11 @@ impl EventPrinter {
         let owner = t.owner();
         match self.format {
             Format::Json => {
-                let record = TransitionRecord {
-                    kind: "transition",
-                    ts_ns: t.ts_ns,
-                    time: self.clock.timestamp(t.ts_ns),
-                    skaddr: t.skaddr,
-                    family: t.family.name(),
-                    laddr: t.local.ip(),
-                    lport: t.local.port(),
-                    raddr: t.remote.ip(),
-                    rport: t.remote.port(),
-                    old: t.old.name(),
-                    new: t.new.name(),
-                    in_old_ns,
-                    pid: owner.map(|task| task.pid),
-                    comm: owner.map(|task| task.comm()),
-                };
-                serde_json::to_writer(&mut *out, &record)?;
-                out.write_all(b"\n")
+                let line = &mut self.json;
+                line.clear();
+                let at = self.clock.timestamp(t.ts_ns);
+                write_transition_json(line, &mut self.time, at, t, in_old_ns)?;
+                out.write_all(line)
             }
             Format::Text => {
                 use std::fmt::Write as _;
@@ -342,10 +310,131 @@ impl Summary {
     }
 }
 
+/// One transition as a JSON line (the record's contract: field names and order, `null` for what
+/// is unknown), written by hand like the teardown records (see [`json`]).
+fn write_transition_json(
+    line: &mut Vec<u8>,
+    time: &mut json::TimeText,
+    at: Timestamp,
+    t: &Transition,
+    in_old_ns: Option<u64>,
+) -> io::Result<()> {
+    use json::{json_escaped, json_hex, json_ip, json_str, json_u64};
+    line.extend_from_slice(b"{\"type\":\"transition\",\"ts_ns\":");
+    json_u64(line, Some(t.ts_ns));
+    line.extend_from_slice(b",\"time\":\"");
+    time.write(line, at)?;
+    line.extend_from_slice(b"\",\"skaddr\":");
+    json_hex(line, t.skaddr);
+    line.extend_from_slice(b",\"family\":");
+    json_str(line, Some(t.family.name()));
+    line.extend_from_slice(b",\"laddr\":");
+    json_ip(line, t.local.ip())?;
+    line.extend_from_slice(b",\"lport\":");
+    json_u64(line, Some(t.local.port().into()));
+    line.extend_from_slice(b",\"raddr\":");
+    json_ip(line, t.remote.ip())?;
+    line.extend_from_slice(b",\"rport\":");
+    json_u64(line, Some(t.remote.port().into()));
+    line.extend_from_slice(b",\"old\":");
+    json_str(line, Some(t.old.name()));
+    line.extend_from_slice(b",\"new\":");
+    json_str(line, Some(t.new.name()));
+    line.extend_from_slice(b",\"in_old_ns\":");
+    json_u64(line, in_old_ns);
+    let owner = t.owner();
+    line.extend_from_slice(b",\"pid\":");
+    json_u64(line, owner.map(|task| u64::from(task.pid)));
+    line.extend_from_slice(b",\"comm\":");
+    match owner {
+        Some(task) => json_escaped(line, &task.comm())?,
+        None => line.extend_from_slice(b"null"),
+    }
+    line.extend_from_slice(b"}\n");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::event::{Family, Task, TcpState};
+
+    /// The encoding written by hand is the one serde would write, byte for byte: same fields,
+    /// same order, same escaping.
+    #[test]
+    fn json_line_is_what_serde_would_write() {
+        use serde::Serialize;
+
+        fn hex<S: serde::Serializer>(addr: &u64, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_str(&format_args!("{addr:#x}"))
+        }
+        #[derive(Serialize)]
+        struct Oracle<'a> {
+            #[serde(rename = "type")]
+            kind: &'static str,
+            ts_ns: u64,
+            time: Timestamp,
+            #[serde(serialize_with = "hex")]
+            skaddr: u64,
+            family: &'static str,
+            laddr: std::net::IpAddr,
+            lport: u16,
+            raddr: std::net::IpAddr,
+            rport: u16,
+            old: &'static str,
+            new: &'static str,
+            in_old_ns: Option<u64>,
+            pid: Option<u32>,
+            comm: Option<Cow<'a, str>>,
+        }
+        let clock = WallClock::with_offset(1_700_000_000_000_000_000);
+        let oracle = |t: &Transition, in_old_ns: Option<u64>| {
+            let owner = t.owner();
+            let mut line = serde_json::to_vec(&Oracle {
+                kind: "transition",
+                ts_ns: t.ts_ns,
+                time: clock.timestamp(t.ts_ns),
+                skaddr: t.skaddr,
+                family: t.family.name(),
+                laddr: t.local.ip(),
+                lport: t.local.port(),
+                raddr: t.remote.ip(),
+                rport: t.remote.port(),
+                old: t.old.name(),
+                new: t.new.name(),
+                in_old_ns,
+                pid: owner.map(|task| task.pid),
+                comm: owner.map(|task| task.comm()),
+            })
+            .unwrap();
+            line.push(b'\n');
+            line
+        };
+        let mut odd = transition();
+        odd.task = Task::new(7, 8, "a\"b\\c\u{1}\u{7f}é");
+        odd.local = "[2001:db8::1]:443".parse().unwrap();
+        odd.remote = "[::ffff:10.0.0.1]:5".parse().unwrap();
+        odd.family = Family::Ipv6;
+        odd.skaddr = 0;
+        odd.ts_ns = 5 * 1_000_000_000;
+        let mut softirq = transition();
+        softirq.old = TcpState::Established;
+        softirq.new = TcpState::CloseWait;
+        softirq.skaddr = 0xf;
+        let mut p = EventPrinter::new(Format::Json, clock);
+        for (t, in_old_ns) in [
+            (transition(), Some(200_123_456)),
+            (odd, Some(0)),
+            (softirq, None),
+        ] {
+            let mut out = Vec::new();
+            p.print(&mut out, &t, in_old_ns).unwrap();
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&oracle(&t, in_old_ns))
+            );
+        }
+    }
 
     fn transition() -> Transition {
         Transition {

@@ -8,7 +8,10 @@ use std::{
 
 use jiff::{Timestamp, tz::TimeZone};
 
-use super::{Format, WallClock};
+use super::{
+    Format, WallClock,
+    json::{TimeText, json_escaped, json_ip, json_str, json_u64},
+};
 use crate::teardown::{CloseKind, Phase, Side, Teardown, TimewaitEnd};
 
 /// Writes [`Teardown`] records as aligned text (optionally coloured) or JSON lines.
@@ -182,7 +185,7 @@ fn write_json(
     line.extend_from_slice(b",\"comm\":");
     match &t.owner {
         // Any bytes a task may name itself: escaped as JSON strings must be.
-        Some(owner) => serde_json::to_writer(&mut *line, &owner.comm())?,
+        Some(owner) => json_escaped(line, &owner.comm())?,
         None => line.extend_from_slice(b"null"),
     }
     line.extend_from_slice(b",\"resolution_ns\":");
@@ -197,82 +200,6 @@ fn write_json(
     );
     line.extend_from_slice(b"}\n");
     Ok(())
-}
-
-fn json_u64(line: &mut Vec<u8>, value: Option<u64>) {
-    match value {
-        Some(v) => line.extend_from_slice(itoa::Buffer::new().format(v).as_bytes()),
-        None => line.extend_from_slice(b"null"),
-    }
-}
-
-/// An address as a JSON string: IPv4 digit by digit (the common case, and `Display` goes through
-/// the formatting machinery), IPv6 through `Display`.
-fn json_ip(line: &mut Vec<u8>, ip: std::net::IpAddr) -> io::Result<()> {
-    line.push(b'"');
-    match ip {
-        std::net::IpAddr::V4(v4) => {
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    line.push(b'.');
-                }
-                line.extend_from_slice(itoa::Buffer::new().format(octet).as_bytes());
-            }
-        }
-        std::net::IpAddr::V6(v6) => write!(line, "{v6}")?,
-    }
-    line.push(b'"');
-    Ok(())
-}
-
-/// A string known to need no escaping (a name of ours), or `null`.
-fn json_str(line: &mut Vec<u8>, value: Option<&str>) {
-    match value {
-        Some(v) => {
-            line.push(b'"');
-            line.extend_from_slice(v.as_bytes());
-            line.push(b'"');
-        }
-        None => line.extend_from_slice(b"null"),
-    }
-}
-
-/// RFC 3339 UTC time, exactly as jiff's `Timestamp` displays it (nanoseconds without their
-/// trailing zeros), with the text up to the seconds kept from one record to the next: the
-/// records of a busy second share it.
-#[derive(Default)]
-struct TimeText {
-    second: Option<i64>,
-    /// `2026-11-22T07:52:48`.
-    prefix: String,
-}
-
-impl TimeText {
-    fn write(&mut self, line: &mut Vec<u8>, at: Timestamp) -> io::Result<()> {
-        let second = at.as_second();
-        if self.second != Some(second) {
-            let whole = Timestamp::from_second(second).unwrap_or(Timestamp::UNIX_EPOCH);
-            self.prefix = whole.to_string();
-            // `...:48Z`: the zone goes after the fraction.
-            self.prefix.pop();
-            self.second = Some(second);
-        }
-        line.extend_from_slice(self.prefix.as_bytes());
-        let nanos = at.subsec_nanosecond();
-        if nanos != 0 {
-            let mut digits = *b"000000000";
-            let mut n = nanos.unsigned_abs();
-            for d in digits.iter_mut().rev() {
-                *d = b'0' + (n % 10) as u8;
-                n /= 10;
-            }
-            let len = 9 - digits.iter().rev().take_while(|&&d| d == b'0').count();
-            line.push(b'.');
-            line.extend_from_slice(&digits[..len]);
-        }
-        line.push(b'Z');
-        Ok(())
-    }
 }
 
 fn side_name(side: Side) -> &'static str {
