@@ -2,13 +2,39 @@
 //! tracer's hottest work, and serde's generic path costs twice as much for these flat records.
 //! Only `comm` (any bytes a task names itself) needs escaping; see [`json_escaped`].
 
-use std::io::{self, Write as _};
+use std::{
+    io::{self, Write as _},
+    net::SocketAddr,
+};
 
 use jiff::Timestamp;
+
+use crate::event::Family;
 
 /// A string of any content as a JSON string, escaped as JSON requires (through serde_json).
 pub(super) fn json_escaped(line: &mut Vec<u8>, value: &str) -> io::Result<()> {
     serde_json::to_writer(&mut *line, value).map_err(io::Error::other)
+}
+
+/// `,"family":...,"laddr":...,"lport":...,"raddr":...,"rport":...`: a socket's ends, as every
+/// record names them.
+pub(super) fn json_ends(
+    line: &mut Vec<u8>,
+    family: Family,
+    local: SocketAddr,
+    remote: SocketAddr,
+) -> io::Result<()> {
+    line.extend_from_slice(b",\"family\":");
+    json_str(line, Some(family.name()));
+    line.extend_from_slice(b",\"laddr\":");
+    json_ip(line, local.ip())?;
+    line.extend_from_slice(b",\"lport\":");
+    json_u64(line, Some(local.port().into()));
+    line.extend_from_slice(b",\"raddr\":");
+    json_ip(line, remote.ip())?;
+    line.extend_from_slice(b",\"rport\":");
+    json_u64(line, Some(remote.port().into()));
+    Ok(())
 }
 
 /// A kernel address as `"0x..."`: lowercase hex without leading zeros, as `{:#x}` writes it.

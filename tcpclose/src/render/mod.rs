@@ -319,23 +319,14 @@ fn write_transition_json(
     t: &Transition,
     in_old_ns: Option<u64>,
 ) -> io::Result<()> {
-    use json::{json_escaped, json_hex, json_ip, json_str, json_u64};
+    use json::{json_ends, json_escaped, json_hex, json_str, json_u64};
     line.extend_from_slice(b"{\"type\":\"transition\",\"ts_ns\":");
     json_u64(line, Some(t.ts_ns));
     line.extend_from_slice(b",\"time\":\"");
     time.write(line, at)?;
     line.extend_from_slice(b"\",\"skaddr\":");
     json_hex(line, t.skaddr);
-    line.extend_from_slice(b",\"family\":");
-    json_str(line, Some(t.family.name()));
-    line.extend_from_slice(b",\"laddr\":");
-    json_ip(line, t.local.ip())?;
-    line.extend_from_slice(b",\"lport\":");
-    json_u64(line, Some(t.local.port().into()));
-    line.extend_from_slice(b",\"raddr\":");
-    json_ip(line, t.remote.ip())?;
-    line.extend_from_slice(b",\"rport\":");
-    json_u64(line, Some(t.remote.port().into()));
+    json_ends(line, t.family, t.local, t.remote)?;
     line.extend_from_slice(b",\"old\":");
     json_str(line, Some(t.old.name()));
     line.extend_from_slice(b",\"new\":");

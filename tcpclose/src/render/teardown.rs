@@ -10,7 +10,7 @@ use jiff::{Timestamp, tz::TimeZone};
 
 use super::{
     Format, WallClock,
-    json::{TimeText, json_escaped, json_ip, json_str, json_u64},
+    json::{TimeText, json_ends, json_escaped, json_str, json_u64},
 };
 use crate::teardown::{CloseKind, Phase, Side, Teardown, TimewaitEnd};
 
@@ -149,16 +149,7 @@ fn write_json(
     time.write(line, at)?;
     line.extend_from_slice(b"\",\"ts_ns\":");
     json_u64(line, Some(t.end_ns));
-    line.extend_from_slice(b",\"family\":");
-    json_str(line, Some(t.family.name()));
-    line.extend_from_slice(b",\"laddr\":");
-    json_ip(line, t.local.ip())?;
-    line.extend_from_slice(b",\"lport\":");
-    json_u64(line, Some(t.local.port().into()));
-    line.extend_from_slice(b",\"raddr\":");
-    json_ip(line, t.remote.ip())?;
-    line.extend_from_slice(b",\"rport\":");
-    json_u64(line, Some(t.remote.port().into()));
+    json_ends(line, t.family, t.local, t.remote)?;
     line.extend_from_slice(b",\"side\":");
     json_str(line, t.side.map(side_name));
     line.extend_from_slice(b",\"close\":");
