@@ -1021,9 +1021,9 @@ impl Correlator {
     }
 
     /// Keeps the tables under their cap: when full, drops the eighth of the sockets followed
-    /// that has been idle longest (sockets reported hung last), whatever their table: full and timewait sockets, handoffs
-    /// waiting for their timewait socket, unclaimed timewait sockets and sockets found at
-    /// start-up (each of which alone may fill the table).
+    /// that has been idle longest (sockets reported hung last), whatever their table: full and
+    /// timewait sockets, handoffs waiting for their timewait socket, unclaimed timewait sockets
+    /// and sockets found at start-up (each of which alone may fill the table).
     fn make_room(&mut self) {
         if self.len() < self.max_sockets {
             return;
