@@ -1869,6 +1869,19 @@ fn transition_at(sk: u64, ns: u64, n: usize, old: TcpState, new: TcpState) -> Tr
     }
 }
 
+/// Feeds socket `sk` (on 4-tuple 0) the transitions `steps`, their times in `unit`s.
+fn live(
+    c: &mut Correlator,
+    sk: u64,
+    unit: u64,
+    steps: &[(u64, TcpState, TcpState)],
+    out: &mut Vec<Teardown>,
+) {
+    for &(t, old, new) in steps {
+        c.on_transition(&transition_at(sk, t * unit, 0, old, new), out);
+    }
+}
+
 /// A timer event of timewait socket `tw` on 4-tuple `n`.
 fn timer_at(
     tw: u64,
@@ -1925,14 +1938,18 @@ fn regression_clock_going_backwards_within_a_life() {
     use TcpState::*;
     let mut c = Correlator::new(64);
     let mut out = Vec::new();
-    for (ms, old, new) in [
-        (100, Close, SynSent),
-        (50, SynSent, Established),
-        (50, Established, FinWait1),
-        (200, FinWait1, Close),
-    ] {
-        c.on_transition(&transition_at(1, ms * MS, 0, old, new), &mut out);
-    }
+    live(
+        &mut c,
+        1,
+        MS,
+        &[
+            (100, Close, SynSent),
+            (50, SynSent, Established),
+            (50, Established, FinWait1),
+            (200, FinWait1, Close),
+        ],
+        &mut out,
+    );
     assert_eq!(out.len(), 1, "{out:?}");
     assert_whole_fits_its_life(&out[0]);
 }
@@ -1949,15 +1966,19 @@ fn regression_time_wait_derived_from_an_expiry_after_the_end() {
     const US: u64 = 1_000;
     let mut c = Correlator::new(64);
     let mut out = Vec::new();
-    for (us, old, new) in [
-        (0, Close, SynSent),
-        (100, SynSent, Established),
-        (200, Established, FinWait1),
-        (300, FinWait1, FinWait2),
-        (400, FinWait2, Close),
-    ] {
-        c.on_transition(&transition_at(1, us * US, 0, old, new), &mut out);
-    }
+    live(
+        &mut c,
+        1,
+        US,
+        &[
+            (0, Close, SynSent),
+            (100, SynSent, Established),
+            (200, Established, FinWait1),
+            (300, FinWait1, FinWait2),
+            (400, FinWait2, Close),
+        ],
+        &mut out,
+    );
     // Killed 100 us after the handoff; armed for 60 s at the handoff, rounded up a jiffy.
     let expires = 400 * US + 60 * S + 4 * MS;
     let killed = timer_at(
@@ -2002,13 +2023,17 @@ fn regression_events_of_an_earlier_timewait_socket_replayed_onto_a_handoff() {
     c.on_transition(&transition_at(1, S, 0, Close, SynSent), &mut out);
     let kill = timer_at(TW, S, 0, TimeWait, TimerAction::Cancelled, 60 * S);
     c.on_timewait(&kill, &mut out);
-    for (ms, old, new) in [
-        (1_100, SynSent, Established),
-        (1_500, Established, FinWait1),
-        (1_600, FinWait1, FinWait2),
-    ] {
-        c.on_transition(&transition_at(1, ms * MS, 0, old, new), &mut out);
-    }
+    live(
+        &mut c,
+        1,
+        MS,
+        &[
+            (1_100, SynSent, Established),
+            (1_500, Established, FinWait1),
+            (1_600, FinWait1, FinWait2),
+        ],
+        &mut out,
+    );
     c.on_timewait(&armed(1_700), &mut out);
     c.on_transition(&transition_at(1, 1_700 * MS, 0, FinWait2, Close), &mut out);
     let fired = timer_at(
@@ -2092,14 +2117,18 @@ fn regression_fin_of_an_orphan_dated_before_the_handoff() {
     let mut c = Correlator::new(64);
     let mut out = Vec::new();
     let orphaned = timer_at(TW, 1_004 * MS, 0, FinWait2, TimerAction::Armed, 61_004 * MS);
-    for (ms, old, new) in [
-        (1_000, Close, SynSent),
-        (1_001, SynSent, Established),
-        (1_002, Established, FinWait1),
-        (1_003, FinWait1, FinWait2),
-    ] {
-        c.on_transition(&transition_at(1, ms * MS, 0, old, new), &mut out);
-    }
+    live(
+        &mut c,
+        1,
+        MS,
+        &[
+            (1_000, Close, SynSent),
+            (1_001, SynSent, Established),
+            (1_002, Established, FinWait1),
+            (1_003, FinWait1, FinWait2),
+        ],
+        &mut out,
+    );
     c.on_timewait(&orphaned, &mut out);
     c.on_transition(&transition_at(1, 1_004 * MS, 0, FinWait2, Close), &mut out);
     // The peer's FIN, dated half a second before the connection was born.
