@@ -404,7 +404,7 @@ pub struct Correlator {
     /// Timewait sockets seen before the full socket's `-> CLOSE` (tcp_time_wait() arms the timer
     /// in inet_twsk_schedule() before tcp_done() closes the full socket), by 4-tuple: their
     /// events, replayed when the handoff comes.
-    unclaimed: HashMap<Tuple, Vec<TimewaitTimer>>,
+    unclaimed: HashMap<Tuple, Armings>,
     /// Sockets in a teardown state found at start-up, by 4-tuple, until an event reveals their
     /// kernel address.
     existing: HashMap<Tuple, Life>,
@@ -741,7 +741,7 @@ impl Correlator {
                     false => self
                         .unclaimed
                         .remove(&key)
-                        .filter(|events| claims(events, t.ts_ns)),
+                        .filter(|events| events.claimed_at(t.ts_ns)),
                 };
                 let handoff = Handoff::new(life, t.ts_ns);
                 if armed.is_none() && self.armed_before_close {
@@ -753,7 +753,7 @@ impl Correlator {
                     self.losses.timewait_unseen += 1;
                     out.push(previous.without_timewait());
                 }
-                for ev in armed.into_iter().flatten() {
+                for ev in armed.into_iter().flat_map(Armings::into_events) {
                     self.on_timewait(&ev, out);
                 }
             }
@@ -959,22 +959,17 @@ impl Correlator {
         let Some(events) = self.unclaimed.get_mut(&key) else {
             if ev.action == TimerAction::Armed {
                 self.make_room();
-                self.unclaimed.insert(key, vec![*ev]);
+                self.unclaimed.insert(key, Armings::new(*ev));
             }
             return;
         };
-        let Some(last) = events.last() else {
-            return;
-        };
-        if starts_anew(last, ev) {
+        if starts_anew(events.last(), ev) {
             if ev.action == TimerAction::Armed {
-                events.clear();
-                events.push(*ev);
+                *events = Armings::new(*ev);
             } else {
                 self.unclaimed.remove(&key);
             }
-        } else if events.len() < 8 {
-            // A handful of events at most before the handoff (armed, maybe moved).
+        } else {
             events.push(*ev);
         }
     }
@@ -1000,11 +995,8 @@ impl Correlator {
         let wait = self.handoff_wait_ns;
         // Timewait sockets whose full socket never handed over: not a connection tcpclose
         // followed (it began before tracing, or its events were lost).
-        self.unclaimed.retain(|_, events| {
-            events
-                .first()
-                .is_some_and(|first| now_ns.saturating_sub(first.ts_ns) <= wait)
-        });
+        self.unclaimed
+            .retain(|_, events| now_ns.saturating_sub(events.first.ts_ns) <= wait);
         let stale: Vec<_> = self
             .handoffs
             .iter()
@@ -1047,10 +1039,11 @@ impl Correlator {
                 .iter()
                 .map(|(k, h)| ((false, h.at_ns), Victim::Handoff(*k))),
         );
-        idle.extend(self.unclaimed.iter().map(|(k, events)| {
-            let last = events.last().map_or(0, |ev| ev.ts_ns);
-            ((false, last), Victim::Unclaimed(*k))
-        }));
+        idle.extend(
+            self.unclaimed
+                .iter()
+                .map(|(k, events)| ((false, events.last().ts_ns), Victim::Unclaimed(*k))),
+        );
         idle.extend(self.existing.iter().map(|(k, l)| {
             let last = l.since_ns.get().unwrap_or(0);
             ((hung(l), last), Victim::Existing(*k))
@@ -1111,18 +1104,51 @@ fn starts_anew(last: &TimewaitTimer, ev: &TimewaitTimer) -> bool {
         }
 }
 
-/// Whether the events kept of an unclaimed timewait socket (see [`Correlator::keep_unclaimed`])
-/// are of the one a full socket hands over to at `handoff_ns`: tcp_time_wait() arms its timer
-/// (inet_twsk_schedule()) microseconds before tcp_done() reports the full socket's `-> CLOSE`,
-/// and nothing can end it in between. An older arming, or a timer that already fired or was
-/// cancelled, is an earlier timewait socket's on the 4-tuple, whose own full socket was not
-/// followed: replayed, its end would end this connection.
-fn claims(events: &[TimewaitTimer], handoff_ns: u64) -> bool {
-    let (Some(armed), Some(last)) = (events.first(), events.last()) else {
-        return false;
-    };
-    last.action == TimerAction::Armed
-        && handoff_ns.saturating_sub(armed.ts_ns) <= ARMED_BEFORE_HANDOFF_NS
+/// The events of an unclaimed timewait socket (see [`Correlator::keep_unclaimed`]): its arming,
+/// and the few that may follow before the handoff (a move). Every connection that reaches
+/// TIME_WAIT passes through here: the first event is kept inline, so that a lone arming, the
+/// usual case, allocates nothing.
+#[derive(Debug)]
+struct Armings {
+    first: TimewaitTimer,
+    later: Vec<TimewaitTimer>,
+}
+
+impl Armings {
+    /// A handful of events at most before the handoff (armed, maybe moved).
+    const MAX: usize = 8;
+
+    fn new(first: TimewaitTimer) -> Self {
+        Self {
+            first,
+            later: Vec::new(),
+        }
+    }
+
+    fn last(&self) -> &TimewaitTimer {
+        self.later.last().unwrap_or(&self.first)
+    }
+
+    fn push(&mut self, ev: TimewaitTimer) {
+        if 1 + self.later.len() < Self::MAX {
+            self.later.push(ev);
+        }
+    }
+
+    fn into_events(self) -> impl Iterator<Item = TimewaitTimer> {
+        std::iter::once(self.first).chain(self.later)
+    }
+
+    /// Whether these are the events of the timewait socket a full socket hands over to at
+    /// `handoff_ns`: tcp_time_wait() arms its timer (inet_twsk_schedule()) microseconds before
+    /// tcp_done() reports the full socket's `-> CLOSE`, and nothing can end it in between. An
+    /// older arming, or a timer that already fired or was cancelled, is an earlier timewait
+    /// socket's on the 4-tuple, whose own full socket was not followed: replayed, its end would
+    /// end this connection.
+    fn claimed_at(&self, handoff_ns: u64) -> bool {
+        self.last().action == TimerAction::Armed
+            && handoff_ns.saturating_sub(self.first.ts_ns) <= ARMED_BEFORE_HANDOFF_NS
+    }
 }
 
 /// Timer cancels of followed timewait sockets, not judged yet: by socket address, and by 4-tuple
