@@ -119,7 +119,11 @@ pub struct Config {
     pub family: u16,
     /// Non-zero when `PORT_FILTER` is in force.
     pub port_filter: u8,
-    pub _pad: [u8; 5],
+    /// Non-zero: the two transitions that end a handshake (`SYN_SENT -> ESTABLISHED` and
+    /// `SYN_RECV -> ESTABLISHED`) are not delivered. No teardown record reads them; only the
+    /// transition stream and the per-state metrics do.
+    pub skip_established: u8,
+    pub _pad: [u8; 4],
     /// Where the programs find the sockets' fields; `tw_timer_handler == 0` when timewait
     /// sockets are not followed.
     pub layout: SocketLayout,

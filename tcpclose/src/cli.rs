@@ -212,6 +212,9 @@ impl Cli {
             ports: self.ports.clone(),
             local_ports: self.local_ports.clone(),
             remote_ports: self.remote_ports.clone(),
+            // Only the transition stream and the metrics (transitions_total, the sockets per
+            // state) read them.
+            skip_established: !self.events && self.metrics.is_none(),
         }
     }
 }
@@ -316,5 +319,17 @@ mod tests {
         assert!(f.ipv4_only && !f.ipv6_only);
         assert!(Cli::try_parse_from(["tcpclose", "-4", "-6"]).is_err());
         assert!(Cli::try_parse_from(["tcpclose", "--port", "70000"]).is_err());
+    }
+
+    #[test]
+    fn handshake_ends_are_read_only_for_the_stream_and_the_metrics() {
+        let skips = |args: &[&str]| {
+            let cli = Cli::try_parse_from(std::iter::once("tcpclose").chain(args.iter().copied()));
+            cli.unwrap().kernel_filter().skip_established
+        };
+        assert!(skips(&[]));
+        assert!(skips(&["--hung", "5s", "-i", "10s"]));
+        assert!(!skips(&["--events"]));
+        assert!(!skips(&["--metrics", "9100"]));
     }
 }

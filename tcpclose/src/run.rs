@@ -91,6 +91,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         let colour = format == Format::Text && io::stdout().is_terminal();
         let mut correlator =
             Correlator::watching(cli.max_sockets, cli.hung_thresholds()).in_kernel_order();
+        if filter.skip_established {
+            correlator = correlator.without_handshake_ends();
+        }
         if !cli.hung_thresholds().is_empty() {
             adopt_existing(&mut correlator, &filter);
         }

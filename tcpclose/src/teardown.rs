@@ -428,6 +428,9 @@ pub struct Correlator {
     /// Whether timewait timer events come in the kernel's order (see
     /// [`Correlator::in_kernel_order`]): a handoff that claims no arming is then complete.
     armed_before_close: bool,
+    /// Whether the transitions that end a handshake are left out of the feed (see
+    /// [`Correlator::without_handshake_ends`]).
+    handshake_ends_unseen: bool,
     losses: Losses,
 }
 
@@ -457,6 +460,7 @@ impl Correlator {
             max_sockets: max_sockets.max(8),
             handoff_wait_ns: 2_000_000_000,
             armed_before_close: false,
+            handshake_ends_unseen: false,
             losses: Losses::default(),
         }
     }
@@ -471,6 +475,15 @@ impl Correlator {
     /// connections.
     pub fn in_kernel_order(mut self) -> Self {
         self.armed_before_close = true;
+        self
+    }
+
+    /// Declares that the transitions ending a handshake (`SYN_SENT -> ESTABLISHED`,
+    /// `SYN_RECV -> ESTABLISHED`) are not fed: tcpclose leaves them in the kernel when nothing
+    /// reads them. A life that leaves ESTABLISHED while still in SYN_SENT or SYN_RECV here then
+    /// went through it unseen rather than lost an event, and is still seen whole.
+    pub fn without_handshake_ends(mut self) -> Self {
+        self.handshake_ends_unseen = true;
         self
     }
 
@@ -710,6 +723,13 @@ impl Correlator {
                 self.lives.get_or_insert_with(t.skaddr, || life)
             }
         };
+        if self.handshake_ends_unseen
+            && t.old == Established
+            && matches!(life.state, SynSent | SynRecv)
+        {
+            // The handshake ended unseen. ESTABLISHED is no phase: when it began is not needed.
+            life.state = Established;
+        }
         let before = life.phase();
         life.advance(t);
         // An orphaned FIN_WAIT2 goes on on the timewait socket: judged there.
@@ -1894,6 +1914,36 @@ mod tests {
         assert_eq!(t.teardown_ns, None);
         assert_eq!(t.lifetime_ns, Some(MS));
         assert!(c.is_empty());
+    }
+
+    #[test]
+    fn a_handshake_end_left_in_the_kernel_is_no_lost_event() {
+        let client = [
+            (0, Close, SynSent),
+            (100, Established, CloseWait),
+            (400, CloseWait, LastAck),
+            (401, LastAck, Close),
+        ];
+        let server = [(0, Listen, SynRecv), (250, Established, Close)];
+        let mut c = Correlator::new(64).without_handshake_ends();
+        let t = one(feed(&mut c, 1, &client));
+        assert_eq!(t.close, CloseKind::Passive);
+        assert_eq!(t.side, Some(Side::Client));
+        assert_eq!(t.phases.get(Phase::CloseWait), Some(300 * MS));
+        assert_eq!(t.teardown_ns, Some(301 * MS));
+        assert_eq!(t.lifetime_ns, Some(401 * MS));
+        assert!(t.complete, "{t:#?}");
+        let t = one(feed(&mut c, 2, &server));
+        assert_eq!(t.side, Some(Side::Server));
+        assert_eq!(t.close, CloseKind::Reset);
+        assert_eq!(t.lifetime_ns, Some(250 * MS));
+        assert!(t.complete, "{t:#?}");
+        assert_eq!(c.losses(), Losses::default());
+
+        // Fed to a correlator that expects every transition, the same lives each lost one.
+        let mut c = Correlator::new(64);
+        assert!(!one(feed(&mut c, 1, &client)).complete);
+        assert!(!one(feed(&mut c, 2, &server)).complete);
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub struct KernelFilter {
     pub ports: Vec<u16>,
     pub local_ports: Vec<u16>,
     pub remote_ports: Vec<u16>,
+    /// Leave the handshakes' ends (`-> ESTABLISHED`) in the kernel: set when nothing reads them.
+    pub skip_established: bool,
 }
 
 impl KernelFilter {
@@ -48,7 +50,8 @@ impl KernelFilter {
             wakeup_bytes: u64::from(ring_bytes / 4).min(256 << 10),
             family,
             port_filter: u8::from(self.has_ports()),
-            _pad: [0; 5],
+            skip_established: u8::from(self.skip_established),
+            _pad: [0; 4],
             layout: SocketLayout::default(),
         }
     }
@@ -447,5 +450,11 @@ mod tests {
         };
         assert_eq!(v6.config(4096).family, AF_INET6);
         assert_eq!(KernelFilter::default().config(4096).family, 0);
+        assert_eq!(KernelFilter::default().config(4096).skip_established, 0);
+        let skip = KernelFilter {
+            skip_established: true,
+            ..KernelFilter::default()
+        };
+        assert_eq!(skip.config(4096).skip_established, 1);
     }
 }

@@ -468,6 +468,46 @@ fn linger_zero_close_resets_both_sides() {
     assert_ends(s, closed, TOLERANCE);
 }
 
+/// The two transitions that end a handshake (`SYN_SENT -> ESTABLISHED`, `SYN_RECV ->
+/// ESTABLISHED`) feed no teardown record: the default mode leaves them in the kernel, and its
+/// records are whole all the same. With --metrics they are read: `tcpclose_transitions_total`
+/// and the sockets per state count them.
+#[test]
+fn handshake_ends_are_left_in_the_kernel_unless_the_metrics_need_them() {
+    let metrics = format!("127.0.0.1:{}", tcpclose_tests::free_port());
+    for (extra, received) in [(None, 6), (Some(&metrics), 8)] {
+        let place = Place::new("handshake");
+        let server_addr = place.server_addr;
+        let port = place.port();
+        let mut args = vec!["--port", &port];
+        args.extend(extra.iter().flat_map(|m| ["--metrics", m.as_str()]));
+        let tracer = Tracing::start(&args);
+        // The listener's CLOSE -> LISTEN and LISTEN -> CLOSE, each end's birth, its handshake's
+        // end, and its reset (ESTABLISHED -> CLOSE): 8 transitions, 6 without the ends.
+        let (client, server) = place.ns.run(|| {
+            let listener = TcpListener::bind(server_addr).expect("bind in the namespace");
+            let client = connect_with(server_addr, None, false).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            (client, server)
+        });
+        let client_side = (client.local_addr().unwrap(), server_addr);
+        set_linger_zero(&client);
+        drop(client);
+        drop(server);
+        tracer.wait_for("both records", Duration::from_secs(5), |records| {
+            records.iter().filter(|r| r["type"] == "teardown").count() == 2
+        });
+        let run = tracer.stop();
+        check_run(&run);
+        let summary = run.summary();
+        assert_eq!(summary["transitions"], received, "{extra:?}: {summary}");
+        assert_eq!(summary["lost"], 0, "{summary}");
+        check_record(record_of(&run, client_side), Some("client"), "reset", &[]);
+        let server_side = (client_side.1, client_side.0);
+        check_record(record_of(&run, server_side), Some("server"), "reset", &[]);
+    }
+}
+
 /// connect() to 127.0.0.1 on a port where nothing listens: the RST ends it in SYN_SENT.
 #[test]
 fn refused_connect_fails() {
