@@ -111,6 +111,9 @@ pub enum AlertKind {
     Hung { age_ns: u64, again: bool },
     /// A socket reported hung has left `phase` after `stuck_ns` in it.
     Resolved { stuck_ns: u64 },
+    /// A socket reported hung was dropped from the full table (`--max-sockets`) while still in
+    /// `phase`, `age_ns` in: whether and when its hang ends is no longer seen.
+    Evicted { age_ns: u64 },
 }
 
 /// A still-hung socket is reported again every so often, never more often than this.
@@ -156,7 +159,7 @@ impl LeakView {
                 *self.new.entry(key).or_default() += 1;
             }
             AlertKind::Hung { again: true, .. } => {}
-            AlertKind::Resolved { .. } => {
+            AlertKind::Resolved { .. } | AlertKind::Evicted { .. } => {
                 if let Some(n) = self.hung_now.get_mut(&key) {
                     *n = n.saturating_sub(1);
                     if *n == 0 {

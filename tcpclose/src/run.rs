@@ -748,7 +748,7 @@ fn attribute(
         .map(|alert| {
             let tuple = (alert.local, alert.remote);
             let holders = match alert.kind {
-                AlertKind::Resolved { .. } => known.remove(&tuple),
+                AlertKind::Resolved { .. } | AlertKind::Evicted { .. } => known.remove(&tuple),
                 AlertKind::Hung { .. } => known.get(&tuple).cloned(),
             };
             OwnedAlert {

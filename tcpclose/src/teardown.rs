@@ -681,7 +681,7 @@ impl Correlator {
             if self.lives.remove(&t.skaddr).is_some() {
                 self.losses.unfinished += 1;
             }
-            self.make_room();
+            self.make_room(t.ts_ns);
             // SYN_SENT and SYN_RECV are no teardown phase: nothing to watch yet.
             self.lives.insert(
                 t.skaddr,
@@ -719,7 +719,7 @@ impl Correlator {
                     // and times the state better than the snapshot did.
                     _ => Life::first_seen(t),
                 };
-                self.make_room();
+                self.make_room(t.ts_ns);
                 self.lives.get_or_insert_with(t.skaddr, || life)
             }
         };
@@ -804,7 +804,7 @@ impl Correlator {
                 self.keep_unclaimed(ev, tuple);
                 return;
             };
-            self.make_room();
+            self.make_room(ev.ts_ns);
             self.timewait.insert(ev.twaddr, handoff);
         }
         let Some(handoff) = self.timewait.get_mut(&ev.twaddr) else {
@@ -978,7 +978,7 @@ impl Correlator {
     fn keep_unclaimed(&mut self, ev: &TimewaitTimer, key: Tuple) {
         let Some(events) = self.unclaimed.get_mut(&key) else {
             if ev.action == TimerAction::Armed {
-                self.make_room();
+                self.make_room(ev.ts_ns);
                 self.unclaimed.insert(key, Armings::new(*ev));
             }
             return;
@@ -1036,7 +1036,9 @@ impl Correlator {
     /// that has been idle longest (sockets reported hung last), whatever their table: full and
     /// timewait sockets, handoffs waiting for their timewait socket, unclaimed timewait sockets
     /// and sockets found at start-up (each of which alone may fill the table).
-    fn make_room(&mut self) {
+    /// Sockets reported hung and dropped here are reported [`AlertKind::Evicted`] (at `now_ns`):
+    /// whatever becomes of them is no longer seen, and the hung gauges must let go of them.
+    fn make_room(&mut self, now_ns: u64) {
         if self.len() < self.max_sockets {
             return;
         }
@@ -1076,10 +1078,17 @@ impl Correlator {
         for (_, victim) in &idle[..n] {
             match victim {
                 Victim::Full(sk) => {
-                    self.lives.remove(sk);
+                    if let Some(life) = self.lives.remove(sk) {
+                        let key = SocketKey::Full(*sk);
+                        evicted(&mut self.alerts, &life, life.phase(), key, now_ns);
+                    }
                 }
                 Victim::Timewait(tw) => {
-                    self.timewait.remove(tw);
+                    if let Some(handoff) = self.timewait.remove(tw) {
+                        let (life, phase) = (&handoff.life, handoff.phase());
+                        let key = SocketKey::Timewait(*tw);
+                        evicted(&mut self.alerts, life, phase, key, now_ns);
+                    }
                     self.cancelled.take(*tw);
                 }
                 Victim::Handoff(tuple) => {
@@ -1089,7 +1098,10 @@ impl Correlator {
                     self.unclaimed.remove(tuple);
                 }
                 Victim::Existing(tuple) => {
-                    self.existing.remove(tuple);
+                    if let Some(life) = self.existing.remove(tuple) {
+                        let key = SocketKey::Existing(tuple.local(), tuple.remote());
+                        evicted(&mut self.alerts, &life, life.phase(), key, now_ns);
+                    }
                 }
             }
         }
@@ -1377,6 +1389,21 @@ fn phase_changed(
             key,
             ts_ns,
         ));
+    }
+}
+
+/// Reports a socket dropped from the table at `now_ns` while reported hung in `phase`.
+fn evicted(
+    alerts: &mut Vec<Alert>,
+    life: &Life,
+    phase: Option<(Phase, u64, bool)>,
+    key: SocketKey,
+    now_ns: u64,
+) {
+    if let (true, Some((phase, since, lower_bound))) = (life.hung_at_ns.is_known(), phase) {
+        let age_ns = now_ns.saturating_sub(since);
+        let kind = AlertKind::Evicted { age_ns };
+        alerts.push(life.alert(kind, phase, since, lower_bound, key, now_ns));
     }
 }
 
@@ -2277,6 +2304,39 @@ mod tests {
         assert!(matches!(resolved[0].kind, AlertKind::Resolved { .. }));
         let t = one(feed(&mut c, 1, &[(5_002, LastAck, Close)]));
         assert_eq!(t.phases.get(Phase::CloseWait), Some(4_900 * MS));
+    }
+
+    #[test]
+    fn a_hung_socket_evicted_anyway_is_reported_evicted() {
+        let mut c = Correlator::watching(8, thresholds(&[(Phase::CloseWait, 1_000)]));
+        for sk in 1..=8 {
+            feed(&mut c, sk, &OPEN);
+            feed(&mut c, sk, &[(100 + sk, Established, CloseWait)]);
+        }
+        let hung = poll(&mut c, 1_200);
+        assert_eq!(hung.len(), 8, "{hung:#?}");
+        let mut leaks = crate::hung::LeakView::default();
+        for a in &hung {
+            leaks.observe(a, None);
+        }
+        // The table holds only hung sockets: the idlest of them makes room for a new one.
+        feed(&mut c, 100, &[(2_000, Close, SynSent)]);
+        assert_eq!(c.losses().evicted, 1);
+        let evicted = poll(&mut c, 2_001);
+        assert_eq!(evicted.len(), 1, "{evicted:#?}");
+        let a = &evicted[0];
+        assert_eq!(a.kind, AlertKind::Evicted { age_ns: 1_899 * MS });
+        assert_eq!(
+            (a.phase, a.since_ns, a.ts_ns),
+            (Phase::CloseWait, 101 * MS, 2_000 * MS)
+        );
+        assert_eq!(a.key, SocketKey::Full(1));
+        // The leak view, and with it the hung gauge, lets go of it.
+        leaks.observe(a, None);
+        assert!(leaks.hung_by_phase().contains(&(Phase::CloseWait, 7)));
+        // The socket's later transitions start a life seen mid-way, with nothing to resolve.
+        feed(&mut c, 1, &[(3_000, CloseWait, LastAck)]);
+        assert!(poll(&mut c, 3_001).is_empty());
     }
 
     #[test]

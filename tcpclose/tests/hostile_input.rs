@@ -973,7 +973,9 @@ impl Audit {
             match a.kind {
                 AlertKind::Hung { again: false, .. } => self.coverage.hung += 1,
                 AlertKind::Hung { again: true, .. } => {}
-                AlertKind::Resolved { .. } => self.coverage.resolved += 1,
+                AlertKind::Resolved { .. } | AlertKind::Evicted { .. } => {
+                    self.coverage.resolved += 1
+                }
             }
         }
         if self.mode == Mode::Survey {
@@ -1090,9 +1092,12 @@ impl Audit {
                     *self.open_hangs.entry(ends).or_default() += 1;
                 }
             }
-            AlertKind::Resolved { .. } => {
-                // A hang is resolved at most once, and only after it was reported: at no point
-                // have more hangs been resolved than reported.
+            AlertKind::Resolved { .. } | AlertKind::Evicted { .. } => {
+                if let AlertKind::Evicted { age_ns } = a.kind {
+                    prop_assert_eq!(Some(age_ns), a.ts_ns.checked_sub(a.since_ns), "{:?}", a);
+                }
+                // A hang ends (resolved, or no longer followed) at most once, and only after it
+                // was reported: at no point have more hangs ended than were reported.
                 self.resolved += 1;
                 prop_assert!(
                     self.resolved <= self.hung,

@@ -203,3 +203,61 @@ fn recursion_misses(pid: i32) -> u64 {
     }
     total
 }
+
+/// A table full of sockets reported hung still makes room for new ones: the idlest hung socket
+/// goes, reported `evicted` with its age, and the leak view (and with it the hung gauge) no
+/// longer counts it. Only the servers' ends are followed (`--lport`): 8 of them leak CLOSE_WAIT
+/// (the clients closed, the servers never do) in a table of 8; a 9th connection evicts one.
+#[test]
+fn a_hung_socket_evicted_anyway_is_reported_and_let_go() {
+    const LEAKED: usize = 8;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let port = addr.port().to_string();
+    let args = [
+        "--lport",
+        &port,
+        "--max-sockets",
+        "8",
+        "--hung",
+        "CLOSE_WAIT=1s",
+    ];
+    let tracer = Tracer::start(&[&args[..], &["-i", "1h"]].concat());
+    let mut servers = Vec::new();
+    for _ in 0..LEAKED {
+        let client = TcpStream::connect(addr).expect("connect");
+        servers.push(listener.accept().expect("accept").0);
+        drop(client);
+    }
+    let hung = |records: &[serde_json::Value]| {
+        records.iter().filter(|r| r["type"] == "hung").count() == LEAKED
+    };
+    if let Err(records) = tracer.wait_for_records(Duration::from_secs(5), hung) {
+        panic!("{LEAKED} CLOSE_WAIT sockets reported hung: {records:#?}");
+    }
+    let client = TcpStream::connect(addr).expect("connect");
+    servers.push(listener.accept().expect("accept").0);
+    let evicted = |records: &[serde_json::Value]| records.iter().any(|r| r["type"] == "evicted");
+    if let Err(records) = tracer.wait_for_records(Duration::from_secs(5), evicted) {
+        panic!("a hung socket evicted for the new one: {records:#?}");
+    }
+    let run = tracer.stop();
+    drop((client, servers));
+    assert!(run.status.success(), "{run:?}");
+    let evicted: Vec<_> = run.of_type("evicted").collect();
+    assert_eq!(evicted.len(), 1, "{evicted:#?}");
+    let e = evicted[0];
+    assert_eq!(e["state"], "CLOSE_WAIT", "{e}");
+    assert_eq!(e["lport"], addr.port(), "{e}");
+    assert!(e["age_ns"].as_u64().unwrap_or(0) >= 1_000_000_000, "{e}");
+    assert_eq!(e["pid"], std::process::id(), "held by this process: {e}");
+    assert_eq!(run.summary()["evicted"], 1, "{}", run.summary());
+    // The leak view on exit: 7 still hung, 8 became hung.
+    let last = run.of_type("leaks").last().expect("a leak view on exit");
+    let ours = &last["leaks"][0];
+    assert_eq!(
+        (&ours["state"], &ours["hung_now"], &ours["new"]),
+        (&"CLOSE_WAIT".into(), &(LEAKED - 1).into(), &LEAKED.into()),
+        "{last}"
+    );
+}

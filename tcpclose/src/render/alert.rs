@@ -82,6 +82,7 @@ pub struct AlertPrinter {
 
 const BOLD_RED: &str = "\x1b[1;31m";
 const GREEN: &str = "\x1b[32m";
+const YELLOW: &str = "\x1b[33m";
 const RESET: &str = "\x1b[0m";
 
 impl AlertPrinter {
@@ -162,6 +163,7 @@ impl AlertPrinter {
                 let (kind, age_ns, stuck_ns, again) = match alert.kind {
                     AlertKind::Hung { age_ns, again } => ("hung", Some(age_ns), None, Some(again)),
                     AlertKind::Resolved { stuck_ns } => ("resolved", None, Some(stuck_ns), None),
+                    AlertKind::Evicted { age_ns } => ("evicted", Some(age_ns), None, None),
                 };
                 let record = AlertRecord {
                     kind,
@@ -210,6 +212,15 @@ impl AlertPrinter {
                             "left {} after {at_least}{}",
                             alert.phase.name(),
                             human(stuck_ns)
+                        ),
+                    ),
+                    AlertKind::Evicted { age_ns } => (
+                        "EVICTED",
+                        YELLOW,
+                        format!(
+                            "no longer followed, in {} for {at_least}{} (table full: --max-sockets)",
+                            alert.phase.name(),
+                            human(age_ns)
                         ),
                     ),
                 };
@@ -275,6 +286,8 @@ mod tests {
         .unwrap();
         p.print(&mut out, &alert(AlertKind::Resolved { stuck_ns: 9 * MS }))
             .unwrap();
+        p.print(&mut out, &alert(AlertKind::Evicted { age_ns: 7 * MS }))
+            .unwrap();
         let lines: Vec<serde_json::Value> = out
             .split(|&b| b == b'\n')
             .filter(|l| !l.is_empty())
@@ -295,6 +308,11 @@ mod tests {
         assert_eq!(resolved["type"], "resolved");
         assert_eq!(resolved["stuck_ns"], 9 * MS);
         assert!(resolved.get("age_ns").is_none());
+        let evicted = &lines[2];
+        assert_eq!(evicted["type"], "evicted");
+        assert_eq!(evicted["age_ns"], 7 * MS);
+        assert_eq!(evicted["state"], "CLOSE_WAIT");
+        assert!(evicted.get("stuck_ns").is_none());
     }
 
     #[test]
@@ -311,5 +329,16 @@ mod tests {
         assert!(text.contains("42 leaky"), "{text}");
         assert!(text.contains("\x1b[1;31mHUNG"), "{text}");
         assert!(text.contains("in CLOSE_WAIT for >4.00s"), "{text}");
+        let mut out = Vec::new();
+        p.print(&mut out, &alert(AlertKind::Evicted { age_ns: 4_000 * MS }))
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("EVICTED"), "{text}");
+        assert!(
+            text.contains(
+                "no longer followed, in CLOSE_WAIT for 4.00s (table full: --max-sockets)"
+            ),
+            "{text}"
+        );
     }
 }
