@@ -226,32 +226,14 @@ impl Distributions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        event::{Family, Task},
-        teardown::{Phases, Side},
-    };
 
     const MS: u64 = 1_000_000;
 
     fn teardown(port: u16, close: CloseKind, phases: &[(Phase, u64)]) -> Teardown {
-        let mut p = Phases::default();
-        for &(phase, ns) in phases {
-            p.add(phase, ns);
-        }
         Teardown {
-            end_ns: 0,
-            family: Family::Ipv4,
             local: std::net::SocketAddr::from(([127, 0, 0, 1], port)),
             remote: "127.0.0.1:80".parse().unwrap(),
-            side: Some(Side::Server),
-            close,
-            phases: p,
-            teardown_ns: None,
-            lifetime_ns: None,
-            complete: true,
-            owner: Some(Task::new(1, 1, "app")),
-            resolution_ns: None,
-            timewait_end: None,
+            ..Teardown::sample(close, phases)
         }
     }
 

@@ -212,6 +212,33 @@ pub struct Teardown {
     pub timewait_end: Option<TimewaitEnd>,
 }
 
+#[cfg(test)]
+impl Teardown {
+    /// For tests: a server's `close` of 127.0.0.1:8080 <- 127.0.0.1:40000, held by `app` (pid
+    /// 1), through `phases`, seen whole; no other time known.
+    pub(crate) fn sample(close: CloseKind, phases: &[(Phase, u64)]) -> Self {
+        let mut p = Phases::default();
+        for &(phase, ns) in phases {
+            p.add(phase, ns);
+        }
+        Self {
+            end_ns: 0,
+            family: Family::Ipv4,
+            local: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            remote: SocketAddr::from(([127, 0, 0, 1], 40000)),
+            side: Some(Side::Server),
+            close,
+            phases: p,
+            teardown_ns: None,
+            lifetime_ns: None,
+            complete: true,
+            owner: Some(crate::event::Task::new(1, 1, "app")),
+            resolution_ns: None,
+            timewait_end: None,
+        }
+    }
+}
+
 /// A kernel time (CLOCK_MONOTONIC ns) that may be unknown, in the 8 bytes of the time where an
 /// `Option<u64>` takes 16: unknown is `u64::MAX`, which that clock does not reach (584 years of
 /// uptime).

@@ -10,7 +10,11 @@ use std::{
 use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
 
-use super::{Format, WallClock, human};
+use super::{
+    Format, WallClock,
+    ansi::{BOLD_RED, GREEN, RESET, YELLOW},
+    human,
+};
 use crate::{
     event::Task,
     hung::{Alert, AlertKind, Holder, Leak},
@@ -79,11 +83,6 @@ pub struct AlertPrinter {
     clock: WallClock,
     zone: TimeZone,
 }
-
-const BOLD_RED: &str = "\x1b[1;31m";
-const GREEN: &str = "\x1b[32m";
-const YELLOW: &str = "\x1b[33m";
-const RESET: &str = "\x1b[0m";
 
 impl AlertPrinter {
     pub fn new(format: Format, clock: WallClock, colour: bool) -> Self {

@@ -154,9 +154,8 @@ fn write_log2(out: &mut impl Write, d: &Dist) -> io::Result<()> {
 mod tests {
     use super::*;
     use crate::{
-        event::{Family, Task},
         stats::Distributions,
-        teardown::{CloseKind, Phase, Phases, Side, Teardown},
+        teardown::{CloseKind, Phase, Teardown},
     };
 
     const MS: u64 = 1_000_000;
@@ -165,23 +164,10 @@ mod tests {
         let mut all = Distributions::new(None, 4);
         for (ms, n) in [(1, 2), (3, 4), (300, 1)] {
             for _ in 0..n {
-                let mut phases = Phases::default();
-                phases.add(Phase::CloseWait, ms * MS);
-                all.record(&Teardown {
-                    end_ns: 0,
-                    family: Family::Ipv4,
-                    local: "127.0.0.1:8080".parse().unwrap(),
-                    remote: "127.0.0.1:40000".parse().unwrap(),
-                    side: Some(Side::Server),
-                    close: CloseKind::Passive,
-                    phases,
-                    teardown_ns: None,
-                    lifetime_ns: None,
-                    complete: true,
-                    owner: Some(Task::new(1, 1, "app")),
-                    resolution_ns: None,
-                    timewait_end: None,
-                });
+                all.record(&Teardown::sample(
+                    CloseKind::Passive,
+                    &[(Phase::CloseWait, ms * MS)],
+                ));
             }
         }
         all.report(10)

@@ -10,6 +10,16 @@ use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
 
 mod json;
+/// ANSI colours of the text output, only ever written to a terminal.
+mod ansi {
+    pub const RED: &str = "\x1b[31m";
+    pub const BOLD_RED: &str = "\x1b[1;31m";
+    pub const GREEN: &str = "\x1b[32m";
+    pub const YELLOW: &str = "\x1b[33m";
+    pub const CYAN: &str = "\x1b[36m";
+    pub const DIM: &str = "\x1b[2m";
+    pub const RESET: &str = "\x1b[0m";
+}
 
 mod teardown;
 
@@ -65,14 +75,43 @@ pub enum Format {
     Json,
 }
 
+/// The address columns of a text printer, and its header line.
+struct AddressColumns {
+    /// As wide as the widest address so far (an IPv6 one widens them): they never narrow, so
+    /// that the lines stay aligned with the header and one another.
+    width: usize,
+    header_done: bool,
+}
+
+impl Default for AddressColumns {
+    fn default() -> Self {
+        Self {
+            // 255.255.255.255:65535
+            width: 21,
+            header_done: false,
+        }
+    }
+}
+
+impl AddressColumns {
+    /// Widens the columns to fit `local` and `remote`; returns their width.
+    fn fit(&mut self, local: &str, remote: &str) -> usize {
+        self.width = self.width.max(local.len()).max(remote.len());
+        self.width
+    }
+
+    /// Whether the header is due: once, before the first line.
+    fn header_due(&mut self) -> bool {
+        !std::mem::replace(&mut self.header_done, true)
+    }
+}
+
 /// Writes one line per transition (`--events`).
 pub struct EventPrinter {
     format: Format,
     clock: WallClock,
     zone: TimeZone,
-    header_done: bool,
-    /// Width of the address columns; grows to fit IPv6 addresses.
-    addr_width: usize,
+    columns: AddressColumns,
     /// Reused per line, so that printing allocates nothing per event.
     local: String,
     remote: String,
@@ -89,8 +128,7 @@ impl EventPrinter {
             format,
             clock,
             zone: TimeZone::system(),
-            header_done: false,
-            addr_width: 21,
+            columns: AddressColumns::default(),
             local: String::new(),
             remote: String::new(),
             pid: String::new(),
@@ -131,10 +169,8 @@ impl EventPrinter {
                 // Writing into a String cannot fail.
                 let _ = write!(local, "{}", t.local);
                 let _ = write!(remote, "{}", t.remote);
-                self.addr_width = self.addr_width.max(local.len()).max(remote.len());
-                let w = self.addr_width;
-                if !self.header_done {
-                    self.header_done = true;
+                let w = self.columns.fit(local, remote);
+                if self.columns.header_due() {
                     writeln!(
                         out,
                         "{:<12} {:>7} {:<15} {:<w$} {:<w$} {:>11}    {:<12} {:>10}",
@@ -349,6 +385,17 @@ fn write_transition_json(
 mod tests {
     use super::*;
     use crate::event::{Family, Task, TcpState};
+
+    #[test]
+    fn address_columns_widen_for_ipv6_and_never_narrow() {
+        let mut c = AddressColumns::default();
+        assert!(c.header_due());
+        assert!(!c.header_due(), "once");
+        assert_eq!(c.fit("10.0.0.1:80", "10.0.0.2:5000"), 21);
+        let v6 = "[2001:db8::1234:5678:9abc]:443";
+        assert_eq!(c.fit("[::1]:80", v6), v6.len());
+        assert_eq!(c.fit("10.0.0.1:80", "10.0.0.2:5000"), v6.len());
+    }
 
     /// The encoding written by hand is the one serde would write, byte for byte: same fields,
     /// same order, same escaping.

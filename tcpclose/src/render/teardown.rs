@@ -9,7 +9,8 @@ use std::{
 use jiff::{Timestamp, tz::TimeZone};
 
 use super::{
-    Format, WallClock,
+    AddressColumns, Format, WallClock,
+    ansi::{CYAN, DIM, RED, RESET, YELLOW},
     json::{TimeText, json_ends, json_escaped, json_str, json_u64},
 };
 use crate::teardown::{CloseKind, Phase, Side, Teardown, TimewaitEnd};
@@ -20,21 +21,13 @@ pub struct TeardownPrinter {
     colour: bool,
     clock: WallClock,
     zone: TimeZone,
-    header_done: bool,
-    /// Width of the address columns; grows to fit IPv6 addresses.
-    addr_width: usize,
+    columns: AddressColumns,
     /// Reused per line.
     line: String,
     /// Reused per JSON line.
     json: Vec<u8>,
     time: TimeText,
 }
-
-const RED: &str = "\x1b[31m";
-const YELLOW: &str = "\x1b[33m";
-const CYAN: &str = "\x1b[36m";
-const DIM: &str = "\x1b[2m";
-const RESET: &str = "\x1b[0m";
 
 impl TeardownPrinter {
     /// `colour` adds ANSI colours to text output (only ever for a terminal).
@@ -44,8 +37,7 @@ impl TeardownPrinter {
             colour,
             clock,
             zone: TimeZone::system(),
-            header_done: false,
-            addr_width: 21,
+            columns: AddressColumns::default(),
             line: String::new(),
             json: Vec::new(),
             time: TimeText::default(),
@@ -67,10 +59,8 @@ impl TeardownPrinter {
     fn print_text(&mut self, out: &mut impl Write, t: &Teardown) -> io::Result<()> {
         let local = t.local.to_string();
         let remote = t.remote.to_string();
-        self.addr_width = self.addr_width.max(local.len()).max(remote.len());
-        let w = self.addr_width;
-        if !self.header_done {
-            self.header_done = true;
+        let w = self.columns.fit(&local, &remote);
+        if self.columns.header_due() {
             writeln!(
                 out,
                 "{:<12} {:>7} {:<15} {:<w$}    {:<w$} {:<6} {:<12} {:>8}  PHASES",
@@ -239,24 +229,22 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     fn teardown() -> Teardown {
-        let mut phases = Phases::default();
-        phases.add(Phase::FinWait1, 1_140_000);
-        phases.add(Phase::FinWait2, 300 * MS);
-        phases.add(Phase::TimeWait, 60_000 * MS);
+        let phases = [
+            (Phase::FinWait1, 1_140_000),
+            (Phase::FinWait2, 300 * MS),
+            (Phase::TimeWait, 60_000 * MS),
+        ];
         Teardown {
             end_ns: 2_000_000_123,
-            family: Family::Ipv4,
             local: "127.0.0.1:40000".parse().unwrap(),
             remote: "127.0.0.1:8080".parse().unwrap(),
             side: Some(Side::Client),
-            close: CloseKind::Active,
-            phases,
             teardown_ns: Some(60_301 * MS),
             lifetime_ns: Some(61_000 * MS),
-            complete: true,
             owner: Some(Task::new(42, 43, "curl")),
             resolution_ns: Some(4 * MS),
             timewait_end: Some(TimewaitEnd::Expired),
+            ..Teardown::sample(CloseKind::Active, &phases)
         }
     }
 
