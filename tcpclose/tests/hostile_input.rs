@@ -812,6 +812,9 @@ struct Case {
     /// Transitions take any 4-tuple from the pool. Otherwise each full socket address keeps
     /// its own (as a kernel socket does), so that alerts can be matched by 4-tuple.
     wild_tuples: bool,
+    /// The engine configured as tcpclose runs it: timer events taken in the kernel's order, the
+    /// handshakes' ends left out (see `Correlator::in_kernel_order`, `without_handshake_ends`).
+    as_run: bool,
     /// The clock at the start.
     start_ns: u64,
     /// Sockets the start-up snapshot finds (as [`Op::Adopt`]s), before any event.
@@ -824,15 +827,17 @@ fn case(back_weight: u32, steps: std::ops::Range<usize>) -> impl Strategy<Value 
         1..40usize,
         thresholds(),
         any::<bool>(),
+        any::<bool>(),
         prop_oneof![Just(0), 0..1u64 << 40],
         vec(adopt(), 0..12),
         vec((tick(back_weight), op()), steps),
     )
         .prop_map(
-            |(max_sockets, thresholds, wild_tuples, start_ns, snapshot, steps)| Case {
+            |(max_sockets, thresholds, wild_tuples, as_run, start_ns, snapshot, steps)| Case {
                 max_sockets,
                 thresholds,
                 wild_tuples,
+                as_run,
                 start_ns,
                 snapshot,
                 steps,
@@ -1134,9 +1139,15 @@ struct Stream {
 }
 
 impl Stream {
-    fn new(max_sockets: usize, thresholds: Thresholds, wild_tuples: bool) -> Self {
+    fn new(max_sockets: usize, thresholds: Thresholds, wild_tuples: bool, as_run: bool) -> Self {
+        let c = Correlator::watching(max_sockets, thresholds);
+        let c = if as_run {
+            c.in_kernel_order().without_handshake_ends()
+        } else {
+            c
+        };
         Self {
-            c: Correlator::watching(max_sockets, thresholds),
+            c,
             audit: Audit::new(max_sockets, thresholds, wild_tuples),
             wild_tuples,
             states: [TcpState::Close; SOCKETS.len()],
@@ -1327,7 +1338,12 @@ impl Stream {
 
 /// Feeds `case` to an engine, checking after every call, then drains it.
 fn run(case: &Case, mode: Mode) -> Result<Coverage, TestCaseError> {
-    let mut stream = Stream::new(case.max_sockets, case.thresholds, case.wild_tuples);
+    let mut stream = Stream::new(
+        case.max_sockets,
+        case.thresholds,
+        case.wild_tuples,
+        case.as_run,
+    );
     stream.audit.mode = mode;
     let mut clock = case.start_ns.min(CLOCK_MAX);
     for &op in &case.snapshot {
@@ -1407,8 +1423,9 @@ proptest! {
     fn extreme_timestamps_never_panic(
         steps in extreme_timestamps(),
         thresholds in thresholds(),
+        as_run in any::<bool>(),
     ) {
-        let mut stream = Stream::new(8, thresholds, true);
+        let mut stream = Stream::new(8, thresholds, true, as_run);
         stream.audit.mode = Mode::Extreme;
         for (ts, op) in steps {
             let mut clock = ts;
