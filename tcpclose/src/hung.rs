@@ -111,8 +111,8 @@ pub enum AlertKind {
     Hung { age_ns: u64, again: bool },
     /// A socket reported hung has left `phase` after `stuck_ns` in it.
     Resolved { stuck_ns: u64 },
-    /// A socket reported hung was dropped from the full table (`--max-sockets`) while still in
-    /// `phase`, `age_ns` in: whether and when its hang ends is no longer seen.
+    /// A socket reported hung was dropped from tcpclose's table, full (`--max-sockets`), while
+    /// still in `phase`, `age_ns` in: whether and when its hang ends is no longer seen.
     Evicted { age_ns: u64 },
 }
 
