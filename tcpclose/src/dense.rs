@@ -17,6 +17,8 @@ pub struct DenseMap<K, V> {
     index: HashMap<K, u32>,
     /// The values, and the key of each, in the same order.
     entries: Vec<(K, V)>,
+    /// The most entries held since the last [`DenseMap::shrink_sparse`].
+    high: usize,
 }
 
 impl<K: Copy + Eq + Hash, V> Default for DenseMap<K, V> {
@@ -30,6 +32,7 @@ impl<K: Copy + Eq + Hash, V> DenseMap<K, V> {
         Self {
             index: HashMap::new(),
             entries: Vec::new(),
+            high: 0,
         }
     }
 
@@ -57,6 +60,7 @@ impl<K: Copy + Eq + Hash, V> DenseMap<K, V> {
         let i = u32::try_from(self.entries.len()).unwrap_or(u32::MAX);
         self.index.insert(key, i);
         self.entries.push((key, value));
+        self.high = self.high.max(self.entries.len());
         None
     }
 
@@ -84,6 +88,23 @@ impl<K: Copy + Eq + Hash, V> DenseMap<K, V> {
         Some(value)
     }
 
+    /// How many entries it holds room for.
+    pub fn capacity(&self) -> usize {
+        self.entries.capacity()
+    }
+
+    /// Gives back memory when the most entries it held since the last call is at most a
+    /// quarter of its room (see [`sparse`]): down to room for twice that.
+    pub fn shrink_sparse(&mut self) {
+        let high = std::mem::replace(&mut self.high, self.entries.len());
+        if sparse(high, self.capacity()) {
+            self.entries.shrink_to(high.saturating_mul(2));
+        }
+        if sparse(high, self.index.capacity()) {
+            self.index.shrink_to(high.saturating_mul(2));
+        }
+    }
+
     pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
         self.entries.iter().map(|(k, v)| (k, v))
     }
@@ -95,6 +116,13 @@ impl<K: Copy + Eq + Hash, V> DenseMap<K, V> {
     pub fn values(&self) -> impl Iterator<Item = &V> {
         self.entries.iter().map(|(_, v)| v)
     }
+}
+
+/// Whether a table with room for `capacity` entries, which held at most `high` lately, should
+/// give memory back: it has room for 4 times that, and for more than a few thousand entries
+/// (below that, what it would give back is not worth a reallocation).
+pub fn sparse(high: usize, capacity: usize) -> bool {
+    capacity > 4096 && high.saturating_mul(4) <= capacity
 }
 
 #[cfg(test)]
@@ -136,5 +164,30 @@ mod tests {
         let mut all: Vec<(u64, u64)> = dense.iter().map(|(k, v)| (*k, *v)).collect();
         all.sort_unstable();
         assert_eq!(all, model.into_iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_sparse_map_gives_memory_back_and_keeps_its_entries() {
+        let mut dense = DenseMap::new();
+        for key in 0..100_000u64 {
+            dense.insert(key, key * 3);
+        }
+        let full = dense.capacity();
+        dense.shrink_sparse();
+        assert_eq!(dense.capacity(), full, "not sparse: kept");
+        for key in 1_000..100_000u64 {
+            assert_eq!(dense.remove(&key), Some(key * 3));
+        }
+        // Held 100,000 since the last call: kept. Held 1,000 since then: shrunk.
+        dense.shrink_sparse();
+        assert_eq!(dense.capacity(), full, "held 100,000 lately: kept");
+        dense.shrink_sparse();
+        assert!(dense.capacity() < 4_096, "{}", dense.capacity());
+        assert!(dense.index.capacity() < 4_096, "{}", dense.index.capacity());
+        assert_eq!(dense.len(), 1_000);
+        for key in 0..1_000u64 {
+            assert_eq!(dense.get(&key), Some(&(key * 3)));
+        }
+        assert!(!sparse(1_000, 4_096), "small tables are left alone");
     }
 }

@@ -42,6 +42,10 @@ pub const CANCEL_GRACE_NS: u64 = 10_000_000;
 /// the reader from the ring for a good part of a second, and the ring would overflow.
 pub const EXPIRE_BATCH: usize = 4096;
 
+/// How often [`Correlator::expire`] considers giving back the memory of its tables (see
+/// [`Trim`]).
+pub const TRIM_PERIOD_NS: u64 = 30_000_000_000;
+
 /// `__mod_timer()` queues a timer again right after it detached it: an arming this long after a
 /// cancel is not a move.
 const MOVE_NS: u64 = 1_000_000;
@@ -458,7 +462,17 @@ pub struct Correlator {
     /// Whether the transitions that end a handshake are left out of the feed (see
     /// [`Correlator::without_handshake_ends`]).
     handshake_ends_unseen: bool,
+    trim: Trim,
     losses: Losses,
+}
+
+/// When the tables next consider giving memory back, and the most the handoffs and the
+/// unclaimed timewait sockets held since they last did, sampled at each [`Correlator::expire`]
+/// (the dense tables keep their own).
+#[derive(Debug, Default)]
+struct Trim {
+    due_ns: Option<u64>,
+    high: [usize; 2],
 }
 
 impl Correlator {
@@ -488,6 +502,7 @@ impl Correlator {
             handoff_wait_ns: 2_000_000_000,
             armed_before_close: false,
             handshake_ends_unseen: false,
+            trim: Trim::default(),
             losses: Losses::default(),
         }
     }
@@ -1056,7 +1071,45 @@ impl Correlator {
                 out.push(h.without_timewait());
             }
         }
+        self.trim(now_ns);
         more
+    }
+
+    /// Gives back the memory of the tables that stayed sparse (a quarter full or less) over a
+    /// whole [`TRIM_PERIOD_NS`]: down to room for twice the most they held in it. A burst (a
+    /// load test, a namespace torn down with its timewait sockets) then leaves no lasting RSS,
+    /// while a table that fills and drains within the period keeps its room instead of being
+    /// reallocated each time. The two small transient tables are sampled at each call, which is
+    /// frequent: the run loop calls [`Correlator::expire`] whenever it has caught up with the
+    /// ring.
+    fn trim(&mut self, now_ns: u64) {
+        let lens = [self.handoffs.len(), self.unclaimed.len()];
+        for (high, len) in self.trim.high.iter_mut().zip(lens) {
+            *high = (*high).max(len);
+        }
+        let due_ns = *self
+            .trim
+            .due_ns
+            .get_or_insert(now_ns.saturating_add(TRIM_PERIOD_NS));
+        if now_ns < due_ns {
+            return;
+        }
+        let [handoffs, unclaimed] = std::mem::replace(&mut self.trim.high, lens);
+        self.trim.due_ns = Some(now_ns.saturating_add(TRIM_PERIOD_NS));
+        self.lives.shrink_sparse();
+        self.timewait.shrink_sparse();
+        if crate::dense::sparse(handoffs, self.handoffs.capacity()) {
+            self.handoffs.shrink_to(handoffs.saturating_mul(2));
+        }
+        if crate::dense::sparse(unclaimed, self.unclaimed.capacity()) {
+            self.unclaimed.shrink_to(unclaimed.saturating_mul(2));
+        }
+    }
+
+    /// Room in the full-socket and timewait tables.
+    #[cfg(test)]
+    fn capacities(&self) -> (usize, usize) {
+        (self.lives.capacity(), self.timewait.capacity())
     }
 
     /// Keeps the tables under their cap: when full, drops the eighth of the sockets followed
@@ -1998,6 +2051,31 @@ mod tests {
         let mut c = Correlator::new(64);
         assert!(!one(feed(&mut c, 1, &client)).complete);
         assert!(!one(feed(&mut c, 2, &server)).complete);
+    }
+
+    #[test]
+    fn tables_give_memory_back_after_a_burst_not_while_in_use() {
+        let mut c = Correlator::new(1 << 20);
+        for sk in 0..50_000 {
+            feed(&mut c, sk, &[(1, Close, SynSent)]);
+        }
+        let (full, _) = c.capacities();
+        assert!(full >= 50_000, "{full}");
+        let mut out = Vec::new();
+        c.expire(2 * MS, &mut out);
+        // The burst ends: every connection refused.
+        let mut ended = 0;
+        for sk in 0..50_000 {
+            ended += feed(&mut c, sk, &[(3, SynSent, Close)]).len();
+        }
+        assert_eq!(ended, 50_000);
+        assert!(c.is_empty());
+        // A period in which the table held 50,000: kept. One in which it held none: given back.
+        c.expire(TRIM_PERIOD_NS + 3 * MS, &mut out);
+        assert_eq!(c.capacities().0, full);
+        c.expire(2 * TRIM_PERIOD_NS + 4 * MS, &mut out);
+        assert!(c.capacities().0 < 4_096, "{:?}", c.capacities());
+        assert!(out.is_empty());
     }
 
     #[test]
