@@ -466,13 +466,21 @@ pub struct Correlator {
     losses: Losses,
 }
 
-/// When the tables next consider giving memory back, and the most the handoffs and the
-/// unclaimed timewait sockets held since they last did, sampled at each [`Correlator::expire`]
-/// (the dense tables keep their own).
+/// When the tables next consider giving memory back, and the most the handoffs, the unclaimed
+/// timewait sockets and the pending cancels held since they last did, sampled at each
+/// [`Correlator::expire`] (the dense tables keep their own).
 #[derive(Debug, Default)]
 struct Trim {
     due_ns: Option<u64>,
-    high: [usize; 2],
+    high: [usize; 3],
+}
+
+/// Gives back the memory of `map` if it is sparse (see [`crate::dense::sparse`]) given `high`,
+/// the most it held lately: down to room for twice that.
+fn shrink_sparse<K: Eq + std::hash::Hash, V>(map: &mut HashMap<K, V>, high: usize) {
+    if crate::dense::sparse(high, map.capacity()) {
+        map.shrink_to(high.saturating_mul(2));
+    }
 }
 
 impl Correlator {
@@ -798,12 +806,13 @@ impl Correlator {
             // tcp_time_wait(): the rest happens on a timewait socket.
             FinWait2 | Closing => {
                 let key = life.tuple;
-                let armed = match self.unclaimed.is_empty() {
-                    true => None,
-                    false => self
-                        .unclaimed
+                // No hashing of the 4-tuple when no timewait socket waits to be claimed.
+                let armed = if self.unclaimed.is_empty() {
+                    None
+                } else {
+                    self.unclaimed
                         .remove(&key)
-                        .filter(|events| events.claimed_at(t.ts_ns)),
+                        .filter(|events| events.claimed_at(t.ts_ns))
                 };
                 let handoff = Handoff::new(life, t.ts_ns);
                 if armed.is_none() && self.armed_before_close {
@@ -1083,7 +1092,11 @@ impl Correlator {
     /// frequent: the run loop calls [`Correlator::expire`] whenever it has caught up with the
     /// ring.
     fn trim(&mut self, now_ns: u64) {
-        let lens = [self.handoffs.len(), self.unclaimed.len()];
+        let lens = [
+            self.handoffs.len(),
+            self.unclaimed.len(),
+            self.cancelled.len(),
+        ];
         for (high, len) in self.trim.high.iter_mut().zip(lens) {
             *high = (*high).max(len);
         }
@@ -1094,16 +1107,13 @@ impl Correlator {
         if now_ns < due_ns {
             return;
         }
-        let [handoffs, unclaimed] = std::mem::replace(&mut self.trim.high, lens);
+        let [handoffs, unclaimed, cancelled] = std::mem::replace(&mut self.trim.high, lens);
         self.trim.due_ns = Some(now_ns.saturating_add(TRIM_PERIOD_NS));
         self.lives.shrink_sparse();
         self.timewait.shrink_sparse();
-        if crate::dense::sparse(handoffs, self.handoffs.capacity()) {
-            self.handoffs.shrink_to(handoffs.saturating_mul(2));
-        }
-        if crate::dense::sparse(unclaimed, self.unclaimed.capacity()) {
-            self.unclaimed.shrink_to(unclaimed.saturating_mul(2));
-        }
+        shrink_sparse(&mut self.handoffs, handoffs);
+        shrink_sparse(&mut self.unclaimed, unclaimed);
+        self.cancelled.shrink_sparse(cancelled);
     }
 
     /// Room in the full-socket and timewait tables.
@@ -1277,6 +1287,21 @@ struct PendingCancels {
 impl PendingCancels {
     fn is_empty(&self) -> bool {
         self.by_addr.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.by_addr.len()
+    }
+
+    /// See [`Correlator::trim`]: `high` is the most cancels pending at once lately. The queue
+    /// by time holds those pending, and the taken ones whose time has not come.
+    fn shrink_sparse(&mut self, high: usize) {
+        shrink_sparse(&mut self.by_addr, high);
+        shrink_sparse(&mut self.by_tuple, high);
+        if crate::dense::sparse(high, self.by_time.capacity()) {
+            self.by_time
+                .shrink_to(self.by_time.len().max(high).saturating_mul(2));
+        }
     }
 
     /// Keeps the first cancel of a timewait socket: a kill happens at most once, and a move
@@ -2201,6 +2226,51 @@ mod tests {
 
     /// A namespace going away cancels all its timewait sockets at once: they are ended a batch
     /// per call, the earliest cancelled first, and each call says whether more are due.
+    #[test]
+    fn pending_cancels_give_memory_back_once_a_flood_is_over() {
+        let mut cancels = PendingCancels::default();
+        let cancel = |n: u64| TimewaitTimer {
+            ts_ns: n,
+            twaddr: 0x10_000 + n,
+            family: Family::Ipv4,
+            local: SocketAddr::new([10, 0, (n >> 8) as u8, n as u8].into(), 1_000),
+            remote: SERVER.parse().unwrap(),
+            substate: TimeWait,
+            action: TimerAction::Cancelled,
+            expires_ns: 60_000 * MS,
+            jiffy_ns: 4 * MS,
+        };
+        for n in 0..20_000 {
+            cancels.note(&cancel(n));
+        }
+        let room = |c: &PendingCancels| {
+            [
+                c.by_addr.capacity(),
+                c.by_tuple.capacity(),
+                c.by_time.capacity(),
+            ]
+        };
+        let full = room(&cancels);
+        assert!(full.iter().all(|&n| n >= 20_000), "{full:?}");
+        assert_eq!(cancels.due(u64::MAX, usize::MAX).len(), 20_000);
+        for n in 0..20_000 {
+            assert!(cancels.take(0x10_000 + n).is_some());
+        }
+        // (A hash map's room as reported also counts out the tombstones of its removals.)
+        cancels.shrink_sparse(20_000);
+        let kept = room(&cancels);
+        assert!(
+            kept.iter().all(|&n| n >= 20_000),
+            "held 20,000 lately: {kept:?}"
+        );
+        cancels.shrink_sparse(0);
+        assert!(
+            room(&cancels).iter().all(|&n| n < 4_096),
+            "{:?}",
+            room(&cancels)
+        );
+    }
+
     #[test]
     fn a_mass_kill_is_ended_in_batches() {
         let n = EXPIRE_BATCH as u64 + 10;
