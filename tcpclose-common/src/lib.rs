@@ -260,20 +260,31 @@ mod pod {
     unsafe impl aya::Pod for super::TimewaitEvent {}
 }
 
-/// The `timer:` tracepoints the timer programs attach to, as raw tracepoints: they receive the
-/// tracepoints' arguments, the first of which is the `struct timer_list *` in all three (see
-/// `include/trace/events/timer.h`). The loader checks that each event's record starts with that
-/// pointer, as its tracefs `format` file describes it.
-pub mod timer_tracepoint {
-    /// `(name, offset, size)` of the `timer` field, the same in the three records.
-    pub const TIMER_FIELD: (&str, usize, usize) = ("timer", 8, 8);
+/// What a kernel program reads from one argument of its raw tracepoint. Raw tracepoint programs
+/// receive the tracepoint's arguments as 64-bit words, and the loader checks each one it reads
+/// against the kernel's own description of the tracepoint: the BTF typedef
+/// `btf_trace_<tracepoint>`, a pointer to a function whose first parameter is the `void *`
+/// context and the rest are the tracepoint's arguments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TracepointArg {
+    /// A pointer to `struct <name>` (qualifiers such as `const` do not matter).
+    PointerTo(&'static str),
+    /// A signed integer of this many bytes.
+    Int(u32),
 }
 
-/// `sock:inet_sock_set_state`, which the transition program attaches to as a raw tracepoint: it
-/// receives the tracepoint's arguments `(const struct sock *sk, int oldstate, int newstate)`
-/// (see `include/trace/events/sock.h`) and reads the socket itself. The loader checks that the
-/// event's record starts with the socket's address, as its tracefs `format` file describes it.
-pub mod tracepoint {
-    /// `(name, offset, size)` of the `skaddr` field, the socket.
-    pub const SOCKET_FIELD: (&str, usize, usize) = ("skaddr", 8, 8);
-}
+/// `sock:inet_sock_set_state`, which the transition program attaches to: it reads
+/// `(const struct sock *sk, int oldstate, int newstate)` (`include/trace/events/sock.h`).
+pub const TRANSITION_TRACEPOINT: &str = "inet_sock_set_state";
+/// The arguments the transition program reads, in order.
+pub const TRANSITION_ARGS: [TracepointArg; 3] = [
+    TracepointArg::PointerTo("sock"),
+    TracepointArg::Int(4),
+    TracepointArg::Int(4),
+];
+
+/// The arguments the timer programs read from their `timer:` tracepoints: the
+/// `struct timer_list *` first, in all three (`include/trace/events/timer.h`). The arguments
+/// after it changed between kernels (`timer_start`'s `(timer, expires, flags)` became
+/// `(timer, bucket_expiry)` in 6.8) and are not read.
+pub const TIMER_ARGS: [TracepointArg; 1] = [TracepointArg::PointerTo("timer_list")];

@@ -40,7 +40,10 @@ Teardown records (the default):
   (partial) tcpclose did not see the whole life (it started mid-way, or an event was
             lost): phases it did not see whole are absent, never 0.
 
-Needs root, or CAP_BPF and CAP_PERFMON (plus CAP_SYS_ADMIN if tracefs is not mounted).
+Needs root, or CAP_BPF and CAP_PERFMON (Linux 5.8+), and the kernel's BTF
+(/sys/kernel/btf/vmlinux, or --btf). Following timewait sockets reads /proc/kallsyms
+(CAP_SYSLOG); naming the owners of hung sockets reads /proc/PID/fd (CAP_DAC_READ_SEARCH,
+CAP_SYS_PTRACE).
 PID and COMM are shown only for transitions a system call makes (connect, listen, close,
 shutdown): the others happen in softirq or timer context, where the current task is not
 the socket's owner.";
@@ -120,6 +123,12 @@ pub struct Cli {
     /// system call revealed it); the 10 largest groups are shown, the rest as "other".
     #[arg(long, value_name = "KEY", conflicts_with = "events")]
     pub group_by: Option<GroupByArg>,
+
+    /// Read the kernel's type information (BTF) from PATH instead of /sys/kernel/btf/vmlinux,
+    /// for kernels built without CONFIG_DEBUG_INFO_BTF: BTFHub publishes a file for most
+    /// distribution kernels. It must describe the running kernel exactly.
+    #[arg(long, value_name = "PATH")]
+    pub btf: Option<std::path::PathBuf>,
 
     /// Ring buffer size in bytes (a power of two, at least one page). For tests.
     #[arg(long, hide = true, value_parser = parse_ring_bytes, default_value_t = DEFAULT_RING_BYTES)]

@@ -7,6 +7,7 @@ pub mod btf;
 mod dense;
 pub mod event;
 pub mod hung;
+pub mod kernel_layout;
 pub mod render;
 pub mod states;
 pub mod stats;

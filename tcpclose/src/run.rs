@@ -51,7 +51,12 @@ const BATCH: usize = 4096;
 
 pub async fn run(cli: Cli) -> Result<()> {
     let format = if cli.json { Format::Json } else { Format::Text };
-    let mut tracer = Tracer::attach(&cli.kernel_filter(), cli.ring_bytes, !cli.events)?;
+    let mut tracer = Tracer::attach(
+        &cli.kernel_filter(),
+        cli.ring_bytes,
+        !cli.events,
+        cli.btf.as_deref(),
+    )?;
     let mut interval = tokio::time::interval(cli.interval.unwrap_or(Duration::MAX / 4));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The first tick is immediate.

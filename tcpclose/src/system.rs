@@ -1,14 +1,10 @@
 //! Checks of the host before loading anything, each failing with an error that says what to do:
-//! privileges, kernel version, tracefs, and the tracepoint's record layout.
+//! privileges and kernel version; kernel symbols and the jiffy; capabilities dropped after
+//! attaching.
 
-use std::{
-    ffi::CString,
-    fs, io,
-    path::{Path, PathBuf},
-};
+use std::{fs, io};
 
 use anyhow::{Context as _, Result, bail};
-use tcpclose_common::{TIMER_PROGRAMS, timer_tracepoint, tracepoint};
 
 const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_SYS_PTRACE: u32 = 19;
@@ -71,111 +67,6 @@ fn check_release(release: &str) -> Result<()> {
     Ok(())
 }
 
-/// Where tracefs is expected; the kernel creates this directory when CONFIG_TRACING is on.
-pub const TRACEFS: &str = "/sys/kernel/tracing";
-const TRACEFS_MAGIC: i64 = 0x7472_6163;
-
-fn is_tracefs(path: &Path) -> bool {
-    let Ok(cpath) = CString::new(path.as_os_str().as_encoded_bytes()) else {
-        return false;
-    };
-    // SAFETY: zeroed statfs is a valid out-parameter; `cpath` is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    (unsafe { libc::statfs(cpath.as_ptr(), &mut st) } == 0) && st.f_type as i64 == TRACEFS_MAGIC
-}
-
-/// Returns the tracefs mount point, mounting tracefs at [`TRACEFS`] if it is not mounted.
-/// Attaching a tracepoint needs it: the event id comes from `events/<group>/<name>/id`.
-pub fn ensure_tracefs() -> Result<PathBuf> {
-    for candidate in [TRACEFS, "/sys/kernel/debug/tracing"] {
-        let path = Path::new(candidate);
-        if is_tracefs(path) {
-            return Ok(path.to_path_buf());
-        }
-    }
-    let target = Path::new(TRACEFS);
-    if !target.is_dir() {
-        bail!(
-            "this kernel has no tracefs ({TRACEFS} does not exist): it was built without \
-             CONFIG_TRACING, which tcpclose needs for the sock:inet_sock_set_state tracepoint"
-        );
-    }
-    let (source, fstype, dir) = (c"nodev", c"tracefs", c"/sys/kernel/tracing");
-    // SAFETY: all pointers are NUL-terminated C strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            dir.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc != 0 {
-        let err = io::Error::last_os_error();
-        bail!(
-            "tracefs is not mounted at {TRACEFS} and mounting it failed ({err}): mount it with \
-             `sudo mount -t tracefs nodev {TRACEFS}`, or run tcpclose as root"
-        );
-    }
-    Ok(target.to_path_buf())
-}
-
-/// Checks that `sock:inet_sock_set_state` exists and is about a socket, its first argument.
-pub fn check_tracepoint(tracefs: &Path) -> Result<()> {
-    let format_path = tracefs.join("events/sock/inet_sock_set_state/format");
-    let format = match fs::read_to_string(&format_path) {
-        Ok(format) => format,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => bail!(
-            "this kernel has no sock:inet_sock_set_state tracepoint ({} is missing): \
-             tcpclose needs Linux 4.16 or newer",
-            format_path.display()
-        ),
-        Err(err) => {
-            return Err(err).with_context(|| format!("reading {}", format_path.display()));
-        }
-    };
-    check_layout(
-        "sock:inet_sock_set_state",
-        &format,
-        &[tracepoint::SOCKET_FIELD],
-    )
-}
-
-/// Checks the `timer:` tracepoints the timewait programs attach to: each exists, and its record
-/// starts with the timer, as its first argument does.
-pub fn check_timer_tracepoints(tracefs: &Path) -> Result<()> {
-    for (_, name) in TIMER_PROGRAMS {
-        let fields = [timer_tracepoint::TIMER_FIELD];
-        let path = tracefs.join("events/timer").join(name).join("format");
-        let format = fs::read_to_string(&path)
-            .with_context(|| format!("reading {} (the timer:{name} tracepoint)", path.display()))?;
-        check_layout(&format!("timer:{name}"), &format, &fields)?;
-    }
-    Ok(())
-}
-
-/// Compares the `field:` lines of a tracepoint format file with the `(name, offset, size)` of the
-/// fields a program reads.
-fn check_layout(event: &str, format: &str, fields: &[(&str, usize, usize)]) -> Result<()> {
-    for &(name, offset, size) in fields {
-        let Some((found_offset, found_size)) = field_layout(format, name) else {
-            bail!(
-                "the kernel's {event} record has no field `{name}`; \
-                 this tcpclose does not support this kernel's tracepoint layout"
-            );
-        };
-        if (found_offset, found_size) != (offset, size) {
-            bail!(
-                "the kernel's {event} field `{name}` is at offset {found_offset} \
-                 (size {found_size}), tcpclose was built for offset {offset} (size {size}); \
-                 this tcpclose does not support this kernel's tracepoint layout"
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Address of a kernel text symbol, from `/proc/kallsyms`. Addresses read as 0 when
 /// `kernel.kptr_restrict` hides them from this process.
 pub fn kernel_symbol(name: &str) -> Result<u64> {
@@ -225,22 +116,6 @@ pub fn jiffy_ns() -> Result<u64> {
 fn jiffy_from(sec: i64, nsec: i64) -> Option<u64> {
     let ns = u64::try_from(sec).ok()?.checked_mul(1_000_000_000)? + u64::try_from(nsec).ok()?;
     (800_000..=42_000_000).contains(&ns).then_some(ns)
-}
-
-/// Parses `field:<type> <name>[N]; offset:O; size:S; signed:X;` (tab-separated) for `name`.
-fn field_layout(format: &str, name: &str) -> Option<(usize, usize)> {
-    format.lines().find_map(|line| {
-        let mut parts = line.trim().split(';').map(str::trim);
-        let decl = parts.next()?.strip_prefix("field:")?;
-        let declared = decl.rsplit(' ').next()?;
-        let declared = declared.split('[').next()?;
-        if declared != name {
-            return None;
-        }
-        let mut value =
-            |key: &str| -> Option<usize> { parts.next()?.strip_prefix(key)?.parse().ok() };
-        Some((value("offset:")?, value("size:")?))
-    })
 }
 
 /// Capabilities still useful once the programs are attached: reading other processes'
@@ -316,53 +191,6 @@ pub fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    const FORMAT_6_18: &str = "name: inet_sock_set_state
-ID: 1480
-format:
-	field:unsigned short common_type;	offset:0;	size:2;	signed:0;
-	field:unsigned char common_flags;	offset:2;	size:1;	signed:0;
-	field:unsigned char common_preempt_count;	offset:3;	size:1;	signed:0;
-	field:int common_pid;	offset:4;	size:4;	signed:1;
-
-	field:const void * skaddr;	offset:8;	size:8;	signed:0;
-	field:int oldstate;	offset:16;	size:4;	signed:1;
-	field:int newstate;	offset:20;	size:4;	signed:1;
-	field:__u16 sport;	offset:24;	size:2;	signed:0;
-	field:__u16 dport;	offset:26;	size:2;	signed:0;
-	field:__u16 family;	offset:28;	size:2;	signed:0;
-	field:__u16 protocol;	offset:30;	size:2;	signed:0;
-	field:__u8 saddr[4];	offset:32;	size:4;	signed:0;
-	field:__u8 daddr[4];	offset:36;	size:4;	signed:0;
-	field:__u8 saddr_v6[16];	offset:40;	size:16;	signed:0;
-	field:__u8 daddr_v6[16];	offset:56;	size:16;	signed:0;
-
-print fmt: \"family=%s ...\"
-";
-
-    #[test]
-    fn accepts_the_layout_we_build_for() {
-        check_layout("sock", FORMAT_6_18, &[tracepoint::SOCKET_FIELD]).unwrap();
-        assert_eq!(field_layout(FORMAT_6_18, "saddr"), Some((32, 4)));
-        assert_eq!(field_layout(FORMAT_6_18, "skaddr"), Some((8, 8)));
-    }
-
-    #[test]
-    fn rejects_moved_or_missing_fields() {
-        let moved = FORMAT_6_18.replace("offset:8;\tsize:8", "offset:16;\tsize:8");
-        let err = check_layout("sock", &moved, &[tracepoint::SOCKET_FIELD])
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("`skaddr`") && err.contains("offset 16"),
-            "{err}"
-        );
-        let missing = FORMAT_6_18.replace("skaddr", "sk");
-        let err = check_layout("sock", &missing, &[tracepoint::SOCKET_FIELD])
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("no field `skaddr`"), "{err}");
-    }
 
     #[test]
     fn finds_kernel_symbols() {

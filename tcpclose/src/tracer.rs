@@ -4,6 +4,7 @@
 use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _},
+    path::{Path, PathBuf},
 };
 
 use anyhow::{Context as _, Result, anyhow};
@@ -12,10 +13,11 @@ use aya::{
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, RawTracePoint},
 };
-use tcpclose::btf::Btf;
+use tcpclose::{btf::Btf, kernel_layout};
 use tcpclose_common::{
     AF_INET, AF_INET6, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP, PORT_FILTER_MAP,
-    PORT_LOCAL, PORT_REMOTE, SocketLayout, TIMER_PROGRAMS, TRANSITION_PROGRAM, sock_common,
+    PORT_LOCAL, PORT_REMOTE, SocketLayout, TIMER_PROGRAMS, TRANSITION_PROGRAM,
+    TRANSITION_TRACEPOINT,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -113,24 +115,54 @@ impl Tracer {
     /// Checks the host, loads the program with `filter` and a ring of `ring_bytes`, attaches it.
     /// With `follow_timewait`, also attaches the timer programs that follow timewait sockets
     /// (when this kernel allows it; a warning says why not otherwise).
-    pub fn attach(filter: &KernelFilter, ring_bytes: u32, follow_timewait: bool) -> Result<Self> {
+    /// The kernel's types come from `btf_path` when given (for kernels without
+    /// `/sys/kernel/btf/vmlinux`), else from the kernel itself.
+    pub fn attach(
+        filter: &KernelFilter,
+        ring_bytes: u32,
+        follow_timewait: bool,
+        btf_path: Option<&Path>,
+    ) -> Result<Self> {
         system::check_kernel_version()?;
         system::check_privileges()?;
-        let tracefs = system::ensure_tracefs()?;
-        system::check_tracepoint(&tracefs)?;
         system::raise_memlock_limit();
 
-        let btf = kernel_btf()?;
-        let btf = Btf::parse(&btf).with_context(|| format!("reading {VMLINUX_BTF}"))?;
+        let (btf_bytes, btf_source) = kernel_btf(btf_path)?;
+        let btf = Btf::parse(&btf_bytes).with_context(|| {
+            format!(
+                "reading {}: it is not BTF this tcpclose can read (a kernel's BTF, such as \
+                 /sys/kernel/btf/vmlinux or a file BTFHub publishes, is)",
+                btf_source.display()
+            )
+        })?;
+        kernel_layout::check_transition_tracepoint(&btf)?;
         let mut config = filter.config(ring_bytes);
-        config.layout = socket_layout(&btf)?;
+        config.layout = kernel_layout::socket_layout(&btf)?;
         let timewait = if follow_timewait {
-            system::check_timer_tracepoints(&tracefs)
-                .and_then(|()| add_timewait_layout(&btf, &mut config.layout))
+            kernel_layout::check_timer_tracepoints(&btf)
+                .and_then(|()| system::kernel_symbol("tw_timer_handler"))
+                .and_then(|handler| {
+                    kernel_layout::add_timewait_layout(&btf, &mut config.layout, handler)
+                })
         } else {
             Err(anyhow!("not asked to"))
         };
-        let mut ebpf = EbpfLoader::new()
+        drop(btf);
+        // The programs need no relocation (they read at the offsets in `config`), but when the
+        // types come from a file aya is given the same, rather than the missing sysfs file.
+        let aya_btf = match btf_path {
+            Some(_) => Some(
+                aya::Btf::parse(&btf_bytes, aya::Endianness::default())
+                    .with_context(|| format!("reading {}", btf_source.display()))?,
+            ),
+            None => None,
+        };
+        drop(btf_bytes);
+        let mut loader = EbpfLoader::new();
+        if btf_path.is_some() {
+            loader.btf(aya_btf.as_ref());
+        }
+        let mut ebpf = loader
             .override_global(CONFIG_GLOBAL, &config, true)
             .map_max_entries(EVENTS_MAP, ring_bytes)
             .load(PROGRAM_OBJECT)
@@ -154,7 +186,7 @@ impl Tracer {
             .try_into()?;
         program.load().map_err(explain_program_error)?;
         program
-            .attach("inet_sock_set_state")
+            .attach(TRANSITION_TRACEPOINT)
             .map_err(explain_program_error)
             .context("attaching to the sock:inet_sock_set_state tracepoint")?;
 
@@ -281,77 +313,30 @@ fn recursion_misses(fdinfo: &str) -> Option<u64> {
         .and_then(|value| value.trim().parse().ok())
 }
 
+/// Where the running kernel describes its own types (CONFIG_DEBUG_INFO_BTF).
 const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
-/// The running kernel's BTF, where the programs' offsets come from.
-fn kernel_btf() -> Result<Vec<u8>> {
-    std::fs::read(VMLINUX_BTF).with_context(|| {
-        format!(
-            "reading {VMLINUX_BTF}: tcpclose reads sockets at the offsets the kernel describes \
-             there, which needs a kernel built with CONFIG_DEBUG_INFO_BTF (every major \
-             distribution's is)"
-        )
-    })
-}
-
-fn member_offset(btf: &Btf, ty: &str, member: &str) -> Result<u16> {
-    let offset = btf.member_offset(ty, member)?;
-    u16::try_from(offset).with_context(|| format!("`{ty}.{member}` is too far in"))
-}
-
-/// Where the transition program finds a socket's protocol, family, ports and addresses, in the
-/// running kernel. The programs read `struct sock_common` in two blocks whose inner layout is
-/// fixed at build time ([`sock_common`]): checked here.
-fn socket_layout(btf: &Btf) -> Result<SocketLayout> {
-    let offset = |ty: &str, member: &str| member_offset(btf, ty, member);
-    let daddr = offset("sock_common", "skc_daddr")?;
-    let v6_daddr = offset("sock_common", "skc_v6_daddr")?;
-    for (member, base, expected) in [
-        ("skc_rcv_saddr", daddr, sock_common::RCV_SADDR),
-        ("skc_dport", daddr, sock_common::DPORT),
-        ("skc_num", daddr, sock_common::NUM),
-        ("skc_family", daddr, sock_common::FAMILY),
-        ("skc_v6_rcv_saddr", v6_daddr, sock_common::V6_RCV_SADDR),
-    ] {
-        let found = usize::from(offset("sock_common", member)?);
-        if found != usize::from(base) + expected {
-            anyhow::bail!(
-                "this kernel's `struct sock_common` has `{member}` at offset {found}, tcpclose \
-                 was built for {}; this tcpclose does not support this kernel's socket layout",
-                usize::from(base) + expected
-            );
+/// The kernel's BTF, where the programs' offsets come from, and where it was read.
+fn kernel_btf(path: Option<&Path>) -> Result<(Vec<u8>, PathBuf)> {
+    match path {
+        Some(path) => {
+            let bytes = std::fs::read(path)
+                .with_context(|| format!("reading the BTF file {} (--btf)", path.display()))?;
+            Ok((bytes, path.to_path_buf()))
+        }
+        None => {
+            let bytes = std::fs::read(VMLINUX_BTF).with_context(|| {
+                format!(
+                    "reading {VMLINUX_BTF}: tcpclose reads sockets at the offsets the kernel \
+                     describes there, which needs a kernel built with CONFIG_DEBUG_INFO_BTF \
+                     (every major distribution's since about 2020 is); for an older kernel, \
+                     give its BTF with --btf PATH (BTFHub publishes one for most distribution \
+                     kernels)"
+                )
+            })?;
+            Ok((bytes, PathBuf::from(VMLINUX_BTF)))
         }
     }
-    Ok(SocketLayout {
-        skc_daddr: daddr,
-        skc_v6_daddr: v6_daddr,
-        sk_protocol: offset("sock", "sk_protocol")?,
-        inet_sport: offset("inet_sock", "inet_sport")?,
-        ..SocketLayout::default()
-    })
-}
-
-/// Adds where the timer programs find a timewait socket's timer and substate, and the timer
-/// function they keep (from kallsyms).
-fn add_timewait_layout(btf: &Btf, layout: &mut SocketLayout) -> Result<()> {
-    let timer_struct = btf.member_struct_name("inet_timewait_sock", "tw_timer")?;
-    if timer_struct != Some("timer_list") {
-        anyhow::bail!(
-            "this kernel's timewait sockets use a `{}` timer, tcpclose knows `timer_list`",
-            timer_struct.unwrap_or("non-struct")
-        );
-    }
-    let offset = |ty: &str, member: &str| member_offset(btf, ty, member);
-    // The timewait socket starts with a `struct sock_common`, like a full socket.
-    if offset("inet_timewait_sock", "__tw_common")? != 0 {
-        anyhow::bail!("this kernel's timewait sockets do not start with their `sock_common`");
-    }
-    layout.timer_function = offset("timer_list", "function")?;
-    layout.timer_expires = offset("timer_list", "expires")?;
-    layout.tw_timer = offset("inet_timewait_sock", "tw_timer")?;
-    layout.tw_substate = offset("inet_timewait_sock", "tw_substate")?;
-    layout.tw_timer_handler = system::kernel_symbol("tw_timer_handler")?;
-    Ok(())
 }
 
 /// Whether the kernel said EPERM somewhere in `err`'s chain. (EACCES is not a privilege problem

@@ -100,12 +100,17 @@ pub struct Run {
 impl Tracer {
     /// Starts `tcpclose --json ARGS` and waits until it has attached.
     pub fn start(args: &[&str]) -> Self {
+        let mut cmd = Command::new(binary());
+        cmd.arg("--json").args(args);
+        Self::start_command(cmd)
+    }
+
+    /// Starts `cmd`, which runs `tcpclose --json ...` (through wrappers that exec it, such as
+    /// `unshare` or `setpriv`, so that the child is tcpclose), and waits until it has attached.
+    pub fn start_command(mut cmd: Command) -> Self {
         require_root();
         let mut child = spawn(
-            Command::new(binary())
-                .arg("--json")
-                .args(args)
-                .stdin(Stdio::null())
+            cmd.stdin(Stdio::null())
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped()),
         )
@@ -153,10 +158,9 @@ impl Tracer {
                     }
                 }
                 Err(_) => {
-                    let _ = tracer.child.kill();
-                    let status = tracer.child.wait().expect("waiting for tcpclose");
+                    let status = wait_with_deadline(&mut tracer.child, Duration::ZERO);
                     panic!(
-                        "tcpclose did not attach ({status}); stderr:\n{}",
+                        "tcpclose did not attach ({status:?}); stderr:\n{}",
                         tracer.stderr_seen
                     );
                 }
@@ -209,16 +213,8 @@ impl Tracer {
 
     /// Waits for the process to exit by itself (e.g. `--duration`).
     pub fn wait(mut self, timeout: Duration) -> Run {
-        let deadline = Instant::now() + timeout;
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("waiting for tcpclose") {
-                break status;
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!("tcpclose did not exit within {timeout:?}");
-            }
-            thread::sleep(Duration::from_millis(20));
+        let Some(status) = wait_with_deadline(&mut self.child, timeout) else {
+            panic!("tcpclose did not exit within {timeout:?} (killed)");
         };
         self.stdout.join().expect("stdout reader");
         let lines =
@@ -265,6 +261,92 @@ impl Tracing {
     /// [`Tracer::stop`].
     pub fn stop(mut self) -> Run {
         self.0.take().expect("running").stop()
+    }
+}
+
+/// Waits for `child` to exit for up to `timeout`. If it has not, kills it, reaps it and returns
+/// `None`: every wait on a child in these tests has a deadline, so that a stuck child is a
+/// failure, never a hung test run.
+pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if Instant::now() < deadline => thread::sleep(Duration::from_millis(20)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
+/// Waits for `child`, whose output is piped, for up to `timeout`, reading its output meanwhile;
+/// panics, naming `what`, if it has not exited by then (it is killed).
+pub fn output_with_deadline(what: &str, mut child: Child, timeout: Duration) -> Output {
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        thread::spawn(move || {
+            let mut bytes = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut bytes);
+            }
+            bytes
+        })
+    };
+    let stdout = drain(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let stderr = drain(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = wait_with_deadline(&mut child, timeout);
+    let (stdout, stderr) = (
+        stdout.join().unwrap_or_default(),
+        stderr.join().unwrap_or_default(),
+    );
+    let Some(status) = status else {
+        panic!(
+            "{what} did not exit within {timeout:?} (killed); it printed:\n{}{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// A directory of the test's own under the system's temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// A fresh, empty directory named after `tag`, this process and a counter.
+    pub fn new(tag: &str) -> Self {
+        static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("tcpclose-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
+        Self(dir)
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 
@@ -365,9 +447,15 @@ pub fn thread_comm() -> String {
         .to_owned()
 }
 
-/// Runs the binary to completion with `args` (no --json added).
+/// Runs `cmd` (the binary, or wrappers that exec it) to completion, for up to a minute.
 pub fn run_binary(cmd: &mut Command) -> (ExitStatus, String, String) {
-    let out = cmd.stdin(Stdio::null()).output().expect("running tcpclose");
+    let child = spawn(
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
+    )
+    .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
+    let out = output_with_deadline(&format!("{cmd:?}"), child, Duration::from_secs(60));
     (
         out.status,
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -500,8 +588,8 @@ pub fn process_comm() -> String {
         .to_owned()
 }
 
-/// Runs `cmd` to completion (stdin from /dev/null), spawned with [`spawn`]; panics unless it
-/// succeeds, and returns its output.
+/// Runs `cmd` to completion (stdin from /dev/null), spawned with [`spawn`], for up to two
+/// minutes; panics unless it succeeds, and returns its output.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let child = spawn(
         cmd.stdin(Stdio::null())
@@ -509,9 +597,7 @@ pub fn run_ok(cmd: &mut Command) -> Output {
             .stderr(Stdio::piped()),
     )
     .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-    let out = child
-        .wait_with_output()
-        .unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}"));
+    let out = output_with_deadline(&format!("{cmd:?}"), child, Duration::from_secs(120));
     assert!(
         out.status.success(),
         "{cmd:?}: {}\n{}{}",

@@ -113,9 +113,9 @@ impl Drop for Netns {
                 .args(["netns", "del", &self.name])
                 .stdin(std::process::Stdio::null()),
         )
-        .and_then(|mut child| child.wait());
+        .map(|mut child| crate::wait_with_deadline(&mut child, Duration::from_secs(60)));
         match result {
-            Ok(status) if status.success() => {}
+            Ok(Some(status)) if status.success() => {}
             other => eprintln!("ip netns del {}: {other:?}", self.name),
         }
     }

@@ -209,7 +209,7 @@ fn text_output_for_people() {
     thread::sleep(Duration::from_millis(1500));
     churn(&listener, 1);
     let started = Instant::now();
-    let out = child.wait_with_output().unwrap();
+    let out = tcpclose_tests::output_with_deadline("tcpclose", child, Duration::from_secs(20));
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "--duration ends the run"

@@ -71,7 +71,8 @@ impl Holder {
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().expect("killing sleep");
-            child.wait().expect("reaping sleep");
+            let reaped = tcpclose_tests::wait_with_deadline(&mut child, Duration::from_secs(10));
+            assert!(reaped.is_some(), "sleep survived SIGKILL");
         }
     }
 }

@@ -1,15 +1,13 @@
 //! Prometheus metrics (`--metrics ADDR`): scraped by a real Prometheus server, parsed by
 //! `promtool`, with bounded label values, and served on loopback only when given a bare port.
 //!
-//! The Prometheus tools come from the Debian package `prometheus`. Where it is missing these tests
-//! fail when `CI=true`, and elsewhere say (past the test harness's output capture) that they did
-//! not run.
+//! The Prometheus tools come from the Debian package `prometheus`, which the set-up installs;
+//! where it is missing these tests fail.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::Write as _,
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -17,7 +15,8 @@ use std::{
 
 use serde_json::Value;
 use tcpclose_tests::{
-    BoundSocket, PHASES, Tracer, binary, free_port, http_get, run_ok, set_linger_zero, spawn, timed,
+    BoundSocket, PHASES, TempDir, Tracer, binary, free_port, http_get, output_with_deadline,
+    run_ok, set_linger_zero, spawn, timed, wait_with_deadline,
 };
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -46,8 +45,8 @@ const STATES: [&str; 12] = [
     "NEW_SYN_RECV",
 ];
 
-/// Whether `tool` is on PATH. When it is not: a failure under `CI=true`, elsewhere a notice on
-/// the real standard error (not the harness's captured one) and `false`.
+/// Whether `tool` is on PATH; a test that needs it fails when it is not (never skips):
+/// `cargo xtask test` installs it.
 fn have(tool: &str) -> bool {
     let found = std::env::var_os("PATH").is_some_and(|path| {
         std::env::split_paths(&path).any(|dir| {
@@ -56,17 +55,12 @@ fn have(tool: &str) -> bool {
                 .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         })
     });
-    if found {
-        return true;
-    }
-    let message = format!(
-        "`{tool}` is not on PATH: install the Debian package `prometheus` to run this test"
+    assert!(
+        found,
+        "`{tool}` is not on PATH: install the Debian package `prometheus` \
+         (`cargo xtask setup --tests` does)"
     );
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{message} (CI=true: tests never skip in CI)");
-    }
-    let _ = writeln!(std::io::stderr(), "NOT RUN: {message}");
-    false
+    true
 }
 
 /// Kills a tracer (SIGKILL, by pid) when a test panics before stopping it: a failed assertion
@@ -126,30 +120,6 @@ fn version() -> String {
         .nth(1)
         .unwrap_or_else(|| panic!("no version in {text:?}"))
         .to_owned()
-}
-
-/// A directory of the test's own under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "tcpclose-{tag}-{}-{:x}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Percent-encodes a query-string value.
@@ -290,7 +260,7 @@ impl Prometheus {
 impl Drop for Prometheus {
     fn drop(&mut self) {
         let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = wait_with_deadline(&mut self.child, Duration::from_secs(10));
     }
 }
 
@@ -495,7 +465,7 @@ fn promtool_check(body: &str) {
         .expect("stdin")
         .write_all(body.as_bytes())
         .expect("writing to promtool");
-    let out = child.wait_with_output().expect("waiting for promtool");
+    let out = output_with_deadline("promtool check metrics", child, Duration::from_secs(60));
     let said = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -723,10 +693,13 @@ impl OffLoopback {
 impl Drop for OffLoopback {
     fn drop(&mut self) {
         if self.added {
-            let _ = Command::new("ip")
+            if let Ok(mut child) = Command::new("ip")
                 .args(["addr", "del", &format!("{}/32", self.ip), "dev", "lo"])
                 .stdin(Stdio::null())
-                .status();
+                .spawn()
+            {
+                let _ = wait_with_deadline(&mut child, Duration::from_secs(10));
+            }
         }
     }
 }

@@ -148,11 +148,9 @@ fn a_stuck_reader_drops_output_not_events() {
     // SAFETY: plain kill(2) of our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let started = std::time::Instant::now();
-    let status = child.wait().expect("waiting for tcpclose");
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "tcpclose must end although its reader is stuck"
-    );
+    let status = tcpclose_tests::wait_with_deadline(&mut child, Duration::from_secs(10))
+        .expect("tcpclose must end although its reader is stuck");
+    assert!(started.elapsed() < Duration::from_secs(10));
     let mut text = String::new();
     stderr.read_to_string(&mut text).unwrap();
     assert!(status.success(), "{status}: {text}");
