@@ -199,17 +199,26 @@ fn text_output_for_people() {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let child = std::process::Command::new(tcpclose_tests::binary())
-        .args(["--events", "--port", &port.to_string(), "--duration", "3s"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    // Give it time to attach (the text mode has no machine-readable ready signal on stdout).
-    thread::sleep(Duration::from_millis(1500));
-    churn(&listener, 1);
+    let mut child = tcpclose_tests::spawn(
+        std::process::Command::new(tcpclose_tests::binary())
+            .args(["--events", "--port", &port.to_string(), "--duration", "3s"])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .unwrap();
+    // It says on stderr when it has attached (the text mode's stdout has no ready signal).
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut said = String::new();
+    while !said.lines().any(|line| line.starts_with("Tracing")) {
+        let read = std::io::BufRead::read_line(&mut stderr, &mut said).expect("reading stderr");
+        assert!(read > 0, "tcpclose ended before it attached: {said}");
+    }
     let started = Instant::now();
-    let out = tcpclose_tests::output_with_deadline("tcpclose", child, Duration::from_secs(20));
+    churn(&listener, 1);
+    let mut out = tcpclose_tests::output_with_deadline("tcpclose", child, Duration::from_secs(20));
+    std::io::Read::read_to_string(&mut stderr, &mut said).expect("reading stderr");
+    out.stderr = said.into_bytes();
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "--duration ends the run"
