@@ -3,6 +3,7 @@
 //! The binary is thin; the pieces that do not touch the kernel live here so that they can be
 //! tested and benchmarked without privileges.
 
+pub mod accepted;
 pub mod btf;
 mod dense;
 pub mod event;

@@ -14,6 +14,7 @@ use std::{
 };
 
 use tcpclose::{
+    accepted::AcceptedEnds,
     event::TcpState,
     event::{Record, Transition},
     hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
@@ -91,6 +92,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         View::Events {
             states: SocketStates::new(cli.max_sockets),
             printer: Box::new(EventPrinter::new(format, WallClock::now())),
+            accepted: AcceptedEnds::default(),
         }
     } else {
         let colour = format == Format::Text && io::stdout().is_terminal();
@@ -167,6 +169,7 @@ pub async fn run(cli: Cli) -> Result<()> {
     tracer.detach();
     while tracer.drain(BATCH, |record| session.handle(record)) > 0 {}
     while session.expire() {}
+    session.release_accepted(u64::MAX);
     session.show_aggregates();
     session.flush()?;
     let counters = tracer.counters()?;
@@ -221,6 +224,8 @@ enum View {
     Events {
         states: SocketStates,
         printer: Box<EventPrinter>,
+        /// Accepted sockets' first transitions, held until their peer is known.
+        accepted: AcceptedEnds,
     },
     /// One record per finished connection (the default), and hung teardowns as they happen.
     Teardowns(Box<Teardowns>),
@@ -320,10 +325,23 @@ impl Session {
 
     fn on_transition(&mut self, t: &Transition) -> io::Result<()> {
         match &mut self.view {
-            View::Events { states, printer } => {
+            View::Events {
+                states,
+                printer,
+                accepted,
+            } => {
                 let in_old_ns = states.observe(t);
                 if self.write_error.is_some() {
                     return Ok(());
+                }
+                if AcceptedEnds::lacks_peer(t) {
+                    return match accepted.hold(*t, in_old_ns) {
+                        Some((oldest, ns)) => printer.print(&mut self.out.buf, &oldest, ns),
+                        None => Ok(()),
+                    };
+                }
+                if let Some((first, ns)) = accepted.complete(t) {
+                    printer.print(&mut self.out.buf, &first, ns)?;
                 }
                 printer.print(&mut self.out.buf, t, in_old_ns)
             }
@@ -337,11 +355,30 @@ impl Session {
         }
     }
 
+    /// Prints the accepted sockets' first transitions that waited for their peer until kernel
+    /// time `now_ns` (see [`AcceptedEnds`]) as the kernel gave them.
+    fn release_accepted(&mut self, now_ns: u64) {
+        let View::Events {
+            printer, accepted, ..
+        } = &mut self.view
+        else {
+            return;
+        };
+        let mut result = Ok(());
+        for (t, ns) in accepted.expired(now_ns) {
+            if result.is_ok() {
+                result = printer.print(&mut self.out.buf, &t, ns);
+            }
+        }
+        self.keep_error(result);
+    }
+
     /// Completes what only time completes (see [`Correlator::expire`]) and reports sockets that
     /// have hung, or stopped hanging, since the last call. Returns whether more is due than one
     /// call completes: the caller reads the ring first, then calls again.
     fn expire(&mut self) -> bool {
         let View::Teardowns(t) = &mut self.view else {
+            self.release_accepted(now_ns());
             return false;
         };
         let now = now_ns();
