@@ -1,6 +1,7 @@
 //! The `tcpclose` command.
 
 mod cli;
+mod hang_check;
 mod metrics;
 mod output;
 mod run;

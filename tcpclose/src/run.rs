@@ -15,7 +15,6 @@ use std::{
 
 use tcpclose::{
     accepted::AcceptedEnds,
-    event::TcpState,
     event::{Record, Transition},
     hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
     render::{
@@ -24,12 +23,13 @@ use tcpclose::{
     },
     states::SocketStates,
     stats::Distributions,
-    teardown::{Correlator, ExistingSocket, Phase, TIMEWAIT_LEN_NS, Teardown},
+    teardown::{Correlator, ExistingSocket, Phase, Teardown},
 };
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::Cli,
+    hang_check::{Answer, HangChecker, MAX_PENDING, PendingAlerts, Verdict, needs_check},
     metrics::{self, EventTotals, Metrics},
     output::Output,
     sockets, system,
@@ -47,6 +47,9 @@ const GROUPS_SHOWN: usize = 10;
 /// How often the ring buffer is drained when the kernel program has not asked for it (it only
 /// wakes the consumer once a backlog builds up). Bounds the delay from kernel to output.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long the hang checks under way at exit may take before their alerts are reported
+/// unchecked.
+const FINAL_CHECKS: Duration = Duration::from_secs(5);
 /// Records handled before the loop checks its other work (signals, deadline) again.
 const BATCH: usize = 4096;
 
@@ -111,6 +114,9 @@ pub async fn run(cli: Cli) -> Result<()> {
             done: Vec::new(),
             alerts: Vec::new(),
             holders: HashMap::new(),
+            pending: PendingAlerts::default(),
+            checker: None,
+            withdrawn: HashSet::new(),
             leaks: LeakView::default(),
             leaks_shown_ns: now_ns(),
             distributions: Distributions::new(cli.group_by.map(|g| g.group_by()), GROUPS_SHOWN * 4),
@@ -124,6 +130,8 @@ pub async fn run(cli: Cli) -> Result<()> {
     system::drop_capabilities()?;
     let out = Output::stdout().context("starting the output thread")?;
     let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0), out);
+    // After the capabilities are dropped: the thread inherits what is left.
+    let mut answers = session.start_hang_checks()?;
     if cli.events {
         eprintln!("Tracing TCP state changes... Hit Ctrl-C to end.");
     } else {
@@ -151,6 +159,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                     missed: tracer.missed()?,
                 });
             }
+            Some(batch) = next_answers(&mut answers) => session.on_answers(batch),
             _ = tick.tick() => {}
         }
         let pass_ns = now_ns();
@@ -170,6 +179,16 @@ pub async fn run(cli: Cli) -> Result<()> {
     while tracer.drain(BATCH, |record| session.handle(record)) > 0 {}
     while session.expire() {}
     session.release_accepted(u64::MAX);
+    // The hang checks under way are answered before the summary, for a while.
+    let checks_due = tokio::time::sleep(FINAL_CHECKS);
+    tokio::pin!(checks_due);
+    while session.checking_hangs() {
+        tokio::select! {
+            Some(batch) = next_answers(&mut answers) => session.on_answers(batch),
+            _ = &mut checks_due => break,
+        }
+    }
+    session.release_alerts(true);
     session.show_aggregates();
     session.flush()?;
     let counters = tracer.counters()?;
@@ -184,6 +203,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         timewait_lost: counters.timewait_lost,
         teardowns: session.teardowns,
         hung_alerts: session.hung_alerts,
+        hung_deferred: session.hung_deferred,
         duration_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
         ..Summary::default()
     };
@@ -240,6 +260,13 @@ struct Teardowns {
     alerts: Vec<Alert>,
     /// Who held each socket reported hung, until it is resolved.
     holders: HashMap<(SocketAddr, SocketAddr), Vec<Holder>>,
+    /// Alerts on their way out, in order, some waiting for the kernel's word.
+    pending: PendingAlerts,
+    /// Where checks go (`None` until started, and when hangs are not watched).
+    checker: Option<HangChecker>,
+    /// Hangs the checks withdrew before they were reported (4-tuple, phase, since): the
+    /// resolution or eviction the engine made of one meanwhile is not reported either.
+    withdrawn: HashSet<(SocketAddr, SocketAddr, Phase, u64)>,
     leaks: LeakView,
     leaks_shown_ns: u64,
     distributions: Distributions,
@@ -264,6 +291,8 @@ struct Session {
     timewait_events: u64,
     teardowns: u64,
     hung_alerts: u64,
+    /// Hangs whose report waited for a later sweep: too many checks were under way.
+    hung_deferred: u64,
     undecodable: u64,
     write_error: Option<io::Error>,
     lag: Lag,
@@ -279,6 +308,7 @@ impl Session {
             timewait_events: 0,
             teardowns: 0,
             hung_alerts: 0,
+            hung_deferred: 0,
             undecodable: 0,
             write_error: None,
             lag: Lag::new(),
@@ -384,27 +414,116 @@ impl Session {
         let now = now_ns();
         let more = t.correlator.expire(now, &mut t.done);
         t.correlator.poll_hung(now, &mut t.alerts);
-        let mut result = self.print_done();
+        let result = self.print_done();
+        self.keep_error(result);
         if let View::Teardowns(t) = &mut self.view
             && !t.alerts.is_empty()
         {
-            let (alerts, confirmed) = confirm(
-                std::mem::take(&mut t.alerts),
-                &mut t.correlator,
-                &mut t.done,
-                now,
-            );
-            let alerts = attribute(alerts, &confirmed, &mut t.holders);
-            for a in &alerts {
-                t.leaks.observe(&a.alert, a.holder().as_ref());
-                if self.write_error.is_none() && result.is_ok() {
-                    result = t.alert_printer.print(&mut self.out.buf, a);
+            let mut checks = Vec::new();
+            for alert in t.alerts.drain(..) {
+                if needs_check(&alert) && !t.pending.has_room() {
+                    // Bounded: a first report is made again at a later sweep (the engine
+                    // forgets it was due); a repeat waits for its next turn.
+                    if let AlertKind::Hung { again: false, .. } = alert.kind {
+                        t.correlator.withdraw_hang(alert.key);
+                    }
+                    self.hung_deferred += 1;
+                    continue;
+                }
+                checks.extend(t.pending.push(alert));
+            }
+            match &t.checker {
+                Some(checker) => checker.ask(checks),
+                // Nothing checks: each is reported as the engine has it.
+                None => {
+                    for check in checks {
+                        t.pending.answered(Answer {
+                            id: check.id,
+                            verdict: Verdict::Unknown,
+                            holders: None,
+                        });
+                    }
                 }
             }
-            self.hung_alerts += alerts.len() as u64;
+        }
+        self.release_alerts(false);
+        more
+    }
+
+    /// Starts the thread that checks hangs (see [`HangChecker`]), when hangs are watched;
+    /// returns where its answers come.
+    fn start_hang_checks(&mut self) -> Result<Option<AnswerInbox>> {
+        let View::Teardowns(t) = &mut self.view else {
+            return Ok(None);
+        };
+        if !t.correlator.watches_hangs() {
+            return Ok(None);
+        }
+        let (checker, answers) = HangChecker::start()?;
+        t.checker = Some(checker);
+        Ok(Some(answers))
+    }
+
+    /// Takes the answers of a pass of hang checks, and reports what they made ready.
+    fn on_answers(&mut self, answers: Vec<Answer>) {
+        if let View::Teardowns(t) = &mut self.view {
+            for answer in answers {
+                t.pending.answered(answer);
+            }
+        }
+        self.release_alerts(false);
+    }
+
+    /// Whether hang checks are still under way.
+    fn checking_hangs(&self) -> bool {
+        matches!(&self.view, View::Teardowns(t) if t.pending.checking() > 0)
+    }
+
+    /// Reports the alerts that are ready, in order (with `all`, every one, checked or not),
+    /// after the kernel's word on each: see [`settle`].
+    fn release_alerts(&mut self, all: bool) {
+        let View::Teardowns(t) = &mut self.view else {
+            return;
+        };
+        let now = now_ns();
+        let mut result = Ok(());
+        for (alert, verdict, holders) in t.pending.ready(all) {
+            let Some(alert) = settle(
+                alert,
+                verdict,
+                &mut t.correlator,
+                &mut t.done,
+                &mut t.withdrawn,
+                now,
+            ) else {
+                continue;
+            };
+            let tuple = (alert.local, alert.remote);
+            if let Some(holders) = holders {
+                t.holders.insert(tuple, holders);
+            }
+            let holders = match alert.kind {
+                AlertKind::Resolved { .. } | AlertKind::Evicted { .. } => t.holders.remove(&tuple),
+                AlertKind::Hung { .. } => t.holders.get(&tuple).cloned(),
+            };
+            let owned = OwnedAlert {
+                alert,
+                holders: holders.unwrap_or_default(),
+            };
+            t.leaks.observe(&owned.alert, owned.holder().as_ref());
+            self.hung_alerts += 1;
+            if self.write_error.is_none() && result.is_ok() {
+                result = t.alert_printer.print(&mut self.out.buf, &owned);
+            }
+        }
+        if t.withdrawn.len() > MAX_PENDING {
+            // Withdrawn hangs whose engine never made a resolution: let go of them.
+            t.withdrawn.clear();
         }
         self.keep_error(result);
-        more
+        // Checks may have ended lives (timewait sockets gone).
+        let result = self.print_done();
+        self.keep_error(result);
     }
 
     /// Brings the gauges up to date and encodes the exposition for the next scrapes.
@@ -568,7 +687,7 @@ impl Lag {
 }
 
 /// CLOCK_MONOTONIC now, the clock of the kernel's timestamps.
-fn now_ns() -> u64 {
+pub(crate) fn now_ns() -> u64 {
     u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
@@ -599,206 +718,64 @@ fn adopt_existing(correlator: &mut Correlator, filter: &KernelFilter) {
     }
 }
 
-/// Checks hangs with sock_diag before reporting them, where the engine's view may be wrong:
-/// - a full socket (or one found at start-up) whose last transition the kernel skipped (the
-///   summary's `missed`) seems to hang in its last seen state. sock_diag showing its 4-tuple in
-///   that state confirms the hang; showing it in another state means the engine is behind (not
-///   reported this time); showing nothing means it is gone: dropped, counted unfinished.
-/// - see [`confirm_fin_wait2`] for timewait sockets.
-///
-/// Many hangs at once (a leak building up) are checked against one snapshot of every namespace
-/// rather than a lookup each.
-fn confirm(
-    alerts: Vec<Alert>,
+/// What becomes of `alert` given the kernel's word on it (see [`HangChecker`]); `None`: not
+/// reported. A hang the kernel does not show (gone, or in another state: the engine missed the
+/// transition that ended it, e.g. a program run the kernel skipped) is dropped when it was about
+/// to be reported for the first time, and the engine is corrected; one reported before is
+/// resolved now, at the latest, so that the hung gauges and the owners kept for it let go of it.
+/// An answer about a hang the engine has moved past since it asked is stale: it changes nothing
+/// in the engine, and a first report it drops takes the engine's resolution of it along.
+fn settle(
+    alert: Alert,
+    verdict: Verdict,
     correlator: &mut Correlator,
     done: &mut Vec<Teardown>,
+    withdrawn: &mut HashSet<(SocketAddr, SocketAddr, Phase, u64)>,
     now_ns: u64,
-) -> (Vec<Alert>, Confirmed) {
-    let full_hang = |a: &Alert| {
-        matches!(a.kind, AlertKind::Hung { .. })
-            && matches!(a.key, SocketKey::Full(_) | SocketKey::Existing(..))
+) -> Option<Alert> {
+    let AlertKind::Hung { age_ns, again } = alert.kind else {
+        // A resolution or an eviction: of a hang reported, unless it was withdrawn first.
+        let hang = (alert.local, alert.remote, alert.phase, alert.since_ns);
+        return (!withdrawn.remove(&hang)).then_some(alert);
     };
-    let snapshot: Option<HashMap<(SocketAddr, SocketAddr), Vec<sockets::SocketInfo>>> =
-        (alerts.iter().filter(|a| full_hang(a)).count() > 8)
-            .then(sockets::snapshot_all_namespaces)
-            .and_then(Result::ok)
-            .map(|all| {
-                let mut by_tuple: HashMap<_, Vec<_>> = HashMap::new();
-                for i in all.into_iter().filter(|i| !i.timewait) {
-                    by_tuple.entry((i.local, i.remote)).or_default().push(i);
-                }
-                by_tuple
-            });
-    let mut confirmed = Confirmed::new();
-    let alerts = alerts
-        .into_iter()
-        .filter_map(|a| {
-            if !full_hang(&a) {
-                return Some(a);
+    match verdict {
+        Verdict::Confirmed { .. } | Verdict::Unknown => return Some(alert),
+        _ if !correlator.hang_is_current(&alert) => {
+            if !again {
+                withdrawn.insert((alert.local, alert.remote, alert.phase, alert.since_ns));
             }
-            let found: Vec<sockets::SocketInfo> = match &snapshot {
-                Some(by_tuple) => by_tuple
-                    .get(&(a.local, a.remote))
-                    .cloned()
-                    .unwrap_or_default(),
-                None => match sockets::lookup_all_namespaces(a.local, a.remote) {
-                    Ok(found) => found.into_iter().filter(|i| !i.timewait).collect(),
-                    // Cannot tell: report it.
-                    Err(_) => return Some(a),
-                },
-            };
-            // Containers reuse addresses (127.0.0.1 in each): of the sockets with this 4-tuple
-            // in any namespace, the one in the hung state.
-            if let Some(info) = found.iter().find(|i| i.state == a.phase.state()) {
-                confirmed.insert((a.local, a.remote), info.inode);
-                return Some(a);
-            }
-            if found.is_empty() {
-                correlator.socket_gone(a.key);
-            } else {
-                correlator.withdraw_hang(a.key);
-            }
-            ended_unseen(a)
-        })
-        .collect();
-    (
-        confirm_fin_wait2(alerts, correlator, done, now_ns),
-        confirmed,
-    )
-}
-
-/// What becomes of hang alert `a` when sock_diag no longer shows its socket in the hung state
-/// (gone, or in another state): the engine missed the transition that ended the hang. A hang not
-/// reported yet is dropped: there is nothing to take back. One reported before is resolved now,
-/// at the latest, so that the hung gauges and the owners kept for it let go of it (they count
-/// it hung until a resolution).
-fn ended_unseen(a: Alert) -> Option<Alert> {
-    match a.kind {
-        AlertKind::Hung {
-            age_ns,
-            again: true,
-        } => Some(Alert {
-            kind: AlertKind::Resolved { stuck_ns: age_ns },
-            ..a
-        }),
-        _ => None,
-    }
-}
-
-/// The inode of each full socket whose hang sock_diag confirmed, by 4-tuple (0 for an orphan:
-/// no file refers to it).
-type Confirmed = HashMap<(SocketAddr, SocketAddr), u64>;
-
-/// Checks the FIN_WAIT2 hangs of timewait sockets with sock_diag before reporting them. The
-/// peer's FIN moves a timewait socket from FIN_WAIT2 to TIME_WAIT without a timer event when
-/// tcp_timewait_state_process() re-arms the timer within its wheel bucket (2 s wide at 60 s
-/// and HZ=250), so the engine cannot tell a live orphan from one the FIN has already released.
-/// sock_diag can: a socket it shows in TIME_WAIT is withdrawn (not reported) and the engine is
-/// told when TIME_WAIT began, from the timer's remaining time.
-fn confirm_fin_wait2(
-    alerts: Vec<Alert>,
-    correlator: &mut Correlator,
-    done: &mut Vec<Teardown>,
-    now_ns: u64,
-) -> Vec<Alert> {
-    alerts
-        .into_iter()
-        .filter(|a| {
-            let (SocketKey::Timewait(tw), Phase::FinWait2, AlertKind::Hung { .. }) =
-                (a.key, a.phase, a.kind)
-            else {
-                return true;
-            };
-            let Ok(found) = sockets::lookup_all_namespaces(a.local, a.remote) else {
-                // Cannot tell: report it.
-                return true;
-            };
-            let timewait: Vec<&sockets::SocketInfo> = found.iter().filter(|i| i.timewait).collect();
-            if timewait.iter().any(|i| i.state == TcpState::FinWait2) {
-                return true;
-            }
-            match timewait
-                .iter()
-                .filter(|i| i.state == TcpState::TimeWait)
-                .find_map(|i| i.timewait_remaining_ms())
-            {
-                Some(remaining_ms) => {
-                    let elapsed_ns =
-                        TIMEWAIT_LEN_NS.saturating_sub(u64::from(remaining_ms) * 1_000_000);
-                    !correlator.timewait_in_time_wait(tw, now_ns.saturating_sub(elapsed_ns))
-                }
-                // No timewait socket has this 4-tuple any more: the one followed ended without
-                // an end tcpclose could read as such (killed by a new connection on the same
-                // 4-tuple while its events raced). Not hung: gone.
-                None => {
-                    correlator.timewait_gone(tw, now_ns, done);
-                    false
-                }
-            }
-        })
-        .collect()
-}
-
-/// Names the processes holding newly hung sockets, the way `ss -p` does (the inode from
-/// sock_diag, which [`confirm`] already asked, `/proc/*/fd` for the holders), once per batch of
-/// alerts. Sockets reported again and
-/// resolved ones keep the holders found the first time.
-fn attribute(
-    alerts: Vec<Alert>,
-    confirmed: &Confirmed,
-    known: &mut HashMap<(SocketAddr, SocketAddr), Vec<Holder>>,
-) -> Vec<OwnedAlert> {
-    let mut inodes: HashMap<(SocketAddr, SocketAddr), u64> = HashMap::new();
-    for a in &alerts {
-        // Timewait sockets have no file, hence no holder.
-        if !matches!(a.kind, AlertKind::Hung { again: false, .. })
-            || matches!(a.key, SocketKey::Timewait(_))
-        {
-            continue;
+            return None;
         }
-        let tuple = (a.local, a.remote);
-        // Found by `confirm`, or looked up here when it could not tell.
-        let inode = match confirmed.get(&tuple) {
-            Some(&inode) => inode,
-            None => sockets::lookup_all_namespaces(a.local, a.remote)
-                .ok()
-                .and_then(|found| {
-                    found
-                        .iter()
-                        .find(|i| !i.timewait && i.state == a.phase.state())
-                        .map(|i| i.inode)
-                })
-                .unwrap_or(0),
-        };
-        if inode != 0 {
-            inodes.insert(tuple, inode);
+        Verdict::Gone => {
+            correlator.socket_gone(alert.key);
+        }
+        Verdict::Elsewhere => correlator.withdraw_hang(alert.key),
+        Verdict::InTimeWait { since_ns } => {
+            if let SocketKey::Timewait(tw) = alert.key {
+                correlator.timewait_in_time_wait(tw, since_ns);
+            }
+        }
+        Verdict::TimewaitGone => {
+            if let SocketKey::Timewait(tw) = alert.key {
+                correlator.timewait_gone(tw, now_ns, done);
+            }
         }
     }
-    if !inodes.is_empty() {
-        let wanted: HashSet<u64> = inodes.values().copied().collect();
-        match sockets::ProcessIndex::scan(&wanted) {
-            Ok(index) => {
-                for (tuple, inode) in &inodes {
-                    known.insert(*tuple, index.owners_of(*inode).to_vec());
-                }
-            }
-            Err(err) => eprintln!("tcpclose: warning: cannot read /proc to name owners: {err:#}"),
-        }
+    again.then_some(Alert {
+        kind: AlertKind::Resolved { stuck_ns: age_ns },
+        ..alert
+    })
+}
+
+/// Where the hang checks' answers come.
+type AnswerInbox = tokio::sync::mpsc::UnboundedReceiver<Vec<Answer>>;
+
+/// The next answers, or never when hangs are not checked.
+async fn next_answers(inbox: &mut Option<AnswerInbox>) -> Option<Vec<Answer>> {
+    match inbox {
+        Some(inbox) => inbox.recv().await,
+        None => std::future::pending().await,
     }
-    alerts
-        .into_iter()
-        .map(|alert| {
-            let tuple = (alert.local, alert.remote);
-            let holders = match alert.kind {
-                AlertKind::Resolved { .. } | AlertKind::Evicted { .. } => known.remove(&tuple),
-                AlertKind::Hung { .. } => known.get(&tuple).cloned(),
-            };
-            OwnedAlert {
-                alert,
-                holders: holders.unwrap_or_default(),
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
@@ -833,20 +810,74 @@ mod tests {
         }
     }
 
+    /// An engine following a server socket whose peer closed at 1 s (CLOSE_WAIT, hung after
+    /// the default 60 s), and the alerts of a sweep at each of `sweeps` (seconds).
+    fn close_wait_leak(sweeps: &[u64]) -> (Correlator, Vec<Vec<Alert>>) {
+        use tcpclose::{
+            event::{Family, Task, TcpState::*, Transition},
+            hung::Thresholds,
+        };
+        let mut correlator = Correlator::watching(1024, Thresholds::DEFAULT);
+        let mut done = Vec::new();
+        for (at, old, new) in [
+            (0, Listen, SynRecv),
+            (0, SynRecv, Established),
+            (1_000, Established, CloseWait),
+        ] {
+            let t = Transition {
+                ts_ns: at * MS,
+                skaddr: 0xffff_0000,
+                family: Family::Ipv4,
+                local: "10.0.0.1:80".parse().unwrap(),
+                remote: "10.0.0.2:5000".parse().unwrap(),
+                old,
+                new,
+                task: Task::new(0, 0, ""),
+            };
+            correlator.on_transition(&t, &mut done);
+        }
+        let alerts = sweeps
+            .iter()
+            .map(|&s| {
+                let mut out = Vec::new();
+                correlator.poll_hung(s * 1_000 * MS, &mut out);
+                out
+            })
+            .collect();
+        (correlator, alerts)
+    }
+
+    fn settle_one(correlator: &mut Correlator, alert: &Alert, verdict: Verdict) -> Option<Alert> {
+        let mut withdrawn = HashSet::new();
+        settle(
+            alert.clone(),
+            verdict,
+            correlator,
+            &mut Vec::new(),
+            &mut withdrawn,
+            0,
+        )
+    }
+
     #[test]
-    fn a_reported_hang_that_ended_unseen_is_resolved() {
-        let resolved = ended_unseen(hang(true)).expect("resolved");
-        assert_eq!(
-            resolved.kind,
-            AlertKind::Resolved {
-                stuck_ns: 90_000 * MS
-            }
+    fn a_reported_hang_the_kernel_no_longer_shows_is_resolved() {
+        let (mut correlator, alerts) = close_wait_leak(&[62, 123]);
+        let again = &alerts[1][0];
+        assert!(
+            matches!(again.kind, AlertKind::Hung { again: true, .. }),
+            "{again:?}"
         );
-        assert_eq!(resolved.local, hang(true).local);
-        assert_eq!(resolved.key, hang(true).key);
+        assert!(correlator.hang_is_current(again));
+        let resolved = settle_one(&mut correlator, again, Verdict::Gone).expect("resolved");
+        let AlertKind::Hung { age_ns, .. } = again.kind else {
+            unreachable!()
+        };
+        assert_eq!(resolved.kind, AlertKind::Resolved { stuck_ns: age_ns });
+        assert_eq!((resolved.local, resolved.key), (again.local, again.key));
+        assert!(correlator.is_empty(), "the socket is gone from the engine");
         // Fed to the leak view, it takes back the hang reported before.
         let mut leaks = tcpclose::hung::LeakView::default();
-        leaks.observe(&hang(false), None);
+        leaks.observe(&alerts[0][0], None);
         let close_wait = |leaks: &tcpclose::hung::LeakView| {
             leaks
                 .hung_by_phase()
@@ -860,8 +891,69 @@ mod tests {
     }
 
     #[test]
-    fn a_hang_never_reported_that_ended_unseen_is_dropped() {
-        assert!(ended_unseen(hang(false)).is_none());
+    fn a_hang_never_reported_the_kernel_shows_elsewhere_is_dropped() {
+        let (mut correlator, alerts) = close_wait_leak(&[62]);
+        let first = &alerts[0][0];
+        assert!(settle_one(&mut correlator, first, Verdict::Elsewhere).is_none());
+        assert_eq!(correlator.len(), 1, "still followed");
+        assert!(!correlator.hang_is_current(first), "withdrawn");
+        // Confirmed, it is reported.
+        let (mut correlator, alerts) = close_wait_leak(&[62]);
+        let confirmed = Verdict::Confirmed { inode: 5 };
+        assert_eq!(
+            settle_one(&mut correlator, &alerts[0][0], confirmed).as_ref(),
+            Some(&alerts[0][0])
+        );
+    }
+
+    #[test]
+    fn a_stale_answer_changes_nothing_and_takes_the_resolution_along() {
+        use tcpclose::event::{Family, Task, TcpState::*, Transition};
+        let (mut correlator, alerts) = close_wait_leak(&[62]);
+        let first = alerts[0][0].clone();
+        // The application closes before the check is answered: the engine resolves the hang.
+        let close = Transition {
+            ts_ns: 63_000 * MS,
+            skaddr: 0xffff_0000,
+            family: Family::Ipv4,
+            local: first.local,
+            remote: first.remote,
+            old: CloseWait,
+            new: LastAck,
+            task: Task::new(1, 1, "app"),
+        };
+        correlator.on_transition(&close, &mut Vec::new());
+        let mut later = Vec::new();
+        correlator.poll_hung(64_000 * MS, &mut later);
+        let resolution = later
+            .iter()
+            .find(|a| matches!(a.kind, AlertKind::Resolved { .. }))
+            .expect("the engine's resolution")
+            .clone();
+        let mut withdrawn = HashSet::new();
+        let mut done = Vec::new();
+        // The answer says the socket is elsewhere (it is in LAST_ACK now): stale.
+        let hung = settle(
+            first,
+            Verdict::Elsewhere,
+            &mut correlator,
+            &mut done,
+            &mut withdrawn,
+            0,
+        );
+        assert!(hung.is_none());
+        assert_eq!(correlator.len(), 1, "the engine is unchanged");
+        // Never reported, so its resolution is not reported either.
+        let resolved = settle(
+            resolution,
+            Verdict::Unknown,
+            &mut correlator,
+            &mut done,
+            &mut withdrawn,
+            0,
+        );
+        assert!(resolved.is_none());
+        assert!(withdrawn.is_empty());
     }
 
     #[test]

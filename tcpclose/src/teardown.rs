@@ -541,6 +541,11 @@ impl Correlator {
         self.losses
     }
 
+    /// Whether any teardown state has a hung threshold.
+    pub fn watches_hangs(&self) -> bool {
+        !self.thresholds.is_empty()
+    }
+
     /// Sockets followed now.
     pub fn len(&self) -> usize {
         self.lives.len()
@@ -611,6 +616,30 @@ impl Correlator {
     /// A hang reported for it is withdrawn, not resolved.
     pub fn timewait_gone(&mut self, twaddr: u64, now_ns: u64, out: &mut Vec<Teardown>) {
         self.end_unseen(twaddr, now_ns, true, out);
+    }
+
+    /// Whether the engine still has the hang `alert` reported: the same socket, hung in the same
+    /// phase since the same time. An answer about a hang that the engine has moved past since
+    /// (its socket changed phase, ended or left the table) is stale and must not change it.
+    pub fn hang_is_current(&self, alert: &Alert) -> bool {
+        let (life, phase) = match alert.key {
+            SocketKey::Full(skaddr) => match self.lives.get(&skaddr) {
+                Some(life) => (life, life.phase()),
+                None => return false,
+            },
+            SocketKey::Existing(local, remote) => {
+                match self.existing.get(&Tuple::new(&local, &remote)) {
+                    Some(life) => (life, life.phase()),
+                    None => return false,
+                }
+            }
+            SocketKey::Timewait(twaddr) => match self.timewait.get(&twaddr) {
+                Some(handoff) => (&handoff.life, handoff.phase()),
+                None => return false,
+            },
+        };
+        life.hung_at_ns.is_known()
+            && matches!(phase, Some((p, since, _)) if p == alert.phase && since == alert.since_ns)
     }
 
     /// A hang sock_diag contradicts (it shows the socket in another state: the engine is behind

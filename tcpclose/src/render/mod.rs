@@ -237,6 +237,9 @@ pub struct Summary {
     pub teardowns: u64,
     /// Hung and resolved alerts printed.
     pub hung_alerts: u64,
+    /// Hangs whose report waited for a later sweep because too many checks were under way
+    /// (memory for them is bounded): reported late, not lost.
+    pub hung_deferred: u64,
     /// Timewait timer events the timer programs accepted (`timewait_events + timewait_lost`),
     /// received, and dropped because the ring buffer was full.
     pub timewait_matched: u64,
@@ -311,6 +314,10 @@ impl Summary {
                     (self.timewait_unseen, "without their timewait socket"),
                     (self.in_progress, "still closing (not printed)"),
                     (self.hung_alerts, "hung/resolved alerts"),
+                    (
+                        self.hung_deferred,
+                        "hung reports deferred (too many checks under way)",
+                    ),
                     (self.output_lost, "output lines dropped (stdout too slow)"),
                 ];
                 for (n, what) in notes {
