@@ -792,24 +792,6 @@ mod tests {
         lag.pass(start, drained, || end);
     }
 
-    fn hang(again: bool) -> Alert {
-        Alert {
-            kind: AlertKind::Hung {
-                age_ns: 90_000 * MS,
-                again,
-            },
-            phase: Phase::CloseWait,
-            ts_ns: 100_000 * MS,
-            since_ns: 10_000 * MS,
-            since_is_lower_bound: false,
-            family: tcpclose::event::Family::Ipv4,
-            local: "10.0.0.1:80".parse().unwrap(),
-            remote: "10.0.0.2:5000".parse().unwrap(),
-            owner: None,
-            key: SocketKey::Full(0xffff_0000),
-        }
-    }
-
     /// An engine following a server socket whose peer closed at 1 s (CLOSE_WAIT, hung after
     /// the default 60 s), and the alerts of a sweep at each of `sweeps` (seconds).
     fn close_wait_leak(sweeps: &[u64]) -> (Correlator, Vec<Vec<Alert>>) {
