@@ -78,15 +78,15 @@ pub struct Cli {
     pub interval: Option<Duration>,
 
     /// Only sockets whose local or remote port is N (repeatable).
-    #[arg(short, long = "port", value_name = "N")]
+    #[arg(short, long = "port", value_name = "N", value_parser = parse_port)]
     pub ports: Vec<u16>,
 
     /// Only sockets whose local port is N (repeatable).
-    #[arg(long = "lport", value_name = "N")]
+    #[arg(long = "lport", value_name = "N", value_parser = parse_port)]
     pub local_ports: Vec<u16>,
 
     /// Only sockets whose remote port is N (repeatable).
-    #[arg(long = "rport", value_name = "N")]
+    #[arg(long = "rport", value_name = "N", value_parser = parse_port)]
     pub remote_ports: Vec<u16>,
 
     /// Only IPv4 sockets.
@@ -100,7 +100,7 @@ pub struct Cli {
     /// Follow at most N sockets at once (about 200 bytes each). When the table is full the
     /// sockets idle longest are dropped (those reported hung last) and counted in the summary;
     /// with --events their transitions are still printed, without durations.
-    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS)]
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_SOCKETS, value_parser = parse_max_sockets)]
     pub max_sockets: usize,
 
     /// Report sockets stuck in a teardown state while they are stuck. `--hung D` sets one
@@ -239,6 +239,24 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Duration::try_from(parsed).map_err(|_| hint.to_string())
 }
 
+/// A TCP port a connection can have: 1 to 65535 (port 0 only means "any" to `bind()`).
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) => Err("port 0 is no connection's port: give 1 to 65535".into()),
+        Ok(port) => Ok(port),
+        Err(_) => Err(format!("`{s}` is not a port number (1 to 65535)")),
+    }
+}
+
+/// At least one socket: a table that follows nothing would report nothing.
+fn parse_max_sockets(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1 (it bounds the sockets followed at once)".into()),
+        Ok(n) => Ok(n),
+        Err(_) => Err(format!("`{s}` is not a number of sockets")),
+    }
+}
+
 fn parse_ring_bytes(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|e| format!("{e}"))?;
     if n < 4096 || !n.is_power_of_two() {
@@ -251,6 +269,27 @@ fn parse_ring_bytes(s: &str) -> Result<u32, String> {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn ports_and_table_sizes_that_mean_nothing_are_refused() {
+        for args in [
+            &["tcpclose", "--port", "0"][..],
+            &["tcpclose", "--lport", "0"],
+            &["tcpclose", "--rport", "0"],
+            &["tcpclose", "--port", "65536"],
+            &["tcpclose", "--max-sockets", "0"],
+            &["tcpclose", "--max-sockets", "many"],
+        ] {
+            let err = Cli::try_parse_from(args).expect_err(&format!("{args:?}"));
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{args:?}"
+            );
+        }
+        let cli = Cli::try_parse_from(["tcpclose", "--port", "1", "--max-sockets", "1"]).unwrap();
+        assert_eq!((cli.ports.as_slice(), cli.max_sockets), (&[1u16][..], 1));
+    }
 
     #[test]
     fn cli_is_consistent() {

@@ -21,6 +21,10 @@ fn bad_input_exits_2_with_a_message() {
         (&["--no-such-flag"][..], "--no-such-flag"),
         (&["-4", "-6"][..], "cannot be used with"),
         (&["--ring-bytes", "1000"][..], "power of two"),
+        (&["--port", "0"][..], "port 0"),
+        (&["--lport", "0"][..], "port 0"),
+        (&["--max-sockets", "0"][..], "at least 1"),
+        (&["--events", "--max-sockets", "0"][..], "at least 1"),
     ] {
         let (status, _, stderr) = run_binary(Command::new(binary()).args(args));
         assert_eq!(status.code(), Some(2), "{args:?}: {stderr}");
