@@ -30,6 +30,10 @@ pub const TIMER_PROGRAMS: [(&str, &str); 3] = [
 /// is descheduled for a few hundred milliseconds.
 pub const DEFAULT_RING_BYTES: u32 = 8 << 20;
 
+/// Bytes of output lines the loader lets wait for its writer thread at most, when standard
+/// output is slow: what memory that queue can take (the soak's RSS ceiling counts it).
+pub const OUTPUT_QUEUE_BYTES: usize = 16 << 20;
+
 /// `PORT_FILTER` value bit: the port passes when it is the socket's local port.
 pub const PORT_LOCAL: u8 = 1;
 /// `PORT_FILTER` value bit: the port passes when it is the socket's remote port.

@@ -18,7 +18,7 @@ use std::{
 };
 
 /// Bytes waiting for the writer at most.
-const QUEUE_BYTES: usize = 16 << 20;
+const QUEUE_BYTES: usize = tcpclose_common::OUTPUT_QUEUE_BYTES;
 /// How long the final flush waits for a reader that does not read.
 const FINAL_WAIT: Duration = Duration::from_secs(2);
 
