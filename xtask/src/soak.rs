@@ -181,6 +181,17 @@ fn memory_failures(samples: &[(u64, u64)], ceiling: u64) -> Vec<String> {
     failures
 }
 
+/// tcpclose's `summary` record, the last line of its JSON output.
+fn summary(stdout: &Path) -> Result<Value> {
+    let tail = bench::read_tail(stdout, 64 * 1024)?;
+    let line = tail
+        .lines()
+        .rev()
+        .find(|line| line.contains(r#""type":"summary""#))
+        .context("tcpclose printed no summary record")?;
+    serde_json::from_str(line).context("parsing tcpclose's summary")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,15 +223,4 @@ mod tests {
         );
         assert!(!memory_failures(&samples(&[1, 2]), 10).is_empty());
     }
-}
-
-/// tcpclose's `summary` record, the last line of its JSON output.
-fn summary(stdout: &Path) -> Result<Value> {
-    let tail = bench::read_tail(stdout, 64 * 1024)?;
-    let line = tail
-        .lines()
-        .rev()
-        .find(|line| line.contains(r#""type":"summary""#))
-        .context("tcpclose printed no summary record")?;
-    serde_json::from_str(line).context("parsing tcpclose's summary")
 }
