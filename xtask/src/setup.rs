@@ -26,6 +26,13 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
 ];
 
+/// Debian packages that booting another kernel needs: QEMU, kmod's `depmod` to index the guest
+/// kernel's modules, and a static busybox, from which virtme-ng builds the initramfs that mounts
+/// the shared root filesystem.
+const GUEST_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
+/// The virtme-ng release that boots a kernel on this machine's root filesystem (`vng`).
+const VIRTME_NG_VERSION: &str = "1.42";
+
 pub fn all(with_test_packages: bool) -> Result<()> {
     rust_src()?;
     bpf_linker()?;
@@ -33,6 +40,40 @@ pub fn all(with_test_packages: bool) -> Result<()> {
         debian_packages(TEST_PACKAGES)?;
     }
     Ok(())
+}
+
+/// Installs what running the tests in a guest kernel needs (`cargo xtask test --kernel`) and
+/// returns the `vng` to run. virtme-ng goes into its own virtual environment at `venv`, so that
+/// neither an externally managed system Python (PEP 668) nor whichever Python is first on PATH
+/// decides whether it installs, and its version stays the pinned one.
+pub fn guest_tools(venv: &Path) -> Result<PathBuf> {
+    debian_packages(GUEST_PACKAGES)?;
+    let vng = venv.join("bin/vng");
+    let version = Command::new(&vng)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if version.as_deref() == Some(&format!("virtme-ng {VIRTME_NG_VERSION}")) {
+        return Ok(vng);
+    }
+    eprintln!(
+        "setup: installing virtme-ng {VIRTME_NG_VERSION} into {}",
+        venv.display()
+    );
+    if !venv.join("bin/pip").is_file() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(venv)).context(
+            "creating a Python virtual environment for virtme-ng failed: install Python 3 with \
+             its venv module (Debian: `apt-get install python3-venv`)",
+        )?;
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")))
+    .context("installing virtme-ng from PyPI failed: is PyPI reachable?")?;
+    Ok(vng)
 }
 
 fn cargo_home() -> PathBuf {
