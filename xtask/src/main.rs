@@ -1,8 +1,11 @@
 //! `cargo xtask`: everything a fresh machine needs to build, run and test tcpclose.
 
 mod bench;
+mod guest;
+mod kernel;
 mod setup;
 mod soak;
+mod testreport;
 
 use std::{
     env,
@@ -25,10 +28,13 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install what building needs (nightly rust-src, bpf-linker) and, with --tests, the
-    /// Debian packages the tests use. Idempotent; seconds when all is present.
+    /// Debian packages the tests use; with --guest, what `test --kernel` needs to boot a guest
+    /// (QEMU, kmod, busybox-static, virtme-ng). Idempotent; seconds when all is present.
     Setup {
         #[arg(long)]
         tests: bool,
+        #[arg(long)]
+        guest: bool,
     },
     /// Set up, then build the release binary at target/release/tcpclose.
     Build,
@@ -72,9 +78,19 @@ enum Task {
     #[command(hide = true)]
     HoldConnections { netns: String, count: usize },
     /// Set up (with test packages), build, and run every test: unit tests and the integration
-    /// tests against the real kernel (as root).
+    /// tests against the real kernel (as root); with --kernel, the integration tests on other
+    /// kernels too, each booted in a QEMU guest.
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Where the tests run, in order (repeatable or comma-separated; `host` if not given):
+        /// `host`: every test of the workspace on this machine's kernel. `debian-6.1`: the
+        /// integration tests in a QEMU guest (TCG) booted on Debian 12's newest 6.1 kernel,
+        /// fetched with apt and cached under target/kernels/. A path: the same with that
+        /// bzImage, whose modules must already be in /lib/modules/<release>. Each kernel is
+        /// reported; the run fails if any failed. CI: `--kernel host,debian-6.1`.
+        #[arg(long, value_delimiter = ',', value_name = "host|debian-6.1|PATH")]
+        kernel: Vec<KernelChoice>,
+        /// Extra arguments for `cargo test` (e.g. a test name filter). In a guest: a test-name
+        /// filter, `--test NAME`, and after `--` the test binaries' options.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
@@ -85,7 +101,13 @@ fn main() -> Result<()> {
     let root = workspace_root();
     env::set_current_dir(&root).with_context(|| format!("entering {}", root.display()))?;
     match cli.task {
-        Task::Setup { tests } => setup::all(tests),
+        Task::Setup { tests, guest } => {
+            setup::all(tests)?;
+            if guest {
+                setup::guest_tools(&root.join(GUEST_TOOLS))?;
+            }
+            Ok(())
+        }
         Task::Build => build(),
         Task::Run { args } => {
             build()?;
@@ -127,20 +149,101 @@ fn main() -> Result<()> {
             soak::soak(&root.join("target/release/tcpclose"), &options)
         }
         Task::HoldConnections { netns, count } => bench::hold_connections(&netns, count),
-        Task::Test { args } => {
-            setup::all(true)?;
-            build()?;
-            if !is_root() {
-                bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
-            }
-            let binary = root.join("target/release/tcpclose");
-            let mut cmd = cargo();
-            cmd.args(["test", "--release", "--workspace"])
-                .env("TCPCLOSE_BIN", &binary)
-                .args(args);
-            run(&mut cmd)
+        Task::Test { kernel, args } => test(&root, kernel, &args),
+    }
+}
+
+/// The virtual environment that holds virtme-ng, which boots the guests.
+const GUEST_TOOLS: &str = "target/guest-tools/venv";
+
+/// Where `cargo xtask test` runs the tests.
+#[derive(Clone, Debug)]
+enum KernelChoice {
+    Host,
+    Debian61,
+    File(PathBuf),
+}
+
+impl std::str::FromStr for KernelChoice {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(match s {
+            "host" => Self::Host,
+            "debian-6.1" => Self::Debian61,
+            path => Self::File(path.into()),
+        })
+    }
+}
+
+impl std::fmt::Display for KernelChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Host => f.write_str("host"),
+            Self::Debian61 => f.write_str("debian-6.1"),
+            Self::File(path) => write!(f, "{}", path.display()),
         }
     }
+}
+
+/// Runs the test suite on each kernel in turn, every one even when an earlier one failed, and
+/// fails if any did.
+fn test(root: &Path, kernels: Vec<KernelChoice>, args: &[OsString]) -> Result<()> {
+    let kernels = if kernels.is_empty() {
+        vec![KernelChoice::Host]
+    } else {
+        kernels
+    };
+    setup::all(true)?;
+    let guests = kernels.iter().any(|k| !matches!(k, KernelChoice::Host));
+    if !is_root() {
+        bail!("the integration tests load eBPF programs: run `cargo xtask test` as root");
+    }
+    let vng = if guests {
+        Some(setup::guest_tools(&root.join(GUEST_TOOLS))?)
+    } else {
+        None
+    };
+    build()?;
+    let binary = root.join("target/release/tcpclose");
+    let mut failed = Vec::new();
+    for choice in &kernels {
+        let result = match (choice, &vng) {
+            (KernelChoice::Host, _) => {
+                let mut cmd = cargo();
+                // Every test binary runs even when an earlier one failed.
+                cmd.args(["test", "--release", "--workspace", "--no-fail-fast"])
+                    .env("TCPCLOSE_BIN", &binary)
+                    .args(args);
+                run(&mut cmd)
+            }
+            (KernelChoice::Debian61, Some(vng)) => kernel::debian_6_1(&root.join("target/kernels"))
+                .and_then(|k| guest::run(vng, &k, &binary, args)),
+            (KernelChoice::File(path), Some(vng)) => {
+                kernel::from_file(path).and_then(|k| guest::run(vng, &k, &binary, args))
+            }
+            // Not reached: vng is set up above whenever a guest kernel is listed.
+            (_, None) => Err(anyhow::anyhow!("no vng to boot a guest with")),
+        };
+        if let Err(err) = result {
+            eprintln!("test on {choice}: {err:#}");
+            failed.push(choice.to_string());
+        }
+    }
+    if !failed.is_empty() {
+        bail!("the tests failed on: {}", failed.join(", "));
+    }
+    if kernels.len() > 1 {
+        println!(
+            "the tests passed on: {}",
+            kernels
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn build() -> Result<()> {

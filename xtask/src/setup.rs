@@ -6,6 +6,8 @@ use std::{
     fs,
     path::{Path, PathBuf},
     process::{Command, Stdio},
+    thread,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -24,6 +26,13 @@ const TEST_PACKAGES: &[&str] = &[
     "systemd",
 ];
 
+/// Debian packages that booting another kernel needs: QEMU, kmod's `depmod` to index the guest
+/// kernel's modules, and a static busybox, from which virtme-ng builds the initramfs that mounts
+/// the shared root filesystem.
+const GUEST_PACKAGES: &[&str] = &["qemu-system-x86", "kmod", "busybox-static"];
+/// The virtme-ng release that boots a kernel on this machine's root filesystem (`vng`).
+const VIRTME_NG_VERSION: &str = "1.42";
+
 pub fn all(with_test_packages: bool) -> Result<()> {
     rust_src()?;
     bpf_linker()?;
@@ -31,6 +40,40 @@ pub fn all(with_test_packages: bool) -> Result<()> {
         debian_packages(TEST_PACKAGES)?;
     }
     Ok(())
+}
+
+/// Installs what running the tests in a guest kernel needs (`cargo xtask test --kernel`) and
+/// returns the `vng` to run. virtme-ng goes into its own virtual environment at `venv`, so that
+/// neither an externally managed system Python (PEP 668) nor whichever Python is first on PATH
+/// decides whether it installs, and its version stays the pinned one.
+pub fn guest_tools(venv: &Path) -> Result<PathBuf> {
+    debian_packages(GUEST_PACKAGES)?;
+    let vng = venv.join("bin/vng");
+    let version = Command::new(&vng)
+        .arg("--version")
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned());
+    if version.as_deref() == Some(&format!("virtme-ng {VIRTME_NG_VERSION}")) {
+        return Ok(vng);
+    }
+    eprintln!(
+        "setup: installing virtme-ng {VIRTME_NG_VERSION} into {}",
+        venv.display()
+    );
+    if !venv.join("bin/pip").is_file() {
+        run(Command::new("python3").arg("-m").arg("venv").arg(venv)).context(
+            "creating a Python virtual environment for virtme-ng failed: install Python 3 with \
+             its venv module (Debian: `apt-get install python3-venv`)",
+        )?;
+    }
+    run(Command::new(venv.join("bin/pip"))
+        .args(["install", "-q", "--disable-pip-version-check"])
+        .arg(format!("virtme-ng=={VIRTME_NG_VERSION}")))
+    .context("installing virtme-ng from PyPI failed: is PyPI reachable?")?;
+    Ok(vng)
 }
 
 fn cargo_home() -> PathBuf {
@@ -136,20 +179,75 @@ fn debian_packages(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages
         .iter()
         .copied()
-        .filter(|p| {
-            !Command::new("dpkg-query")
-                .args(["-W", "-f=${Status}", p])
-                .output()
-                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
-        })
+        .filter(|p| !debian_package_installed(p))
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     eprintln!("setup: installing Debian packages {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-q"]))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-q", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
+    apt_get(&["update", "-q"])?;
+    apt_get(
+        &[
+            &["install", "-y", "-q", "--no-install-recommends"],
+            &missing[..],
+        ]
+        .concat(),
+    )
+}
+
+fn debian_package_installed(package: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+/// How long set-up waits for another apt-get or dpkg (an unattended upgrade, a second set-up) to
+/// finish before giving up.
+const APT_LOCK_WAIT: Duration = Duration::from_secs(600);
+
+/// Runs `apt-get ARGS`, waiting for the package manager's locks instead of failing at once.
+/// `DPkg::Lock::Timeout` makes apt-get wait for dpkg's lock; apt 2.6 (Debian 12) ignores it for
+/// the lock on the package lists that `apt-get update` takes, so a failure that names a lock is
+/// retried here until [`APT_LOCK_WAIT`] has passed.
+pub fn apt_get(args: &[&str]) -> Result<()> {
+    let deadline = Instant::now() + APT_LOCK_WAIT;
+    let timeout = format!("DPkg::Lock::Timeout={}", APT_LOCK_WAIT.as_secs());
+    let mut waited = false;
+    loop {
+        let mut cmd = Command::new("apt-get");
+        cmd.args(["-o", &timeout])
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            // The lock is recognised by apt's message, so keep it untranslated.
+            .env("LC_ALL", "C")
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::piped());
+        let out = cmd
+            .output()
+            .with_context(|| format!("starting {cmd:?}: is this Debian, with apt-get on PATH?"))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            eprint!("{stderr}");
+            return Ok(());
+        }
+        let locked = stderr.contains("Could not get lock") || stderr.contains("Unable to lock");
+        if !locked || Instant::now() >= deadline {
+            eprint!("{stderr}");
+            if locked {
+                bail!(
+                    "{cmd:?} failed: {}: another apt-get or dpkg held the package manager's lock \
+                     for {} s; let it finish, then retry",
+                    out.status,
+                    APT_LOCK_WAIT.as_secs()
+                );
+            }
+            bail!("{cmd:?} failed: {}", out.status);
+        }
+        if !waited {
+            eprintln!("setup: another apt-get or dpkg holds the package manager's lock; waiting");
+            waited = true;
+        }
+        thread::sleep(Duration::from_secs(5));
+    }
 }
