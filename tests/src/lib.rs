@@ -406,20 +406,49 @@ impl Run {
     }
 }
 
-/// Makes `n` connections to `listener` and closes them, accepting on a thread.
+/// Makes `n` connections to `listener` and closes them, accepting on a thread. Each connect and
+/// accept has a deadline of 30 s (a dropped SYN is retried after a second): a connection that
+/// never comes fails the test instead of hanging it.
 pub fn churn(listener: &std::net::TcpListener, n: usize) {
+    const DEADLINE: Duration = Duration::from_secs(30);
     let addr = listener.local_addr().unwrap();
     let l = listener.try_clone().unwrap();
+    set_receive_timeout(&l, DEADLINE);
     let acceptor = thread::spawn(move || {
-        for _ in 0..n {
-            let (s, _) = l.accept().expect("accept");
+        for i in 0..n {
+            let (s, _) = l
+                .accept()
+                .unwrap_or_else(|e| panic!("accepting connection {i} of {n}: {e}"));
             drop(s);
         }
     });
-    for _ in 0..n {
-        drop(std::net::TcpStream::connect(addr).expect("connect"));
+    for i in 0..n {
+        drop(
+            std::net::TcpStream::connect_timeout(&addr, DEADLINE)
+                .unwrap_or_else(|e| panic!("connection {i} of {n}: {e}")),
+        );
     }
     acceptor.join().unwrap();
+}
+
+/// `SO_RCVTIMEO`: a blocking `accept()` or read on `socket` gives up after `timeout`.
+pub fn set_receive_timeout(socket: &impl std::os::fd::AsFd, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: a valid socket fd and an option value of the declared size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_fd().as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&raw const tv).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
 }
 
 /// The record is about the socket `local -> remote`.

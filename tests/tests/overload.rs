@@ -7,18 +7,23 @@ use std::{
     time::Duration,
 };
 
-use tcpclose_tests::{Run, Tracer, churn};
+use tcpclose_tests::{Run, Tracer, churn, netns::Place};
 
 /// Connections churned through a one-page ring (about 42 records): far more than it holds.
 const CONNECTIONS: usize = 3000;
 
 /// Runs tcpclose with `args` and a one-page ring while [`CONNECTIONS`] connections open and
-/// close on its port.
+/// close on its port, in a network namespace of their own: its timewait table is empty at the
+/// start whatever ran before (a kernel makes no timewait socket once `tcp_max_tw_buckets` are
+/// in use, 16,384 on a 3 GB machine).
 fn overflow(args: &[&str]) -> Run {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
+    let place = Place::new("overload");
+    let port = place.port();
     let tracer = Tracer::start(&[args, &["--port", &port, "--ring-bytes", "4096"]].concat());
-    churn(&listener, CONNECTIONS);
+    place.ns.run(|| {
+        let listener = TcpListener::bind(place.server_addr).expect("listening in the namespace");
+        churn(&listener, CONNECTIONS);
+    });
     thread::sleep(Duration::from_millis(200));
     let run = tracer.stop();
     assert!(run.status.success(), "{run:?}");
@@ -121,8 +126,8 @@ fn a_stuck_reader_drops_output_not_events() {
         process::Stdio,
     };
     tcpclose_tests::require_root();
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
+    let place = Place::new("stuck-reader");
+    let port = place.port();
     let mut child = tcpclose_tests::spawn(
         std::process::Command::new(tcpclose_tests::binary())
             .args(["--events", "--json", "--port", &port])
@@ -143,7 +148,10 @@ fn a_stuck_reader_drops_output_not_events() {
         );
     }
     // About 20 MB of JSON lines: more than the pipe and the 16 MiB output queue hold.
-    churn(&listener, 12_000);
+    place.ns.run(|| {
+        let listener = TcpListener::bind(place.server_addr).expect("listening in the namespace");
+        churn(&listener, 12_000);
+    });
     thread::sleep(Duration::from_millis(500));
     // SAFETY: plain kill(2) of our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -165,13 +173,15 @@ fn a_stuck_reader_drops_output_not_events() {
 /// full churn on 2 cores a few per 100k connections happen; none is required here.
 #[test]
 fn hits_the_kernel_skipped_are_counted_as_missed() {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port().to_string();
-    let tracer = Tracer::start(&["--port", &port]);
-    thread::scope(|scope| {
-        for _ in 0..3 {
-            scope.spawn(|| churn(&listener, 2000));
-        }
+    let place = Place::new("missed");
+    let tracer = Tracer::start(&["--port", &place.port()]);
+    place.ns.run(|| {
+        let listener = TcpListener::bind(place.server_addr).expect("listening in the namespace");
+        thread::scope(|scope| {
+            for _ in 0..3 {
+                scope.spawn(|| churn(&listener, 2000));
+            }
+        });
     });
     let shown = recursion_misses(tracer.pid());
     let run = tracer.stop();
