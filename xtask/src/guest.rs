@@ -52,14 +52,19 @@ pub fn run(vng: &Path, kernel: &Kernel, tcpclose: &Path, args: &[OsString]) -> R
     let (cargo_args, binary_args) = split_args(args)?;
     let mut binaries = build(&cargo_args)?;
     // Asked for by name, a host-only binary runs in the guest too.
-    if !cargo_args.iter().any(|a| a.to_string_lossy().starts_with("--test")) {
-        binaries.retain(|b| match HOST_ONLY.iter().find(|(name, _)| *name == b.name) {
-            Some((name, why)) => {
-                eprintln!("guest: not running {name} here: {why}");
-                false
-            }
-            None => true,
-        });
+    if !cargo_args
+        .iter()
+        .any(|a| a.to_string_lossy().starts_with("--test"))
+    {
+        binaries.retain(
+            |b| match HOST_ONLY.iter().find(|(name, _)| *name == b.name) {
+                Some((name, why)) => {
+                    eprintln!("guest: not running {name} here: {why}");
+                    false
+                }
+                None => true,
+            },
+        );
     }
     ensure!(
         !binaries.is_empty(),

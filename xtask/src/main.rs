@@ -76,7 +76,13 @@ enum Task {
     /// The bench's helper: holds COUNT loopback connections in the network namespace NETNS
     /// until its stdin ends.
     #[command(hide = true)]
-    HoldConnections { netns: String, count: usize },
+    HoldConnections {
+        netns: String,
+        count: usize,
+        /// Leave the servers in CLOSE_WAIT, their clients in FIN_WAIT2.
+        #[arg(long)]
+        leak: bool,
+    },
     /// Set up (with test packages), build, and run every test: unit tests and the integration
     /// tests against the real kernel (as root); with --kernel, the integration tests on other
     /// kernels too, each booted in a QEMU guest.
@@ -148,7 +154,9 @@ fn main() -> Result<()> {
             let options = soak::Options { minutes, pairs };
             soak::soak(&root.join("target/release/tcpclose"), &options)
         }
-        Task::HoldConnections { netns, count } => bench::hold_connections(&netns, count),
+        Task::HoldConnections { netns, count, leak } => {
+            bench::hold_connections(&netns, count, leak)
+        }
         Task::Test { kernel, args } => test(&root, kernel, &args),
     }
 }

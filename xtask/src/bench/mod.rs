@@ -37,6 +37,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+
+mod hung_burst;
+
+use hung_burst::HungBurst;
 use serde_json::Value;
 use tcpclose_common::{
     DEFAULT_RING_BYTES, TIMER_PROGRAMS, TRANSITION_EVENT_SIZE, TRANSITION_PROGRAM,
@@ -83,6 +87,8 @@ const HOLD_BACKLOG: i32 = 4096;
 /// Targets the stress figures are held to.
 const TARGET_DRAIN_PER_S: f64 = 2.5e6;
 const TARGET_DELAY_P99_NS: f64 = 100e6;
+/// The reader's longest delay while thousands of hangs come due.
+const TARGET_HUNG_DELAY_MAX_NS: f64 = 250e6;
 const TARGET_RSS_MIB: f64 = 64.0;
 
 /// What `cargo xtask bench` was asked for.
@@ -107,15 +113,19 @@ pub enum Part {
     Drain,
     /// `tcpclose --json` following 100k open sockets: its memory.
     Rss,
+    /// 12,000 hangs coming due at once under churn, spread over 1, 10 and 100 namespaces (and
+    /// the churn alone): reports, losses and the reader's delay.
+    HungBurst,
 }
 
 impl Part {
-    const ALL: [Part; 5] = [
+    const ALL: [Part; 6] = [
         Part::Churn,
         Part::Stats,
         Part::Burst,
         Part::Drain,
         Part::Rss,
+        Part::HungBurst,
     ];
 }
 
@@ -155,6 +165,8 @@ enum Job {
     Burst,
     Drain,
     Rss,
+    /// Leaks over this many namespaces (0: none) under churn.
+    HungBurst(usize),
 }
 
 /// Everything the measurements share.
@@ -199,6 +211,7 @@ impl Bench {
                 Part::Burst => jobs.push(Job::Burst),
                 Part::Drain => jobs.push(Job::Drain),
                 Part::Rss => jobs.push(Job::Rss),
+                Part::HungBurst => jobs.extend(hung_burst::SPREADS.map(Job::HungBurst)),
             }
         }
         jobs
@@ -310,6 +323,7 @@ struct Results {
     burst: Vec<Burst>,
     drain: Vec<Stopped>,
     rss: Vec<Held>,
+    hung_burst: Vec<HungBurst>,
 }
 
 pub fn bench(tcpclose: &Path, options: &Options) -> Result<()> {
@@ -473,6 +487,26 @@ fn run_job(bench: &Bench, stats: &BpfStats, job: Job, results: &mut Results) -> 
                 held.evicted
             );
             results.rss.push(held);
+            line
+        }
+        Job::HungBurst(namespaces) => {
+            let burst = hung_burst::hung_burst(bench, namespaces)?;
+            let lag = burst.lag.unwrap_or_default();
+            let line = format!(
+                "hung   {:<26} {} namespaces: {} of {} hangs reported{}, {} lost, delay p99 {} \
+                 max {}",
+                Mode::Teardowns.name(),
+                burst.namespaces,
+                burst.reported,
+                burst.hangs,
+                burst
+                    .all_reported_s
+                    .map_or(String::new(), |s| format!(" within {s:.1} s")),
+                burst.lost,
+                ms(lag.delay_p99_ns as f64),
+                ms(lag.delay_max_ns as f64)
+            );
+            results.hung_burst.push(burst);
             line
         }
     })
@@ -745,9 +779,19 @@ struct Holder {
 
 impl Holder {
     fn spawn(netns: &Netns, count: usize) -> Result<Self> {
+        Self::spawn_with(netns, count, false)
+    }
+
+    /// A holder whose connections leak: see [`hold_connections`].
+    fn spawn_leaking(netns: &Netns, count: usize) -> Result<Self> {
+        Self::spawn_with(netns, count, true)
+    }
+
+    fn spawn_with(netns: &Netns, count: usize, leak: bool) -> Result<Self> {
         let exe = env::current_exe().context("finding the xtask binary")?;
         let mut child = Command::new(&exe)
             .args(["hold-connections", &netns.name, &count.to_string()])
+            .args(leak.then_some("--leak"))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -787,15 +831,31 @@ impl Drop for Holder {
     }
 }
 
-/// `cargo xtask hold-connections NETNS COUNT` (the bench's helper): in the namespace `netns`,
-/// opens `count` connections to listeners of its own and accepts them, says `ready COUNT` on
-/// stdout, holds them until stdin ends, then resets them.
-pub fn hold_connections(netns: &str, count: usize) -> Result<()> {
+/// `cargo xtask hold-connections NETNS COUNT [--leak]` (the bench's helper): in the namespace
+/// `netns`, opens `count` connections to listeners of its own and accepts them, says `ready
+/// COUNT` on stdout, holds them until stdin ends, then resets them. With `leak`, the servers
+/// never close and the clients leave them in CLOSE_WAIT before it says ready: half close (an
+/// orphaned FIN_WAIT2), half shut their sending side down (FIN_WAIT2 held open).
+pub fn hold_connections(netns: &str, count: usize, leak: bool) -> Result<()> {
     use io::{BufRead as _, Write as _};
     let hard = fd_limit()?.rlim_max;
     raise_fd_limit(hard)?;
     enter_netns(netns)?;
-    let sockets = open_connections(count)?;
+    let mut sockets = open_connections(count)?;
+    if leak {
+        // The servers come first, then the clients.
+        let clients = sockets.split_off(count);
+        for (i, client) in clients.into_iter().enumerate() {
+            if i % 2 == 0 {
+                drop(client);
+            } else {
+                client
+                    .shutdown(std::net::Shutdown::Write)
+                    .context("shutdown(SHUT_WR)")?;
+                sockets.push(client);
+            }
+        }
+    }
     let mut stdout = io::stdout().lock();
     writeln!(stdout, "ready {count}")?;
     stdout.flush()?;
@@ -1562,6 +1622,7 @@ fn machine_facts(bench: &Bench, options: &Options) -> String {
             Part::Burst => "burst",
             Part::Drain => "drain",
             Part::Rss => "rss",
+            Part::HungBurst => "hung-burst",
         })
         .collect();
     format!(
@@ -1908,6 +1969,78 @@ fn stress_rows(bench: &Bench, results: &Results) -> Vec<Row> {
                 count,
             )
             .target(Target::Zero),
+        );
+    }
+    if bench.runs(Part::HungBurst) {
+        rows.extend(hung_burst_rows(&results.hung_burst));
+    }
+    rows
+}
+
+/// The hung burst's rows: per spread over namespaces, the reports and the reader's delay.
+fn hung_burst_rows(runs: &[HungBurst]) -> Vec<Row> {
+    let count = |v: f64| number(Some(v));
+    let seconds = |v: f64| format!("{v:.1} s");
+    let mut rows = Vec::new();
+    for spread in hung_burst::SPREADS {
+        let of: Vec<&HungBurst> = runs.iter().filter(|r| r.namespaces == spread).collect();
+        let what = match spread {
+            0 => "hung burst: the churn alone".to_owned(),
+            1 => format!(
+                "hung burst: {} hangs in 1 namespace",
+                2 * hung_burst::CONNECTIONS
+            ),
+            n => format!(
+                "hung burst: {} hangs over {n} namespaces",
+                2 * hung_burst::CONNECTIONS
+            ),
+        };
+        let lag = |f: fn(&Lag) -> u64| -> Vec<f64> {
+            of.iter()
+                .filter_map(|r| r.lag.as_ref())
+                .map(|l| f(l) as f64)
+                .collect()
+        };
+        if spread > 0 {
+            rows.push(
+                Row::new(
+                    format!("{what}: hangs not reported"),
+                    of.iter()
+                        .map(|r| (r.hangs - r.reported.min(r.hangs)) as f64)
+                        .collect(),
+                    count,
+                )
+                .target(Target::Zero),
+            );
+            rows.push(Row::new(
+                format!("{what}: all reported after the leak"),
+                of.iter().filter_map(|r| r.all_reported_s).collect(),
+                seconds,
+            ));
+        }
+        rows.push(
+            Row::new(
+                format!("{what}: lost"),
+                of.iter().map(|r| r.lost as f64).collect(),
+                count,
+            )
+            .target(Target::Zero),
+        );
+        rows.push(
+            Row::new(
+                format!("{what}: kernel-to-reader delay p99"),
+                lag(|l| l.delay_p99_ns),
+                ms,
+            )
+            .target(Target::AtMost(TARGET_DELAY_P99_NS)),
+        );
+        rows.push(
+            Row::new(
+                format!("{what}: kernel-to-reader delay max"),
+                lag(|l| l.delay_max_ns),
+                ms,
+            )
+            .target(Target::AtMost(TARGET_HUNG_DELAY_MAX_NS)),
         );
     }
     rows
