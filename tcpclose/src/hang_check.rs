@@ -17,7 +17,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use tcpclose::{
     hung::{Alert, AlertKind, Holder, SocketKey},
-    teardown::{Phase, TIMEWAIT_LEN_NS},
+    teardown::{ExistingSocket, Phase, TIMEWAIT_LEN_NS},
 };
 
 use crate::sockets::{self, SocketInfo};
@@ -37,6 +37,9 @@ pub enum Verdict {
     Confirmed { inode: u64 },
     /// No full socket has its 4-tuple any more, in any namespace: its end was missed.
     Gone,
+    /// The full socket is gone, but a timewait socket with its 4-tuple is in the hung state:
+    /// the handoff to it was missed. Reported, and followed on as that timewait socket.
+    HandedOver,
     /// Its 4-tuple is there in another state: the engine is behind the kernel.
     Elsewhere,
     /// A timewait socket the engine has in FIN_WAIT2 is in TIME_WAIT, since about `since_ns`
@@ -81,16 +84,23 @@ pub fn judge(alert: &Alert, found: &[&SocketInfo], now_ns: u64) -> Verdict {
             None => Verdict::TimewaitGone,
         };
     }
-    let full = || found.iter().filter(|i| !i.timewait);
+    // A socket found by a snapshot may have become a timewait socket since (an orphan).
+    let existing = matches!(alert.key, SocketKey::Existing(..));
+    let full = || found.iter().filter(|i| existing || !i.timewait);
     // Containers reuse addresses (127.0.0.1 in each): of the sockets with this 4-tuple in any
     // namespace, the one in the hung state.
     if let Some(info) = full().find(|i| i.state == alert.phase.state()) {
         return Verdict::Confirmed { inode: info.inode };
     }
-    if full().next().is_none() {
-        Verdict::Gone
-    } else {
+    if full().next().is_some() {
         Verdict::Elsewhere
+    } else if found
+        .iter()
+        .any(|i| i.timewait && i.state == alert.phase.state())
+    {
+        Verdict::HandedOver
+    } else {
+        Verdict::Gone
     }
 }
 
@@ -112,32 +122,55 @@ pub struct Answer {
     pub holders: Option<Vec<Holder>>,
 }
 
+/// What the [`HangChecker`] is asked.
+enum Job {
+    Checks(Vec<Request>),
+    /// List the sockets in teardown states, in every network namespace.
+    Census,
+}
+
+/// What the [`HangChecker`] answers.
+#[derive(Debug)]
+pub enum Reply {
+    Answers(Vec<Answer>),
+    /// The sockets in a teardown state, in every network namespace (see
+    /// [`HangChecker::census`]).
+    Census(Vec<ExistingSocket>),
+}
+
 /// The thread that answers hang checks. Dropping it ends the thread once its pass is over.
 pub struct HangChecker {
-    requests: mpsc::Sender<Vec<Request>>,
+    requests: mpsc::Sender<Job>,
 }
 
 impl HangChecker {
     /// Starts the thread. It keeps the capabilities of the calling thread (threads inherit
     /// them): start it once the unneeded ones are dropped.
-    pub fn start() -> Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Vec<Answer>>)> {
-        let (requests, inbox) = mpsc::channel::<Vec<Request>>();
-        let (outbox, answers) = tokio::sync::mpsc::unbounded_channel();
+    pub fn start() -> Result<(Self, tokio::sync::mpsc::UnboundedReceiver<Reply>)> {
+        let (requests, inbox) = mpsc::channel::<Job>();
+        let (outbox, replies) = tokio::sync::mpsc::unbounded_channel();
         thread::Builder::new()
             .name("tcpclose-hung".into())
             .spawn(move || {
-                while let Ok(mut batch) = inbox.recv() {
+                while let Ok(job) = inbox.recv() {
                     // Everything asked since the last pass, in one pass.
-                    while let Ok(more) = inbox.try_recv() {
-                        batch.extend(more);
+                    let (mut batch, mut census) = (Vec::new(), false);
+                    for job in std::iter::once(job).chain(inbox.try_iter()) {
+                        match job {
+                            Job::Checks(checks) => batch.extend(checks),
+                            Job::Census => census = true,
+                        }
                     }
-                    if outbox.send(answer(batch)).is_err() {
+                    if census && outbox.send(Reply::Census(take_census())).is_err() {
+                        break;
+                    }
+                    if !batch.is_empty() && outbox.send(Reply::Answers(answer(batch))).is_err() {
                         break;
                     }
                 }
             })
             .context("starting the thread that checks hung sockets")?;
-        Ok((Self { requests }, answers))
+        Ok((Self { requests }, replies))
     }
 
     /// Queues `batch` for the next pass; never waits.
@@ -145,7 +178,37 @@ impl HangChecker {
         if !batch.is_empty() {
             // Fails only once the thread is gone; the pending alerts are then released
             // unchecked at exit.
-            let _ = self.requests.send(batch);
+            let _ = self.requests.send(Job::Checks(batch));
+        }
+    }
+
+    /// Asks for the sockets in a teardown state in every namespace, for the engine to follow
+    /// those whose events it missed ([`Correlator::reconcile`]); never waits.
+    ///
+    /// [`Correlator::reconcile`]: tcpclose::teardown::Correlator::reconcile
+    pub fn census(&self) {
+        let _ = self.requests.send(Job::Census);
+    }
+}
+
+/// The sockets in a teardown state, in every network namespace, as the engine adopts them.
+fn take_census() -> Vec<ExistingSocket> {
+    let seen_ns = crate::run::now_ns();
+    match sockets::snapshot_all_namespaces() {
+        Ok(all) => all
+            .into_iter()
+            .filter(|s| Phase::of(s.state).is_some())
+            .map(|s| ExistingSocket {
+                family: s.family,
+                local: s.local,
+                remote: s.remote,
+                state: s.state,
+                seen_ns,
+            })
+            .collect(),
+        Err(err) => {
+            eprintln!("tcpclose: warning: cannot list sockets to find missed hangs: {err:#}");
+            Vec::new()
         }
     }
 }
@@ -418,6 +481,11 @@ mod tests {
         // A timewait socket with the same 4-tuple is not the full socket.
         let tw = socket(TcpState::TimeWait, true, 0, 1000);
         assert_eq!(judge(&a, &[&tw], 0), Verdict::Gone);
+        // Unless the engine missed the handoff to it: it holds the hang on.
+        let fw2 = alert(hung(false), Phase::FinWait2, SocketKey::Full(1));
+        let orphan = socket(TcpState::FinWait2, true, 0, 30_000);
+        assert_eq!(judge(&fw2, &[&orphan], 0), Verdict::HandedOver);
+        assert_eq!(judge(&fw2, &[&tw], 0), Verdict::Gone);
     }
 
     #[test]

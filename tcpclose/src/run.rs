@@ -29,7 +29,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
     cli::Cli,
-    hang_check::{Answer, HangChecker, MAX_PENDING, PendingAlerts, Verdict, needs_check},
+    hang_check::{Answer, HangChecker, MAX_PENDING, PendingAlerts, Reply, Verdict, needs_check},
     metrics::{self, EventTotals, Metrics},
     output::Output,
     sockets, system,
@@ -47,6 +47,9 @@ const GROUPS_SHOWN: usize = 10;
 /// How often the ring buffer is drained when the kernel program has not asked for it (it only
 /// wakes the consumer once a backlog builds up). Bounds the delay from kernel to output.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How often, at most, the kernel's sockets in teardown states are listed to find those whose
+/// events were missed or lost (only when some were).
+const CENSUS_INTERVAL: Duration = Duration::from_secs(5);
 /// How long the hang checks under way at exit may take before their alerts are reported
 /// unchecked.
 const FINAL_CHECKS: Duration = Duration::from_secs(5);
@@ -132,6 +135,10 @@ pub async fn run(cli: Cli) -> Result<()> {
     let mut session = Session::new(view, tracer.timewait_jiffy_ns().unwrap_or(0), out);
     // After the capabilities are dropped: the thread inherits what is left.
     let mut answers = session.start_hang_checks()?;
+    let mut census = tokio::time::interval(CENSUS_INTERVAL);
+    census.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Events missed or lost at the last census.
+    let mut census_gaps = 0;
     if cli.events {
         eprintln!("Tracing TCP state changes... Hit Ctrl-C to end.");
     } else {
@@ -160,6 +167,15 @@ pub async fn run(cli: Cli) -> Result<()> {
                 });
             }
             Some(batch) = next_answers(&mut answers) => session.on_answers(batch),
+            _ = census.tick(), if answers.is_some() => {
+                // Events missed or lost since the last census: some sockets may be unfollowed.
+                let counters = tracer.counters()?;
+                let gaps = tracer.missed()? + counters.lost + counters.timewait_lost;
+                if gaps > census_gaps {
+                    census_gaps = gaps;
+                    session.census();
+                }
+            }
             _ = tick.tick() => {}
         }
         let pass_ns = now_ns();
@@ -204,6 +220,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         teardowns: session.teardowns,
         hung_alerts: session.hung_alerts,
         hung_deferred: session.hung_deferred,
+        census_corrected: session.census_corrected,
         duration_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
         ..Summary::default()
     };
@@ -293,6 +310,8 @@ struct Session {
     hung_alerts: u64,
     /// Hangs whose report waited for a later sweep: too many checks were under way.
     hung_deferred: u64,
+    /// Sockets in a teardown state that a census found unfollowed or in another state.
+    census_corrected: u64,
     undecodable: u64,
     write_error: Option<io::Error>,
     lag: Lag,
@@ -309,6 +328,7 @@ impl Session {
             teardowns: 0,
             hung_alerts: 0,
             hung_deferred: 0,
+            census_corrected: 0,
             undecodable: 0,
             write_error: None,
             lag: Lag::new(),
@@ -464,14 +484,33 @@ impl Session {
         Ok(Some(answers))
     }
 
-    /// Takes the answers of a pass of hang checks, and reports what they made ready.
-    fn on_answers(&mut self, answers: Vec<Answer>) {
-        if let View::Teardowns(t) = &mut self.view {
-            for answer in answers {
-                t.pending.answered(answer);
+    /// Takes what the hang checker answered: checks, whose alerts it reports once ready, or a
+    /// census, whose unfollowed sockets the engine adopts.
+    fn on_answers(&mut self, reply: Reply) {
+        let View::Teardowns(t) = &mut self.view else {
+            return;
+        };
+        match reply {
+            Reply::Answers(answers) => {
+                for answer in answers {
+                    t.pending.answered(answer);
+                }
+                self.release_alerts(false);
+            }
+            Reply::Census(found) => {
+                self.census_corrected += t.correlator.reconcile(&found) as u64;
             }
         }
-        self.release_alerts(false);
+    }
+
+    /// Asks for a census of the kernel's sockets in teardown states, when hangs are checked:
+    /// after events were missed or lost, some sockets may not be followed.
+    fn census(&mut self) {
+        if let View::Teardowns(t) = &self.view
+            && let Some(checker) = &t.checker
+        {
+            checker.census();
+        }
     }
 
     /// Whether hang checks are still under way.
@@ -749,6 +788,10 @@ fn settle(
         Verdict::Gone => {
             correlator.socket_gone(alert.key);
         }
+        Verdict::HandedOver => {
+            correlator.handed_over_unseen(alert.key);
+            return Some(alert);
+        }
         Verdict::Elsewhere => correlator.withdraw_hang(alert.key),
         Verdict::InTimeWait { since_ns } => {
             if let SocketKey::Timewait(tw) = alert.key {
@@ -768,10 +811,10 @@ fn settle(
 }
 
 /// Where the hang checks' answers come.
-type AnswerInbox = tokio::sync::mpsc::UnboundedReceiver<Vec<Answer>>;
+type AnswerInbox = tokio::sync::mpsc::UnboundedReceiver<Reply>;
 
 /// The next answers, or never when hangs are not checked.
-async fn next_answers(inbox: &mut Option<AnswerInbox>) -> Option<Vec<Answer>> {
+async fn next_answers(inbox: &mut Option<AnswerInbox>) -> Option<Reply> {
     match inbox {
         Some(inbox) => inbox.recv().await,
         None => std::future::pending().await,

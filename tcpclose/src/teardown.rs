@@ -586,6 +586,65 @@ impl Correlator {
         self.existing.insert(tuple, life);
     }
 
+    /// Reconciles the engine with `found`, a census of the kernel's sockets in teardown states
+    /// made because events were missed or lost (the kernel skips a program run nested in another
+    /// on the same CPU), so that no hang goes unseen:
+    /// - a socket not followed here is followed from now on, as [`Correlator::adopt_existing`]
+    ///   does at start-up (its age counts from the census);
+    /// - a full socket followed here in another state than the kernel's, since before the
+    ///   census, missed a transition: it moves on to the kernel's state (a hang reported in the
+    ///   old one is resolved), its life marked incomplete and its age counted from the census.
+    ///
+    /// Only states that can be reported hung are looked at. Returns how many sockets changed.
+    pub fn reconcile(&mut self, found: &[ExistingSocket]) -> usize {
+        let lives_by_tuple: HashMap<Tuple, u64> = self
+            .lives
+            .iter()
+            .map(|(skaddr, life)| (life.tuple, *skaddr))
+            .collect();
+        let followed: std::collections::HashSet<Tuple> = self
+            .timewait
+            .values()
+            .map(|handoff| handoff.life.tuple)
+            .chain(self.handoffs.keys().copied())
+            .chain(self.unclaimed.keys().copied())
+            .chain(self.existing.keys().copied())
+            .collect();
+        let mut changed = 0;
+        for socket in found {
+            if self.watched.threshold(socket.state).is_none() {
+                continue;
+            }
+            let tuple = Tuple::new(&socket.local, &socket.remote);
+            if let Some(&skaddr) = lives_by_tuple.get(&tuple) {
+                let Some(life) = self.lives.get_mut(&skaddr) else {
+                    continue;
+                };
+                let behind = life.state != socket.state
+                    && life
+                        .since_ns
+                        .get()
+                        .is_none_or(|since| since < socket.seen_ns);
+                if behind {
+                    let before = life.phase();
+                    life.state = socket.state;
+                    life.since_ns = MaybeNs::at(socket.seen_ns);
+                    life.since_is_lower_bound = true;
+                    life.complete = false;
+                    let after = life.phase();
+                    let key = SocketKey::Full(skaddr);
+                    phase_changed(&mut self.alerts, life, key, before, after, socket.seen_ns);
+                    self.due.lower_full(life.next_report(&self.watched));
+                    changed += 1;
+                }
+            } else if !followed.contains(&tuple) && self.len() < self.max_sockets {
+                self.adopt_existing(socket);
+                changed += 1;
+            }
+        }
+        changed
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -657,6 +716,25 @@ impl Correlator {
         if let Some(life) = life {
             life.hung_at_ns = MaybeNs::UNKNOWN;
         }
+    }
+
+    /// What sock_diag says of a full socket followed here: it is gone, but a timewait socket has
+    /// its 4-tuple, in the state the engine has the full socket in. The handoff to it
+    /// (`tcp_time_wait()`, then `-> CLOSE`) was missed: the life goes on as that of a socket
+    /// found in the kernel, by 4-tuple, which the timewait socket's next timer event ends.
+    /// Returns whether it was followed.
+    pub fn handed_over_unseen(&mut self, key: SocketKey) -> bool {
+        let SocketKey::Full(skaddr) = key else {
+            return false;
+        };
+        let Some(life) = self.lives.remove(&skaddr) else {
+            return false;
+        };
+        self.losses.unfinished += 1;
+        let tuple = life.tuple;
+        self.due.lower_existing(life.next_report(&self.watched));
+        self.existing.entry(tuple).or_insert(life);
+        true
     }
 
     /// What sock_diag says of a full socket followed here (or one found at start-up): no socket

@@ -240,6 +240,10 @@ pub struct Summary {
     /// Hangs whose report waited for a later sweep because too many checks were under way
     /// (memory for them is bounded): reported late, not lost.
     pub hung_deferred: u64,
+    /// Sockets in a teardown state that a census of the kernel's sockets (made when events were
+    /// missed or lost) found unfollowed, or followed in another state: followed from then on as
+    /// the kernel has them, for their hangs.
+    pub census_corrected: u64,
     /// Timewait timer events the timer programs accepted (`timewait_events + timewait_lost`),
     /// received, and dropped because the ring buffer was full.
     pub timewait_matched: u64,
