@@ -229,25 +229,24 @@ fn daemonset_mounts_only_btf_read_only() {
         .as_array()
         .expect("volumeMounts");
     // tracefs is not needed: the programs are raw tracepoints, checked against the BTF.
-    for path in ["/sys/kernel/btf"] {
-        let mount = mounts
-            .iter()
-            .find(|m| m["mountPath"] == path)
-            .unwrap_or_else(|| panic!("no volumeMount at {path}"));
-        assert_eq!(mount["readOnly"], true, "{path} is mounted read-only");
-        let volume = volumes
-            .iter()
-            .find(|v| v["name"] == mount["name"])
-            .unwrap_or_else(|| panic!("no volume {} for {path}", mount["name"]));
-        assert_eq!(
-            volume["hostPath"]["path"], path,
-            "{path} comes from the host"
-        );
-        assert_eq!(
-            volume["hostPath"]["type"], "Directory",
-            "{path} must exist on the host"
-        );
-    }
+    let path = "/sys/kernel/btf";
+    let mount = mounts
+        .iter()
+        .find(|m| m["mountPath"] == path)
+        .unwrap_or_else(|| panic!("no volumeMount at {path}"));
+    assert_eq!(mount["readOnly"], true, "{path} is mounted read-only");
+    let volume = volumes
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("no volume {} for {path}", mount["name"]));
+    assert_eq!(
+        volume["hostPath"]["path"], path,
+        "{path} comes from the host"
+    );
+    assert_eq!(
+        volume["hostPath"]["type"], "Directory",
+        "{path} must exist on the host"
+    );
     // Nothing else from the host's file system, and nothing writable.
     assert_eq!(mounts.len(), 1, "{mounts:?}");
     assert!(volumes.iter().all(|v| v["hostPath"].is_object()));
