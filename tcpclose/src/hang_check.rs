@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use tcpclose::{
+    event::TcpState,
     hung::{Alert, AlertKind, Holder, SocketKey},
     teardown::{ExistingSocket, Phase, TIMEWAIT_LEN_NS},
 };
@@ -71,7 +72,7 @@ pub fn judge(alert: &Alert, found: &[&SocketInfo], now_ns: u64) -> Verdict {
             return Verdict::Confirmed { inode: 0 };
         }
         return match timewait()
-            .filter(|i| i.state == tcpclose::event::TcpState::TimeWait)
+            .filter(|i| i.state == TcpState::TimeWait)
             .find_map(|i| i.timewait_remaining_ms())
         {
             Some(remaining_ms) => {
@@ -125,8 +126,8 @@ pub struct Answer {
 /// What the [`HangChecker`] is asked.
 enum Job {
     Checks(Vec<Request>),
-    /// List the sockets in teardown states, in every network namespace.
-    Census,
+    /// List the sockets in these states, in every network namespace.
+    Census(Vec<TcpState>),
 }
 
 /// What the [`HangChecker`] answers.
@@ -154,14 +155,16 @@ impl HangChecker {
             .spawn(move || {
                 while let Ok(job) = inbox.recv() {
                     // Everything asked since the last pass, in one pass.
-                    let (mut batch, mut census) = (Vec::new(), false);
+                    let (mut batch, mut census) = (Vec::new(), None);
                     for job in std::iter::once(job).chain(inbox.try_iter()) {
                         match job {
                             Job::Checks(checks) => batch.extend(checks),
-                            Job::Census => census = true,
+                            Job::Census(states) => census = Some(states),
                         }
                     }
-                    if census && outbox.send(Reply::Census(take_census())).is_err() {
+                    if let Some(states) = census
+                        && outbox.send(Reply::Census(take_census(&states))).is_err()
+                    {
                         break;
                     }
                     if !batch.is_empty() && outbox.send(Reply::Answers(answer(batch))).is_err() {
@@ -186,18 +189,20 @@ impl HangChecker {
     /// those whose events it missed ([`Correlator::reconcile`]); never waits.
     ///
     /// [`Correlator::reconcile`]: tcpclose::teardown::Correlator::reconcile
-    pub fn census(&self) {
-        let _ = self.requests.send(Job::Census);
+    pub fn census(&self, states: Vec<TcpState>) {
+        if !states.is_empty() {
+            let _ = self.requests.send(Job::Census(states));
+        }
     }
 }
 
-/// The sockets in a teardown state, in every network namespace, as the engine adopts them.
-fn take_census() -> Vec<ExistingSocket> {
+/// The sockets in `states`, in every network namespace, as the engine adopts them. The kernel
+/// leaves the other states out of its dumps: under churn, these are few unless they hang.
+fn take_census(states: &[TcpState]) -> Vec<ExistingSocket> {
     let seen_ns = crate::run::now_ns();
-    match sockets::snapshot_all_namespaces() {
+    match sockets::snapshot_all_namespaces_in(states) {
         Ok(all) => all
             .into_iter()
-            .filter(|s| Phase::of(s.state).is_some())
             .map(|s| ExistingSocket {
                 family: s.family,
                 local: s.local,

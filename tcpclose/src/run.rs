@@ -168,10 +168,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Some(batch) = next_answers(&mut answers) => session.on_answers(batch),
             _ = census.tick(), if answers.is_some() => {
-                // Events missed or lost since the last census: some sockets may be unfollowed.
+                // Events missed or lost since the last census: some sockets may be unfollowed or
+                // followed in a state they have left. What a census finds, the next confirms.
                 let counters = tracer.counters()?;
                 let gaps = tracer.missed()? + counters.lost + counters.timewait_lost;
-                if gaps > census_gaps {
+                if gaps > census_gaps || session.census_pending() {
                     census_gaps = gaps;
                     session.census();
                 }
@@ -509,8 +510,13 @@ impl Session {
         if let View::Teardowns(t) = &self.view
             && let Some(checker) = &t.checker
         {
-            checker.census();
+            checker.census(t.correlator.census_states());
         }
+    }
+
+    /// Whether the last census found sockets that the next is to confirm.
+    fn census_pending(&self) -> bool {
+        matches!(&self.view, View::Teardowns(t) if t.correlator.census_pending())
     }
 
     /// Whether hang checks are still under way.

@@ -125,11 +125,19 @@ pub enum TimerKind {
 }
 
 /// Every TCP socket, IPv4 and IPv6, in all states, in the calling thread's network namespace.
+#[cfg(test)]
 pub fn snapshot() -> Result<Vec<SocketInfo>> {
+    snapshot_in(&TcpState::ALL)
+}
+
+/// The TCP sockets in `states` (timewait sockets by their substate), IPv4 and IPv6, in the
+/// calling thread's network namespace: the kernel leaves the others out of its dump.
+pub fn snapshot_in(states: &[TcpState]) -> Result<Vec<SocketInfo>> {
+    let mask = states_mask(states);
     let mut diag = Diag::open()?;
     let mut sockets = Vec::new();
     for family in [AF_INET, AF_INET6] {
-        let request = request(family, SockId::default());
+        let request = request_in(family, SockId::default(), mask);
         diag.dump(&request, |socket| sockets.push(socket))
             .with_context(|| format!("listing {} TCP sockets", family_name(family)))?;
     }
@@ -140,7 +148,13 @@ pub fn snapshot() -> Result<Vec<SocketInfo>> {
 /// [`lookup_all_namespaces`] finds and enters them; one that refuses entry is skipped). The
 /// tracepoint sees every namespace: so must the start-up snapshot.
 pub fn snapshot_all_namespaces() -> Result<Vec<SocketInfo>> {
-    let mut sockets = snapshot()?;
+    snapshot_all_namespaces_in(&TcpState::ALL)
+}
+
+/// [`snapshot_all_namespaces`] of the sockets in `states` only.
+pub fn snapshot_all_namespaces_in(states: &[TcpState]) -> Result<Vec<SocketInfo>> {
+    let states = states.to_vec();
+    let mut sockets = snapshot_in(&states)?;
     let namespaces = other_namespaces(current_netns()?)?;
     if namespaces.is_empty() {
         return Ok(sockets);
@@ -156,7 +170,7 @@ pub fn snapshot_all_namespaces() -> Result<Vec<SocketInfo>> {
                 if enter_netns(&file, &netns.path).is_err() {
                     continue;
                 }
-                if let Ok(mut in_netns) = snapshot() {
+                if let Ok(mut in_netns) = snapshot_in(&states) {
                     found.append(&mut in_netns);
                 }
             }
@@ -601,6 +615,19 @@ impl SockId {
 /// A `nlmsghdr` and `inet_diag_req_v2` for TCP in `family`, all states, asking for `tcp_info`;
 /// flags and sequence number are set by [`Diag::exchange`].
 fn request(family: u8, id: SockId) -> Vec<u8> {
+    request_in(family, id, ALL_STATES)
+}
+
+/// `idiag_states` for `states`: bit N for TCP state N (see [`ALL_STATES`]).
+fn states_mask(states: &[TcpState]) -> u32 {
+    states
+        .iter()
+        .fold(0, |mask, &state| mask | 1 << (state as u32))
+        & ALL_STATES
+}
+
+/// An `inet_diag_req_v2` for `family` sockets matching `id`, in the states of `mask`.
+fn request_in(family: u8, id: SockId, mask: u32) -> Vec<u8> {
     let mut msg = Vec::with_capacity(NLMSG_HDRLEN + REQ_LEN);
     msg.extend_from_slice(&((NLMSG_HDRLEN + REQ_LEN) as u32).to_ne_bytes());
     msg.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
@@ -611,7 +638,7 @@ fn request(family: u8, id: SockId) -> Vec<u8> {
     msg.push(libc::IPPROTO_TCP as u8);
     msg.push(1 << (INET_DIAG_INFO - 1)); // idiag_ext
     msg.push(0);
-    msg.extend_from_slice(&ALL_STATES.to_ne_bytes());
+    msg.extend_from_slice(&mask.to_ne_bytes());
     msg.extend_from_slice(&id.sport.to_be_bytes());
     msg.extend_from_slice(&id.dport.to_be_bytes());
     msg.extend_from_slice(&id.src);
@@ -741,6 +768,17 @@ fn read_i32(bytes: &[u8], at: usize) -> Option<i32> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_kernel_is_asked_for_the_states_wanted() {
+        use super::*;
+        assert_eq!(states_mask(&TcpState::ALL), ALL_STATES);
+        assert_eq!(
+            states_mask(&[TcpState::CloseWait, TcpState::FinWait2]),
+            1 << 8 | 1 << 5
+        );
+        assert_eq!(states_mask(&[]), 0);
+    }
+
     use std::{
         io::Write as _,
         net::{Shutdown, TcpListener, TcpStream},

@@ -439,6 +439,9 @@ pub struct Correlator {
     /// Sockets in a teardown state found at start-up, by 4-tuple, until an event reveals their
     /// kernel address.
     existing: HashMap<Tuple, Life>,
+    /// What the last census found and the next is to confirm (see [`Correlator::reconcile`]):
+    /// by 4-tuple, the state and when that census saw it.
+    census_candidates: HashMap<Tuple, (TcpState, u64)>,
     /// Timewait sockets whose timer was cancelled: killed, unless the timer is queued again or
     /// fires within [`CANCEL_GRACE_NS`].
     cancelled: PendingCancels,
@@ -506,6 +509,7 @@ impl Correlator {
             cancelled: PendingCancels::default(),
             unclaimed: HashMap::new(),
             existing: HashMap::new(),
+            census_candidates: HashMap::new(),
             max_sockets: max_sockets.max(8),
             handoff_wait_ns: 2_000_000_000,
             armed_before_close: false,
@@ -586,16 +590,33 @@ impl Correlator {
         self.existing.insert(tuple, life);
     }
 
-    /// Reconciles the engine with `found`, a census of the kernel's sockets in teardown states
-    /// made because events were missed or lost (the kernel skips a program run nested in another
-    /// on the same CPU), so that no hang goes unseen:
-    /// - a socket not followed here is followed from now on, as [`Correlator::adopt_existing`]
-    ///   does at start-up (its age counts from the census);
+    /// The states a census lists (see [`Correlator::reconcile`]): those that can be reported
+    /// hung.
+    pub fn census_states(&self) -> Vec<TcpState> {
+        TcpState::ALL
+            .into_iter()
+            .filter(|&state| self.watched.threshold(state).is_some())
+            .collect()
+    }
+
+    /// Whether the last census found sockets that the next one is to confirm.
+    pub fn census_pending(&self) -> bool {
+        !self.census_candidates.is_empty()
+    }
+
+    /// Reconciles the engine with `found`, a census of the kernel's sockets in the states of
+    /// [`Correlator::census_states`], made because events were missed or lost (the kernel skips
+    /// a program run nested in another on the same CPU), so that no hang goes unseen:
+    /// - a socket not followed here is followed from then on, as [`Correlator::adopt_existing`]
+    ///   does at start-up;
     /// - a full socket followed here in another state than the kernel's, since before the
     ///   census, missed a transition: it moves on to the kernel's state (a hang reported in the
-    ///   old one is resolved), its life marked incomplete and its age counted from the census.
+    ///   old one is resolved), its life marked incomplete.
     ///
-    /// Only states that can be reported hung are looked at. Returns how many sockets changed.
+    /// A socket is taken as the census shows it only when two censuses in a row show it so
+    /// (this one and the last): a census reads the kernel while events are on their way, and a
+    /// socket passing through a state must not be mistaken for one stuck there. Its age counts
+    /// from the first. Returns how many sockets changed.
     pub fn reconcile(&mut self, found: &[ExistingSocket]) -> usize {
         let lives_by_tuple: HashMap<Tuple, u64> = self
             .lives
@@ -610,37 +631,57 @@ impl Correlator {
             .chain(self.unclaimed.keys().copied())
             .chain(self.existing.keys().copied())
             .collect();
+        let last = std::mem::take(&mut self.census_candidates);
         let mut changed = 0;
         for socket in found {
             if self.watched.threshold(socket.state).is_none() {
                 continue;
             }
             let tuple = Tuple::new(&socket.local, &socket.remote);
-            if let Some(&skaddr) = lives_by_tuple.get(&tuple) {
-                let Some(life) = self.lives.get_mut(&skaddr) else {
+            let life = lives_by_tuple.get(&tuple).copied();
+            let differs = match life.and_then(|skaddr| self.lives.get(&skaddr)) {
+                Some(life) => life.state != socket.state,
+                None => !followed.contains(&tuple),
+            };
+            if !differs {
+                continue;
+            }
+            let first_ns = match last.get(&tuple) {
+                Some(&(state, first_ns)) if state == socket.state => first_ns,
+                _ => {
+                    self.census_candidates
+                        .insert(tuple, (socket.state, socket.seen_ns));
                     continue;
-                };
-                let behind = life.state != socket.state
-                    && life
-                        .since_ns
-                        .get()
-                        .is_none_or(|since| since < socket.seen_ns);
-                if behind {
+                }
+            };
+            match life {
+                Some(skaddr) => {
+                    let Some(life) = self.lives.get_mut(&skaddr) else {
+                        continue;
+                    };
+                    if life.since_ns.get().is_some_and(|since| since >= first_ns) {
+                        // It changed state since the first census: the engine is not behind.
+                        continue;
+                    }
                     let before = life.phase();
                     life.state = socket.state;
-                    life.since_ns = MaybeNs::at(socket.seen_ns);
+                    life.since_ns = MaybeNs::at(first_ns);
                     life.since_is_lower_bound = true;
                     life.complete = false;
                     let after = life.phase();
                     let key = SocketKey::Full(skaddr);
                     phase_changed(&mut self.alerts, life, key, before, after, socket.seen_ns);
                     self.due.lower_full(life.next_report(&self.watched));
-                    changed += 1;
                 }
-            } else if !followed.contains(&tuple) && self.len() < self.max_sockets {
-                self.adopt_existing(socket);
-                changed += 1;
+                None if self.len() < self.max_sockets => {
+                    self.adopt_existing(&ExistingSocket {
+                        seen_ns: first_ns,
+                        ..*socket
+                    });
+                }
+                None => continue,
             }
+            changed += 1;
         }
         changed
     }
