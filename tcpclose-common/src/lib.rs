@@ -47,6 +47,23 @@ pub const AF_INET6: u16 = 10;
 /// `IPPROTO_TCP`; the tracepoint also fires for SCTP and MPTCP sockets.
 pub const IPPROTO_TCP: u16 = 6;
 
+/// TCP states as the kernel numbers them (`include/net/tcp_states.h`): in the tracepoint's
+/// arguments, in a timewait socket's `tw_substate`, in sock_diag and `/proc/net/tcp`.
+pub mod tcp_state {
+    pub const ESTABLISHED: i32 = 1;
+    pub const SYN_SENT: i32 = 2;
+    pub const SYN_RECV: i32 = 3;
+    pub const FIN_WAIT1: i32 = 4;
+    pub const FIN_WAIT2: i32 = 5;
+    pub const TIME_WAIT: i32 = 6;
+    pub const CLOSE: i32 = 7;
+    pub const CLOSE_WAIT: i32 = 8;
+    pub const LAST_ACK: i32 = 9;
+    pub const LISTEN: i32 = 10;
+    pub const CLOSING: i32 = 11;
+    pub const NEW_SYN_RECV: i32 = 12;
+}
+
 /// Whether a system call on the socket made the state change `old -> new` (`TCP_*` numbers,
 /// include/net/tcp_states.h), so that the current task is the socket's owner. The others are
 /// driven by an arriving segment (softirq, on the stack of whichever task was running) or a
@@ -58,13 +75,7 @@ pub const IPPROTO_TCP: u16 = 6;
 ///   (`tcp_close_state` via `tcp_close` or `tcp_shutdown`).
 #[inline(always)]
 pub fn made_by_syscall(old: i32, new: i32) -> bool {
-    const ESTABLISHED: i32 = 1;
-    const SYN_SENT: i32 = 2;
-    const FIN_WAIT1: i32 = 4;
-    const CLOSE: i32 = 7;
-    const CLOSE_WAIT: i32 = 8;
-    const LAST_ACK: i32 = 9;
-    const LISTEN: i32 = 10;
+    use tcp_state::*;
     matches!(
         (old, new),
         (CLOSE, SYN_SENT)
@@ -256,11 +267,41 @@ pub const TIMEWAIT_EVENT_SIZE: usize = 80;
 const _: () = assert!(core::mem::size_of::<TimewaitEvent>() == TIMEWAIT_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<TimewaitEvent>() == 8);
 
+/// Ring buffer records as bytes and back, for [`aya::Pod`] types only: `repr(C)`, every byte
+/// a field (no implicit padding to expose), every bit pattern a valid value.
+#[cfg(feature = "user")]
+pub mod record_bytes {
+    /// The bytes of `record`, as the kernel programs write them into the ring buffer.
+    pub fn of<T: aya::Pod>(record: &T) -> &[u8] {
+        // SAFETY: `T: Pod` has no padding and no invalid bit pattern; the slice borrows
+        // `record` for its whole size.
+        unsafe {
+            core::slice::from_raw_parts(
+                (record as *const T).cast::<u8>(),
+                core::mem::size_of::<T>(),
+            )
+        }
+    }
+
+    /// The record in `bytes`, or `None` when they are not exactly one record long.
+    pub fn read<T: aya::Pod>(bytes: &[u8]) -> Option<T> {
+        if bytes.len() != core::mem::size_of::<T>() {
+            return None;
+        }
+        // SAFETY: the length is checked above; every bit pattern is a valid `T: Pod`;
+        // `read_unaligned` makes no alignment assumption.
+        Some(unsafe { core::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all are `repr(C)`, made of integers and byte arrays, with all padding explicit.
+    // SAFETY: `repr(C)`, made of integers and byte arrays, every padding byte an explicit
+    // field; every bit pattern is a valid value. The same holds for the two records below.
     unsafe impl aya::Pod for super::Config {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TransitionEvent {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::TimewaitEvent {}
 }
 

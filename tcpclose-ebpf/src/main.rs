@@ -28,14 +28,17 @@ use tcpclose_common::{
     made_by_syscall, record_kind, sock_common as skc, timer_action,
 };
 
+// The maps are named after their statics (`EVENTS_MAP`, `COUNTERS_MAP` and `PORT_FILTER_MAP` in
+// tcpclose-common, which the loader looks up; a test of the loader checks the built object).
+
 /// Resized by the loader (`EbpfLoader::set_max_entries`) before loading.
-#[map(name = "EVENTS")]
+#[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_RING_BYTES, 0);
 
-#[map(name = "COUNTERS")]
+#[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIES, 0);
 
-#[map(name = "PORT_FILTER")]
+#[map]
 static PORT_FILTER: Array<u8> = Array::with_max_entries(PORT_FILTER_ENTRIES, 0);
 
 /// Set by the loader before loading; lives in .rodata, so the verifier treats it as constant.
@@ -217,11 +220,10 @@ fn on_transition(sk: u64, oldstate: i32, newstate: i32) {
     entry.submit(submit_flags(&config));
 }
 
-// `TCP_*` states (include/net/tcp_states.h).
-const TCP_ESTABLISHED: i32 = 1;
-const TCP_SYN_SENT: i32 = 2;
-const TCP_SYN_RECV: i32 = 3;
-const TCP_CLOSE: i32 = 7;
+use tcpclose_common::tcp_state::{
+    CLOSE as TCP_CLOSE, ESTABLISHED as TCP_ESTABLISHED, SYN_RECV as TCP_SYN_RECV,
+    SYN_SENT as TCP_SYN_SENT,
+};
 
 /// `TASK_COMM_LEN`.
 const COMM_LEN: u32 = 16;

@@ -49,6 +49,7 @@ impl Counting {
 // SAFETY: every call goes to the system allocator as it came; the counters only observe.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc`, passed on as it came.
         let ptr = unsafe { System.alloc(layout) };
         if !ptr.is_null() {
             Self::count(layout.size() as isize);
@@ -58,10 +59,12 @@ unsafe impl GlobalAlloc for Counting {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         Self::count(-(layout.size() as isize));
+        // SAFETY: `ptr` came from this allocator, hence from `System`, with this layout.
         unsafe { System.dealloc(ptr, layout) }
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract for `alloc_zeroed`, passed on as it came.
         let ptr = unsafe { System.alloc_zeroed(layout) };
         if !ptr.is_null() {
             Self::count(layout.size() as isize);
@@ -70,6 +73,7 @@ unsafe impl GlobalAlloc for Counting {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: `ptr` came from `System` with `layout`; the caller's contract for `realloc`.
         let new = unsafe { System.realloc(ptr, layout, new_size) };
         if !new.is_null() {
             Self::count(new_size as isize - layout.size() as isize);

@@ -8,25 +8,25 @@ use std::{
 
 use tcpclose_common::{
     AF_INET, AF_INET6, TIMEWAIT_EVENT_SIZE, TRANSITION_EVENT_SIZE, TimewaitEvent, TransitionEvent,
-    record_kind, timer_action,
+    record_kind, tcp_state, timer_action,
 };
 
 /// A TCP state, numbered as the kernel numbers them (`include/net/tcp_states.h`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]
 pub enum TcpState {
-    Established = 1,
-    SynSent = 2,
-    SynRecv = 3,
-    FinWait1 = 4,
-    FinWait2 = 5,
-    TimeWait = 6,
-    Close = 7,
-    CloseWait = 8,
-    LastAck = 9,
-    Listen = 10,
-    Closing = 11,
-    NewSynRecv = 12,
+    Established = tcp_state::ESTABLISHED as u8,
+    SynSent = tcp_state::SYN_SENT as u8,
+    SynRecv = tcp_state::SYN_RECV as u8,
+    FinWait1 = tcp_state::FIN_WAIT1 as u8,
+    FinWait2 = tcp_state::FIN_WAIT2 as u8,
+    TimeWait = tcp_state::TIME_WAIT as u8,
+    Close = tcp_state::CLOSE as u8,
+    CloseWait = tcp_state::CLOSE_WAIT as u8,
+    LastAck = tcp_state::LAST_ACK as u8,
+    Listen = tcp_state::LISTEN as u8,
+    Closing = tcp_state::CLOSING as u8,
+    NewSynRecv = tcp_state::NEW_SYN_RECV as u8,
 }
 
 impl TcpState {
@@ -189,14 +189,9 @@ impl Record {
     }
 }
 
-/// Copies a plain-old-data record out of `bytes` after checking its length.
-fn read_record<T: Copy>(bytes: &[u8]) -> Result<T, DecodeError> {
-    if bytes.len() != std::mem::size_of::<T>() {
-        return Err(DecodeError::Length(bytes.len()));
-    }
-    // SAFETY: the length is checked above; the ABI structs are plain old data (every bit pattern
-    // is a valid value); `read_unaligned` makes no alignment assumption.
-    Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
+/// Copies a record out of `bytes` after checking its length.
+fn read_record<T: aya::Pod>(bytes: &[u8]) -> Result<T, DecodeError> {
+    tcpclose_common::record_bytes::read(bytes).ok_or(DecodeError::Length(bytes.len()))
 }
 
 /// The two ends of a socket from the kernel's representation (addresses in network order,
@@ -361,12 +356,8 @@ mod tests {
         }
     }
 
-    fn bytes<T: Copy>(raw: &T) -> Vec<u8> {
-        // SAFETY: the ABI structs are plain old data without implicit padding.
-        unsafe {
-            std::slice::from_raw_parts((raw as *const T).cast::<u8>(), std::mem::size_of::<T>())
-        }
-        .to_vec()
+    fn bytes<T: aya::Pod>(raw: &T) -> Vec<u8> {
+        tcpclose_common::record_bytes::of(raw).to_vec()
     }
 
     fn raw_timer() -> TimewaitEvent {

@@ -392,6 +392,43 @@ fn explain_program_error(err: ProgramError) -> anyhow::Error {
 mod tests {
     use super::*;
 
+    /// Every map, program and global the loader looks up by name (from tcpclose-common, the one
+    /// source of each name) is in the eBPF object that the build script made.
+    #[test]
+    fn the_object_has_what_the_loader_looks_up() {
+        use object::{Object as _, ObjectSection as _, ObjectSymbol as _};
+        let elf = object::File::parse(PROGRAM_OBJECT).expect("the eBPF object is an ELF file");
+        let in_section = |name: &str, section: &str| {
+            elf.symbols().any(|symbol| {
+                symbol.name() == Ok(name)
+                    && symbol
+                        .section_index()
+                        .and_then(|i| elf.section_by_index(i).ok())
+                        .is_some_and(|s| s.name() == Ok(section))
+            })
+        };
+        for map in [EVENTS_MAP, COUNTERS_MAP, PORT_FILTER_MAP] {
+            assert!(in_section(map, "maps"), "no map {map}");
+        }
+        assert!(
+            in_section(CONFIG_GLOBAL, ".rodata"),
+            "no global {CONFIG_GLOBAL}"
+        );
+        // Each program on the raw tracepoint the loader attaches it to (aya's section names).
+        let tracepoint = format!("raw_tp/{TRANSITION_TRACEPOINT}");
+        assert!(
+            in_section(TRANSITION_PROGRAM, &tracepoint),
+            "no program {TRANSITION_PROGRAM} in {tracepoint}"
+        );
+        for (program, event) in TIMER_PROGRAMS {
+            let tracepoint = format!("raw_tp/{event}");
+            assert!(
+                in_section(program, &tracepoint),
+                "no program {program} in {tracepoint}"
+            );
+        }
+    }
+
     #[test]
     fn reads_recursion_misses_from_fdinfo() {
         let info = "pos:\t0\nflags:\t02000002\nprog_type:\t17\nrun_cnt:\t0\n\

@@ -74,10 +74,7 @@ fn config(cases: u32) -> ProptestConfig {
 
 /// The bytes of an ABI struct, as the kernel program writes them into the ring buffer.
 fn abi_bytes<T: aya::Pod>(raw: &T) -> Vec<u8> {
-    // SAFETY: `Pod` (which tcpclose-common implements for its ABI structs: `repr(C)`, integers
-    // and byte arrays, every padding byte an explicit field) promises that all the bytes of a
-    // value are initialized.
-    unsafe { std::slice::from_raw_parts((raw as *const T).cast::<u8>(), size_of::<T>()) }.to_vec()
+    tcpclose_common::record_bytes::of(raw).to_vec()
 }
 
 /// Reads `N` bytes at `at`: the ABI's fields, by offset, independently of the structs' layout.

@@ -217,14 +217,7 @@ fn test(root: &Path, kernels: Vec<KernelChoice>, args: &[OsString]) -> Result<()
     let mut failed = Vec::new();
     for choice in &kernels {
         let result = match (choice, &vng) {
-            (KernelChoice::Host, _) => {
-                let mut cmd = cargo();
-                // Every test binary runs even when an earlier one failed.
-                cmd.args(["test", "--release", "--workspace", "--no-fail-fast"])
-                    .env("TCPCLOSE_BIN", &binary)
-                    .args(args);
-                run(&mut cmd)
-            }
+            (KernelChoice::Host, _) => host_suite(&binary, args),
             (KernelChoice::Debian61, Some(vng)) => kernel::debian_6_1(&root.join("target/kernels"))
                 .and_then(|k| guest::run(vng, &k, &binary, args)),
             (KernelChoice::File(path), Some(vng)) => {
@@ -250,6 +243,47 @@ fn test(root: &Path, kernels: Vec<KernelChoice>, args: &[OsString]) -> Result<()
                 .collect::<Vec<_>>()
                 .join(", ")
         );
+    }
+    Ok(())
+}
+
+/// The host suite: the code's habits (formatting, clippy with warnings denied), then every test
+/// of the workspace, each step run even when an earlier one failed.
+fn host_suite(binary: &Path, args: &[OsString]) -> Result<()> {
+    let mut failed = Vec::new();
+    if args.is_empty() {
+        let mut fmt = cargo();
+        fmt.args(["fmt", "--all", "--check"]);
+        if let Err(err) = run(&mut fmt) {
+            eprintln!("{err:#}: run `cargo fmt --all`");
+            failed.push("cargo fmt --check");
+        }
+        let mut clippy = cargo();
+        // The eBPF crate builds for the BPF target only (the loader's build script builds it).
+        clippy.args([
+            "clippy",
+            "--release",
+            "--workspace",
+            "--exclude",
+            "tcpclose-ebpf",
+        ]);
+        clippy.args(["--all-targets", "--", "-D", "warnings"]);
+        if let Err(err) = run(&mut clippy) {
+            eprintln!("{err:#}");
+            failed.push("cargo clippy");
+        }
+    }
+    let mut test = cargo();
+    // Every test binary runs even when an earlier one failed.
+    test.args(["test", "--release", "--workspace", "--no-fail-fast"])
+        .env("TCPCLOSE_BIN", binary)
+        .args(args);
+    if let Err(err) = run(&mut test) {
+        eprintln!("{err:#}");
+        failed.push("cargo test");
+    }
+    if !failed.is_empty() {
+        bail!("{} failed", failed.join(", "));
     }
     Ok(())
 }

@@ -37,7 +37,25 @@ pub fn all(with_test_packages: bool) -> Result<()> {
     rust_src()?;
     bpf_linker()?;
     if with_test_packages {
+        lint_tools()?;
         debian_packages(TEST_PACKAGES)?;
+    }
+    Ok(())
+}
+
+/// rustfmt and clippy, which the test command runs, in the toolchain that runs xtask.
+fn lint_tools() -> Result<()> {
+    for (tool, component) in [("fmt", "rustfmt"), ("clippy", "clippy")] {
+        let present = Command::new("cargo")
+            .args([tool, "--version"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !present {
+            eprintln!("setup: adding {component} to the toolchain");
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
     }
     Ok(())
 }

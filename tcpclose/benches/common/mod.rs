@@ -16,10 +16,8 @@ pub const S: u64 = 1_000 * MS;
 pub const JIFFY_NS: u64 = 4 * MS;
 
 /// The bytes of a ring buffer record, as the kernel program writes them.
-pub fn bytes<T: Copy>(raw: &T) -> Vec<u8> {
-    // SAFETY: the ABI structs are plain old data without implicit padding.
-    unsafe { std::slice::from_raw_parts((raw as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
-        .to_vec()
+pub fn bytes<T: aya::Pod>(raw: &T) -> Vec<u8> {
+    tcpclose_common::record_bytes::of(raw).to_vec()
 }
 
 fn comm(name: &str) -> [u8; 16] {
