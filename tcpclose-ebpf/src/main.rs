@@ -22,8 +22,9 @@ use aya_ebpf::{
     maps::{Array, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
+use aya_log_ebpf::debug;
 use tcpclose_common::{
-    AF_INET6, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
+    AF_INET, AF_INET6, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
     PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, SocketLayout, TimewaitEvent, TransitionEvent,
     made_by_syscall, record_kind, sock_common as skc, timer_action,
 };
@@ -73,6 +74,7 @@ fn config() -> Config {
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
     on_transition(
+        &ctx,
         ctx.arg::<u64>(0),
         ctx.arg::<u64>(1) as i32,
         ctx.arg::<u64>(2) as i32,
@@ -146,8 +148,12 @@ fn addresses(sk: u64, ends: &Ends, layout: &SocketLayout) -> ([u8; 16], [u8; 16]
     }
 }
 
+// Diagnostics (`debug!`) go through aya-log. The loader sets its level in the read-only data
+// before loading (`AYA_LOG_LEVEL`): at its default, off, the verifier sees the level as a
+// constant and removes the logging code, so it costs nothing per event.
+
 #[inline(always)]
-fn on_transition(sk: u64, oldstate: i32, newstate: i32) {
+fn on_transition(ctx: &RawTracePointContext, sk: u64, oldstate: i32, newstate: i32) {
     let config = config();
     // A handshake's end (tcp_finish_connect() for a client, tcp_rcv_state_process() for an
     // accepted child) is a fifth of all transitions and feeds no teardown record: when nothing
@@ -160,12 +166,30 @@ fn on_transition(sk: u64, oldstate: i32, newstate: i32) {
     }
     let layout = &config.layout;
     // The tracepoint also fires for SCTP and MPTCP sockets.
-    if read_kernel::<u16>(sk + u64::from(layout.sk_protocol)) != Some(IPPROTO_TCP) {
-        return;
+    match read_kernel::<u16>(sk + u64::from(layout.sk_protocol)) {
+        Some(IPPROTO_TCP) => {}
+        Some(_) => return,
+        None => {
+            debug!(ctx, "cannot read the protocol of the socket at {:x}", sk);
+            return;
+        }
     }
     let Some(mut ends) = ends(sk, layout) else {
+        debug!(ctx, "cannot read the addresses of the socket at {:x}", sk);
         return;
     };
+    if ends.family != AF_INET && ends.family != AF_INET6 {
+        // Delivered anyway: the loader counts it undecodable.
+        debug!(ctx, "socket at {:x}: unexpected family {}", sk, ends.family);
+    }
+    if !(TCP_ESTABLISHED..=TCP_NEW_SYN_RECV).contains(&oldstate)
+        || !(TCP_ESTABLISHED..=TCP_NEW_SYN_RECV).contains(&newstate)
+    {
+        debug!(
+            ctx,
+            "socket at {:x}: unexpected state change {} -> {}", sk, oldstate, newstate
+        );
+    }
     if config.family != 0 && ends.family != config.family {
         return;
     }
@@ -221,8 +245,8 @@ fn on_transition(sk: u64, oldstate: i32, newstate: i32) {
 }
 
 use tcpclose_common::tcp_state::{
-    CLOSE as TCP_CLOSE, ESTABLISHED as TCP_ESTABLISHED, SYN_RECV as TCP_SYN_RECV,
-    SYN_SENT as TCP_SYN_SENT,
+    CLOSE as TCP_CLOSE, ESTABLISHED as TCP_ESTABLISHED, NEW_SYN_RECV as TCP_NEW_SYN_RECV,
+    SYN_RECV as TCP_SYN_RECV, SYN_SENT as TCP_SYN_SENT,
 };
 
 /// `TASK_COMM_LEN`.
@@ -253,19 +277,19 @@ fn submit_flags(config: &Config) -> u64 {
 
 #[raw_tracepoint(tracepoint = "timer_start")]
 pub fn tw_timer_start(ctx: RawTracePointContext) -> u32 {
-    on_timer(ctx.arg::<u64>(0), timer_action::START);
+    on_timer(&ctx, ctx.arg::<u64>(0), timer_action::START);
     0
 }
 
 #[raw_tracepoint(tracepoint = "timer_expire_entry")]
 pub fn tw_timer_expire(ctx: RawTracePointContext) -> u32 {
-    on_timer(ctx.arg::<u64>(0), timer_action::EXPIRE);
+    on_timer(&ctx, ctx.arg::<u64>(0), timer_action::EXPIRE);
     0
 }
 
 #[raw_tracepoint(tracepoint = "timer_cancel")]
 pub fn tw_timer_cancel(ctx: RawTracePointContext) -> u32 {
-    on_timer(ctx.arg::<u64>(0), timer_action::CANCEL);
+    on_timer(&ctx, ctx.arg::<u64>(0), timer_action::CANCEL);
     0
 }
 
@@ -277,7 +301,7 @@ fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
 }
 
 #[inline(always)]
-fn on_timer(timer: u64, action: u8) {
+fn on_timer(ctx: &RawTracePointContext, timer: u64, action: u8) {
     let config = config();
     let layout = &config.layout;
     if layout.tw_timer_handler == 0 {
@@ -289,6 +313,7 @@ fn on_timer(timer: u64, action: u8) {
     }
     let tw = timer - u64::from(layout.tw_timer);
     let Some(ends) = ends(tw, layout) else {
+        debug!(ctx, "cannot read the timewait socket at {:x}", tw);
         return;
     };
     if config.family != 0 && ends.family != config.family {

@@ -5,9 +5,13 @@ use std::time::Duration;
 use clap::Parser;
 use tcpclose_common::DEFAULT_RING_BYTES;
 
-use tcpclose::{hung::Thresholds, states::DEFAULT_MAX_SOCKETS, teardown::Phase};
+use crate::{hung::Thresholds, states::DEFAULT_MAX_SOCKETS, teardown::Phase};
 
-use crate::tracer::KernelFilter;
+use crate::{
+    render::Format,
+    settings::{Mode, Settings, TeardownSettings},
+    tracer::KernelFilter,
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -130,9 +134,47 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub btf: Option<std::path::PathBuf>,
 
+    /// Print the kernel programs' diagnostics at LEVEL and above on standard error (off, error,
+    /// warn, info, debug, trace): sockets they could not read, unexpected families or states.
+    /// For finding out why tcpclose misbehaves on some kernel; off, it costs nothing (the
+    /// verifier removes the logging code) [default: RUST_LOG's level, else off].
+    #[arg(long, value_name = "LEVEL", value_enum)]
+    pub log_level: Option<LogLevel>,
+
     /// Ring buffer size in bytes (a power of two, at least one page). For tests.
     #[arg(long, hide = true, value_parser = parse_ring_bytes, default_value_t = DEFAULT_RING_BYTES)]
     pub ring_bytes: u32,
+}
+
+/// `--log-level` values, as aya-log numbers them (`Level`: error 1 to trace 5; 0 is off).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum LogLevel {
+    Off = 0,
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+    Debug = 4,
+    Trace = 5,
+}
+
+impl LogLevel {
+    /// The level RUST_LOG asks for, as `env_logger` reads it: its last directive that names a
+    /// level alone, or `tcpclose=LEVEL`. Anything else: off.
+    pub fn from_rust_log(value: &str) -> Self {
+        use clap::ValueEnum as _;
+        value
+            .split(',')
+            .filter_map(|directive| {
+                let level = match directive.split_once('=') {
+                    Some((target, level)) if target.trim() == "tcpclose" => level,
+                    Some(_) => return None,
+                    None => directive,
+                };
+                Self::from_str(level.trim(), true).ok()
+            })
+            .next_back()
+            .unwrap_or(Self::Off)
+    }
 }
 
 /// `--group-by` values.
@@ -152,8 +194,8 @@ impl GroupByArg {
         }
     }
 
-    pub fn group_by(self) -> tcpclose::stats::GroupBy {
-        use tcpclose::stats::GroupBy;
+    pub fn group_by(self) -> crate::stats::GroupBy {
+        use crate::stats::GroupBy;
         match self {
             Self::Lport => GroupBy::Lport,
             Self::Rport => GroupBy::Rport,
@@ -194,6 +236,41 @@ fn parse_hung(s: &str) -> Result<HungSetting, String> {
 }
 
 impl Cli {
+    /// What the run does, resolved once.
+    pub fn settings(&self) -> Settings {
+        let mode = if self.events {
+            Mode::Events
+        } else {
+            Mode::Teardowns(TeardownSettings {
+                thresholds: self.hung_thresholds(),
+                interval: self.interval,
+                group_by: self.group_by.map(|g| (g.group_by(), g.name())),
+                metrics: self.metrics,
+            })
+        };
+        Settings {
+            format: if self.json {
+                Format::Json
+            } else {
+                Format::Text
+            },
+            mode,
+            filter: self.kernel_filter(),
+            ring_bytes: self.ring_bytes,
+            btf: self.btf.clone(),
+            kernel_log: self
+                .log_level
+                .or_else(|| {
+                    std::env::var("RUST_LOG")
+                        .ok()
+                        .map(|v| LogLevel::from_rust_log(&v))
+                })
+                .unwrap_or(LogLevel::Off) as u8,
+            duration: self.duration,
+            max_sockets: self.max_sockets,
+        }
+    }
+
     /// The hung thresholds: the defaults, changed by each `--hung` in order.
     pub fn hung_thresholds(&self) -> Thresholds {
         let mut t = Thresholds::DEFAULT;
@@ -289,6 +366,21 @@ mod tests {
         }
         let cli = Cli::try_parse_from(["tcpclose", "--port", "1", "--max-sockets", "1"]).unwrap();
         assert_eq!((cli.ports.as_slice(), cli.max_sockets), (&[1u16][..], 1));
+    }
+
+    #[test]
+    fn the_kernel_log_level_comes_from_the_option_or_rust_log() {
+        assert_eq!(LogLevel::from_rust_log("debug"), LogLevel::Debug);
+        assert_eq!(LogLevel::from_rust_log("TRACE"), LogLevel::Trace);
+        assert_eq!(
+            LogLevel::from_rust_log("info,tcpclose=warn"),
+            LogLevel::Warn
+        );
+        assert_eq!(LogLevel::from_rust_log("aya=debug"), LogLevel::Off);
+        assert_eq!(LogLevel::from_rust_log("nonsense"), LogLevel::Off);
+        let cli = Cli::try_parse_from(["tcpclose", "--log-level", "debug"]).unwrap();
+        assert_eq!(cli.settings().kernel_log, 4);
+        assert!(Cli::try_parse_from(["tcpclose", "--log-level", "loud"]).is_err());
     }
 
     #[test]

@@ -14,12 +14,12 @@ use std::{
     thread,
 };
 
-use anyhow::{Context as _, Result};
-use tcpclose::{
+use crate::{
     event::TcpState,
     hung::{Alert, AlertKind, Holder, SocketKey},
     teardown::{ExistingSocket, Phase, TIMEWAIT_LEN_NS},
 };
+use anyhow::{Context as _, Result};
 
 use crate::sockets::{self, SocketInfo};
 
@@ -188,7 +188,7 @@ impl HangChecker {
     /// Asks for the sockets in a teardown state in every namespace, for the engine to follow
     /// those whose events it missed ([`Correlator::reconcile`]); never waits.
     ///
-    /// [`Correlator::reconcile`]: tcpclose::teardown::Correlator::reconcile
+    /// [`Correlator::reconcile`]: crate::teardown::Correlator::reconcile
     pub fn census(&self, states: Vec<TcpState>) {
         if !states.is_empty() {
             let _ = self.requests.send(Job::Census(states));
@@ -418,7 +418,7 @@ impl PendingAlerts {
 mod tests {
     use std::net::SocketAddr;
 
-    use tcpclose::event::{Family, TcpState};
+    use crate::event::{Family, TcpState};
 
     use super::*;
 

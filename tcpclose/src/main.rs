@@ -1,20 +1,12 @@
-//! The `tcpclose` command.
-
-mod cli;
-mod hang_check;
-mod metrics;
-mod output;
-mod run;
-mod sockets;
-mod system;
-mod tracer;
+//! The `tcpclose` command: parses the command line and runs. Everything else is in the library.
 
 use std::process::ExitCode;
 
 use clap::Parser as _;
+use tcpclose::{cli::Cli, run};
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let settings = Cli::parse().settings();
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -25,7 +17,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run::run(cli)) {
+    match runtime.block_on(run::run(settings)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tcpclose: error: {err:#}");

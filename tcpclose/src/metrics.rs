@@ -16,6 +16,10 @@ use std::{
     time::Duration,
 };
 
+use crate::{
+    event::TcpState,
+    teardown::{CloseKind, Phase, Teardown},
+};
 use anyhow::{Context as _, Result};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
@@ -26,10 +30,6 @@ use prometheus_client::{
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
-};
-use tcpclose::{
-    event::TcpState,
-    teardown::{CloseKind, Phase, Teardown},
 };
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
@@ -90,6 +90,12 @@ pub struct Metrics {
     missed: Counter,
     missed_seen: u64,
     tracked: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl Metrics {
@@ -440,11 +446,11 @@ mod tests {
             events(5),
         );
         m.update(&[], &[], 0, events(9));
-        let mut phases = tcpclose::teardown::Phases::default();
+        let mut phases = crate::teardown::Phases::default();
         phases.add(Phase::CloseWait, 300_000_000);
         m.teardown(&Teardown {
             end_ns: 0,
-            family: tcpclose::event::Family::Ipv4,
+            family: crate::event::Family::Ipv4,
             local: "127.0.0.1:8080".parse().unwrap(),
             remote: "127.0.0.1:40000".parse().unwrap(),
             side: None,

@@ -26,9 +26,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::event::{Family, TcpState};
 use anyhow::{Context as _, Result, bail};
 use netlink_sys::{Socket, protocols::NETLINK_SOCK_DIAG};
-use tcpclose::event::{Family, TcpState};
 
 // ABI: include/uapi/linux/netlink.h, sock_diag.h, inet_diag.h.
 const NLMSG_HDRLEN: usize = 16;
@@ -217,7 +217,7 @@ pub fn lookup_all_namespaces(local: SocketAddr, remote: SocketAddr) -> Result<Ve
 }
 
 /// A process holding a socket.
-pub use tcpclose::hung::Holder as Owner;
+pub use crate::hung::Holder as Owner;
 
 /// Which processes hold which socket inodes: one pass over `/proc/*/fd`.
 #[derive(Debug, Default)]

@@ -7,13 +7,13 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use crate::{btf::Btf, kernel_layout};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, RawTracePoint},
 };
-use tcpclose::{btf::Btf, kernel_layout};
 use tcpclose_common::{
     AF_INET, AF_INET6, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP, PORT_FILTER_MAP,
     PORT_LOCAL, PORT_REMOTE, SocketLayout, TIMER_PROGRAMS, TRANSITION_PROGRAM,
@@ -59,8 +59,8 @@ impl KernelFilter {
     }
 
     /// Whether a socket passes the filters, as the kernel programs decide it.
-    pub fn admits(&self, family: tcpclose::event::Family, local: u16, remote: u16) -> bool {
-        use tcpclose::event::Family;
+    pub fn admits(&self, family: crate::event::Family, local: u16, remote: u16) -> bool {
+        use crate::event::Family;
         let family_ok = match family {
             Family::Ipv4 => !self.ipv6_only,
             Family::Ipv6 => !self.ipv4_only,
@@ -109,6 +109,28 @@ pub struct Tracer {
     counters: PerCpuArray<MapData, u64>,
     /// The kernel's jiffy (ns) when timewait sockets are followed.
     timewait_jiffy_ns: Option<u64>,
+    /// The programs' diagnostics (`--log-level`), when asked for.
+    logger: Option<aya_log::EbpfLogger<KernelLog>>,
+}
+
+/// Prints the kernel programs' diagnostics on standard error, one line each.
+pub struct KernelLog;
+
+impl log::Log for KernelLog {
+    fn enabled(&self, _: &log::Metadata<'_>) -> bool {
+        // The level is enforced in the kernel.
+        true
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        eprintln!(
+            "tcpclose: kernel: {}: {}",
+            record.level().as_str().to_ascii_lowercase(),
+            record.args()
+        );
+    }
+
+    fn flush(&self) {}
 }
 
 impl Tracer {
@@ -117,11 +139,13 @@ impl Tracer {
     /// (when this kernel allows it; a warning says why not otherwise).
     /// The kernel's types come from `btf_path` when given (for kernels without
     /// `/sys/kernel/btf/vmlinux`), else from the kernel itself.
+    /// `kernel_log`: the level from which the programs' diagnostics are printed (0: off).
     pub fn attach(
         filter: &KernelFilter,
         ring_bytes: u32,
         follow_timewait: bool,
         btf_path: Option<&Path>,
+        kernel_log: u8,
     ) -> Result<Self> {
         system::check_kernel_version()?;
         system::check_privileges()?;
@@ -164,6 +188,8 @@ impl Tracer {
         }
         let mut ebpf = loader
             .override_global(CONFIG_GLOBAL, &config, true)
+            // A constant for the verifier: at 0 it removes the logging code.
+            .override_global(aya_log::LEVEL, &kernel_log, false)
             .map_max_entries(EVENTS_MAP, ring_bytes)
             .load(PROGRAM_OBJECT)
             .map_err(explain_load_error)?;
@@ -215,6 +241,14 @@ impl Tracer {
             }
         };
 
+        let logger = if kernel_log > 0 {
+            Some(
+                aya_log::EbpfLogger::init_with_logger(&mut ebpf, KernelLog)
+                    .context("reading the kernel programs' diagnostics")?,
+            )
+        } else {
+            None
+        };
         let ring = RingBuf::try_from(
             ebpf.take_map(EVENTS_MAP)
                 .context("the eBPF object has no event ring buffer")?,
@@ -233,7 +267,15 @@ impl Tracer {
             ring,
             counters,
             timewait_jiffy_ns,
+            logger,
         })
+    }
+
+    /// Prints the kernel programs' diagnostics waiting, when they are asked for.
+    pub fn flush_logs(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
     }
 
     /// The kernel's jiffy in ns, when timewait sockets are followed.
