@@ -9,6 +9,7 @@ mod dense;
 pub mod event;
 pub mod hung;
 pub mod kernel_layout;
+mod phase;
 pub mod render;
 pub mod states;
 pub mod stats;
