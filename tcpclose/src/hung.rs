@@ -6,7 +6,7 @@ use std::{fmt, net::SocketAddr, time::Duration};
 
 use crate::{
     event::{Family, Task},
-    teardown::Phase,
+    phase::Phase,
 };
 
 /// A process holding a socket, as `/proc/<pid>/fd` shows it.

@@ -23,6 +23,7 @@ pub mod hung;
 pub mod kernel_layout;
 pub mod metrics;
 pub mod output;
+mod phase;
 pub mod pipeline;
 pub mod render;
 pub mod run;
