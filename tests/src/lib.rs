@@ -3,21 +3,31 @@
 //!
 //! These tests need root and a kernel that can load the program. They never skip: a machine that
 //! cannot run them fails them, with the reason.
+//!
+//! `cargo xtask` (the bench, the soak) uses this library too, for what it shares with the tests:
+//! network namespaces ([`netns::Netns`]), the connection churn ([`churn`]), running a tracer
+//! ([`tracer`]), waiting on a child under a deadline. So it depends on nothing that needs the
+//! eBPF toolchain to build (not on the `tcpclose` crate), and its helpers that xtask calls return
+//! errors rather than panic.
 
 use std::{
-    collections::BTreeMap,
-    io::{BufRead, BufReader, Read},
+    io::{self, Read},
     path::PathBuf,
     process::{Child, Command, ExitStatus, Output, Stdio},
-    sync::{Arc, Condvar, Mutex, RwLock, mpsc},
+    sync::RwLock,
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 
+pub mod churn;
 pub mod netns;
 pub mod timing;
+pub mod tracer;
+
+pub use churn::churn;
+pub use tracer::{Run, Tracer, Tracing};
 
 /// The teardown states, as tcpclose names them: the phases a teardown record times (`phases`),
 /// and the `phase` and hung `state` labels of its metrics.
@@ -54,216 +64,6 @@ pub fn require_root() {
     );
 }
 
-/// A running `tcpclose --json`. Killed if dropped before it is stopped (a test that panics must
-/// not leave a tracer attached behind it, for the tests that follow).
-pub struct Tracer {
-    child: KillOnDrop,
-    stdout: thread::JoinHandle<()>,
-    printed: Arc<Printed>,
-    stderr: mpsc::Receiver<String>,
-    stderr_seen: String,
-}
-
-/// A child process, killed and reaped when dropped unless already reaped.
-struct KillOnDrop(Child);
-
-impl std::ops::Deref for KillOnDrop {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for KillOnDrop {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-/// What a finished run printed.
-#[derive(Debug)]
-pub struct Run {
-    pub status: ExitStatus,
-    pub records: Vec<Value>,
-    pub stderr: String,
-}
-
-impl Tracer {
-    /// Starts `tcpclose --json ARGS` and waits until it has attached.
-    pub fn start(args: &[&str]) -> Self {
-        let mut cmd = Command::new(binary());
-        cmd.arg("--json").args(args);
-        Self::start_command(cmd)
-    }
-
-    /// Starts `cmd`, which runs `tcpclose --json ...` (through wrappers that exec it, such as
-    /// `unshare` or `setpriv`, so that the child is tcpclose), and waits until it has attached.
-    pub fn start_command(mut cmd: Command) -> Self {
-        require_root();
-        let mut child = spawn(
-            cmd.stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped()),
-        )
-        .expect("spawning tcpclose");
-        let out = child.stdout.take().expect("stdout");
-        let printed = Arc::new(Printed::default());
-        let shared = printed.clone();
-        let stdout = thread::spawn(move || {
-            for line in BufReader::new(out).lines() {
-                let line = line.expect("reading tcpclose's stdout");
-                shared
-                    .lines
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .push(line);
-                shared.more.notify_all();
-            }
-        });
-        let err = child.stderr.take().expect("stderr");
-        let (tx, rx) = mpsc::channel();
-        thread::spawn(move || {
-            for line in BufReader::new(err).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut tracer = Self {
-            child: KillOnDrop(child),
-            stdout,
-            printed,
-            stderr: rx,
-            stderr_seen: String::new(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match tracer.stderr.recv_timeout(left) {
-                Ok(line) => {
-                    tracer.stderr_seen.push_str(&line);
-                    tracer.stderr_seen.push('\n');
-                    if line.starts_with("Tracing") {
-                        return tracer;
-                    }
-                }
-                Err(_) => {
-                    let status = wait_with_deadline(&mut tracer.child, Duration::ZERO);
-                    panic!(
-                        "tcpclose did not attach ({status:?}); stderr:\n{}",
-                        tracer.stderr_seen
-                    );
-                }
-            }
-        }
-    }
-
-    pub fn pid(&self) -> i32 {
-        self.child.id() as i32
-    }
-
-    /// Waits, while tcpclose runs on, until `done` holds for the records it has printed so far
-    /// (a record is a line; a line only counts once complete), for up to `timeout`. Returns those
-    /// records; on timeout, `Err` with them.
-    pub fn wait_for_records(
-        &self,
-        timeout: Duration,
-        mut done: impl FnMut(&[Value]) -> bool,
-    ) -> Result<Vec<Value>, Vec<Value>> {
-        let deadline = Instant::now() + timeout;
-        let mut lines = self.printed.lines.lock().unwrap_or_else(|e| e.into_inner());
-        loop {
-            let records: Vec<Value> = lines.iter().map(|line| parse_record(line)).collect();
-            if done(&records) {
-                return Ok(records);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(records);
-            }
-            lines = self
-                .printed
-                .more
-                .wait_timeout(lines, left)
-                .unwrap_or_else(|e| e.into_inner())
-                .0;
-        }
-    }
-
-    /// Sends `signal`, waits for the exit, returns everything it printed.
-    pub fn stop_with(self, signal: i32) -> Run {
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(self.pid(), signal) };
-        self.wait(Duration::from_secs(20))
-    }
-
-    pub fn stop(self) -> Run {
-        self.stop_with(libc::SIGINT)
-    }
-
-    /// Waits for the process to exit by itself (e.g. `--duration`).
-    pub fn wait(mut self, timeout: Duration) -> Run {
-        let Some(status) = wait_with_deadline(&mut self.child, timeout) else {
-            panic!("tcpclose did not exit within {timeout:?} (killed)");
-        };
-        self.stdout.join().expect("stdout reader");
-        let lines =
-            std::mem::take(&mut *self.printed.lines.lock().unwrap_or_else(|e| e.into_inner()));
-        let mut stderr = self.stderr_seen;
-        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(2)) {
-            stderr.push_str(&line);
-            stderr.push('\n');
-        }
-        let records = lines.iter().map(|line| parse_record(line)).collect();
-        Run {
-            status,
-            records,
-            stderr,
-        }
-    }
-}
-
-/// A running [`Tracer`], killed if the test fails before stopping it (it would run on otherwise).
-pub struct Tracing(Option<Tracer>);
-
-impl Tracing {
-    /// [`Tracer::start`].
-    pub fn start(args: &[&str]) -> Self {
-        Self(Some(Tracer::start(args)))
-    }
-
-    /// Waits up to `timeout` for what tcpclose has printed so far to satisfy `done` (see
-    /// [`Tracer::wait_for_records`]); panics, naming `what`, if it does not.
-    pub fn wait_for(
-        &self,
-        what: &str,
-        timeout: Duration,
-        done: impl FnMut(&[Value]) -> bool,
-    ) -> Vec<Value> {
-        let tracer = self.0.as_ref().expect("running");
-        tracer
-            .wait_for_records(timeout, done)
-            .unwrap_or_else(|records| {
-                panic!("{what}: not within {timeout:?}; printed: {records:#?}")
-            })
-    }
-
-    /// [`Tracer::stop`].
-    pub fn stop(mut self) -> Run {
-        self.0.take().expect("running").stop()
-    }
-}
-
 /// Waits for `child` to exit for up to `timeout`. If it has not, kills it, reaps it and returns
 /// `None`: every wait on a child in these tests has a deadline, so that a stuck child is a
 /// failure, never a hung test run.
@@ -284,7 +84,25 @@ pub fn wait_with_deadline(child: &mut Child, timeout: Duration) -> Option<ExitSt
 
 /// Waits for `child`, whose output is piped, for up to `timeout`, reading its output meanwhile;
 /// panics, naming `what`, if it has not exited by then (it is killed).
-pub fn output_with_deadline(what: &str, mut child: Child, timeout: Duration) -> Output {
+pub fn output_with_deadline(what: &str, child: Child, timeout: Duration) -> Output {
+    let (status, stdout, stderr) = collect_output(child, timeout);
+    let Some(status) = status else {
+        panic!(
+            "{what} did not exit within {timeout:?} (killed); it printed:\n{}{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        );
+    };
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// Waits for `child` for up to `timeout`, reading its piped output meanwhile: its exit status
+/// (`None`: killed at the deadline, see [`wait_with_deadline`]) and what it printed.
+fn collect_output(mut child: Child, timeout: Duration) -> (Option<ExitStatus>, Vec<u8>, Vec<u8>) {
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
         thread::spawn(move || {
             let mut bytes = Vec::new();
@@ -307,36 +125,32 @@ pub fn output_with_deadline(what: &str, mut child: Child, timeout: Duration) -> 
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
     let status = wait_with_deadline(&mut child, timeout);
-    let (stdout, stderr) = (
+    (
+        status,
         stdout.join().unwrap_or_default(),
         stderr.join().unwrap_or_default(),
-    );
-    let Some(status) = status else {
-        panic!(
-            "{what} did not exit within {timeout:?} (killed); it printed:\n{}{}",
-            String::from_utf8_lossy(&stdout),
-            String::from_utf8_lossy(&stderr)
-        );
-    };
-    Output {
-        status,
-        stdout,
-        stderr,
-    }
+    )
 }
 
 /// A directory of the test's own under the system's temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 
 impl TempDir {
-    /// A fresh, empty directory named after `tag`, this process and a counter.
+    /// A fresh, empty directory named after `tag`, this process and a counter; panics if it
+    /// cannot be made.
     pub fn new(tag: &str) -> Self {
+        Self::create(tag).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`TempDir::new`], failing with an error rather than a panic.
+    pub fn create(tag: &str) -> io::Result<Self> {
         static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("tcpclose-{tag}-{}-{n}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {dir:?}: {e}"));
-        Self(dir)
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| io::Error::new(e.kind(), format!("creating {dir:?}: {e}")))?;
+        Ok(Self(dir))
     }
 
     pub fn path(&self) -> &std::path::Path {
@@ -348,87 +162,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-/// What tcpclose has printed on its standard output so far, line by line.
-#[derive(Default)]
-struct Printed {
-    lines: Mutex<Vec<String>>,
-    /// Notified at each new line.
-    more: Condvar,
-}
-
-fn parse_record(line: &str) -> Value {
-    serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line:?}"))
-}
-
-impl Run {
-    pub fn of_type<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
-        self.records.iter().filter(move |r| r["type"] == kind)
-    }
-
-    pub fn transitions(&self) -> Vec<&Value> {
-        self.of_type("transition").collect()
-    }
-
-    pub fn summary(&self) -> &Value {
-        let summaries: Vec<_> = self.of_type("summary").collect();
-        assert_eq!(
-            summaries.len(),
-            1,
-            "exactly one summary record: {:?}",
-            self.stderr
-        );
-        assert_eq!(
-            self.records.last().map(|r| &r["type"]),
-            Some(&Value::from("summary")),
-            "the summary comes last"
-        );
-        summaries[0]
-    }
-
-    /// The run ended cleanly, with its summary last and nothing lost.
-    pub fn check_clean(&self) {
-        assert!(self.status.success(), "{self:?}");
-        let summary = self.summary();
-        assert_eq!(summary["lost"], 0, "{summary}");
-    }
-
-    /// Transitions grouped by socket (kernel address), in order.
-    pub fn by_socket(&self) -> BTreeMap<String, Vec<&Value>> {
-        let mut map = BTreeMap::<String, Vec<&Value>>::new();
-        for t in self.transitions() {
-            map.entry(t["skaddr"].as_str().expect("skaddr").to_owned())
-                .or_default()
-                .push(t);
-        }
-        map
-    }
-}
-
-/// Makes `n` connections to `listener` and closes them, accepting on a thread. Each connect and
-/// accept has a deadline of 30 s (a dropped SYN is retried after a second): a connection that
-/// never comes fails the test instead of hanging it.
-pub fn churn(listener: &std::net::TcpListener, n: usize) {
-    const DEADLINE: Duration = Duration::from_secs(30);
-    let addr = listener.local_addr().unwrap();
-    let l = listener.try_clone().unwrap();
-    set_receive_timeout(&l, DEADLINE);
-    let acceptor = thread::spawn(move || {
-        for i in 0..n {
-            let (s, _) = l
-                .accept()
-                .unwrap_or_else(|e| panic!("accepting connection {i} of {n}: {e}"));
-            drop(s);
-        }
-    });
-    for i in 0..n {
-        drop(
-            std::net::TcpStream::connect_timeout(&addr, DEADLINE)
-                .unwrap_or_else(|e| panic!("connection {i} of {n}: {e}")),
-        );
-    }
-    acceptor.join().unwrap();
 }
 
 /// `SO_RCVTIMEO`: a blocking `accept()` or read on `socket` gives up after `timeout`.
@@ -620,21 +353,35 @@ pub fn process_comm() -> String {
 /// Runs `cmd` to completion (stdin from /dev/null), spawned with [`spawn`], for up to two
 /// minutes; panics unless it succeeds, and returns its output.
 pub fn run_ok(cmd: &mut Command) -> Output {
+    run_checked(cmd).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// [`run_ok`], failing with an error (saying what `cmd` printed) rather than a panic.
+pub fn run_checked(cmd: &mut Command) -> io::Result<Output> {
+    const TIMEOUT: Duration = Duration::from_secs(120);
     let child = spawn(
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped()),
     )
-    .unwrap_or_else(|e| panic!("starting {cmd:?}: {e}"));
-    let out = output_with_deadline(&format!("{cmd:?}"), child, Duration::from_secs(120));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    .map_err(|e| io::Error::new(e.kind(), format!("starting {cmd:?}: {e}")))?;
+    let (status, stdout, stderr) = collect_output(child, TIMEOUT);
+    let printed = format!(
+        "{}{}",
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr)
     );
-    out
+    match status {
+        Some(status) if status.success() => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        Some(status) => Err(io::Error::other(format!("{cmd:?}: {status}\n{printed}"))),
+        None => Err(io::Error::other(format!(
+            "{cmd:?} did not exit within {TIMEOUT:?} (killed); it printed:\n{printed}"
+        ))),
+    }
 }
 
 /// Runs `f`, typically the `drop()` of a socket whose close a test times, while no child process
@@ -655,19 +402,32 @@ pub fn mono_ns() -> u64 {
 }
 
 /// TCP states as the kernel numbers them (`include/net/tcp_states.h`), as `/proc/net/tcp` shows
-/// them. A timewait socket shows its substate (FIN_WAIT2 or TIME_WAIT).
+/// them. A timewait socket shows its substate (FIN_WAIT2 or TIME_WAIT). The numbers are
+/// tcpclose-common's (the ABI's one list), as the `u8` that [`tcp_state()`] returns.
 pub mod tcp_state {
-    pub const ESTABLISHED: u8 = 1;
-    pub const SYN_SENT: u8 = 2;
-    pub const SYN_RECV: u8 = 3;
-    pub const FIN_WAIT1: u8 = 4;
-    pub const FIN_WAIT2: u8 = 5;
-    pub const TIME_WAIT: u8 = 6;
-    pub const CLOSE: u8 = 7;
-    pub const CLOSE_WAIT: u8 = 8;
-    pub const LAST_ACK: u8 = 9;
-    pub const LISTEN: u8 = 10;
-    pub const CLOSING: u8 = 11;
+    use tcpclose_common::tcp_state as abi;
+
+    pub const ESTABLISHED: u8 = narrow(abi::ESTABLISHED);
+    pub const SYN_SENT: u8 = narrow(abi::SYN_SENT);
+    pub const SYN_RECV: u8 = narrow(abi::SYN_RECV);
+    pub const FIN_WAIT1: u8 = narrow(abi::FIN_WAIT1);
+    pub const FIN_WAIT2: u8 = narrow(abi::FIN_WAIT2);
+    pub const TIME_WAIT: u8 = narrow(abi::TIME_WAIT);
+    pub const CLOSE: u8 = narrow(abi::CLOSE);
+    pub const CLOSE_WAIT: u8 = narrow(abi::CLOSE_WAIT);
+    pub const LAST_ACK: u8 = narrow(abi::LAST_ACK);
+    pub const LISTEN: u8 = narrow(abi::LISTEN);
+    pub const CLOSING: u8 = narrow(abi::CLOSING);
+    pub const NEW_SYN_RECV: u8 = narrow(abi::NEW_SYN_RECV);
+
+    /// A state number as a `u8`, checked at compile time.
+    const fn narrow(state: i32) -> u8 {
+        assert!(
+            state >= 0 && state <= u8::MAX as i32,
+            "a TCP state fits a u8"
+        );
+        state as u8
+    }
 }
 
 /// The state of the TCP socket (full or timewait) with this local and remote address, in the

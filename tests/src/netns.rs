@@ -4,7 +4,9 @@
 //! A [`Netns`] is made with `ip netns add`, has its loopback up, and is deleted when dropped
 //! (which also kills its timewait sockets). Sockets are made inside it by [`Netns::run`], on a
 //! thread that first joins it (`setns`); a socket stays in its namespace wherever it is used from
-//! afterwards, so the test's own thread can then read, shut down and close it.
+//! afterwards, so the test's own thread can then read, shut down and close it. xtask's bench
+//! makes them with [`Netns::create`] and moves its churn threads in with [`Netns::enter`], the
+//! forms that fail with an error rather than a panic.
 //!
 //! A [`Place`] is a namespace and a port of 127.0.0.1 for a test's sockets there. The port is
 //! held on the host (bound, never listening), so that no other socket of the host uses it and a
@@ -14,6 +16,7 @@
 
 use std::{
     fs::File,
+    io,
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::Command,
@@ -23,7 +26,7 @@ use std::{
 };
 
 use crate::{
-    BoundSocket, mono_ns, run_ok, tcp_state,
+    BoundSocket, mono_ns, run_checked, run_ok, tcp_state,
     tcp_state::FIN_WAIT2,
     timed,
     timing::{MS, Moment, POLL, SPIN, sleep_until, wait_for},
@@ -35,19 +38,30 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Makes a fresh namespace (named after `tag`, this process and a counter) with `lo` up.
+    /// Makes a fresh namespace (named after `tag`, this process and a counter) with `lo` up;
+    /// panics if it cannot.
     pub fn new(tag: &str) -> Self {
         crate::require_root();
+        Self::create(tag).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// [`Netns::new`], failing with an error rather than a panic.
+    pub fn create(tag: &str) -> io::Result<Self> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
         let name = format!(
             "tcpclose-{tag}-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_checked(Command::new("ip").args(["netns", "add", &name]))?;
+        // Deleted again if what follows fails.
         let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
+        run_checked(
+            Command::new("ip")
+                .args(["-n", &ns.name])
+                .args(["link", "set", "lo", "up"]),
+        )?;
+        Ok(ns)
     }
 
     pub fn name(&self) -> &str {
@@ -87,23 +101,40 @@ impl Netns {
         assert_eq!(now.trim(), value, "{key} in {}", self.name);
     }
 
+    /// Moves the calling thread into the namespace (see [`enter`]).
+    pub fn enter(&self) -> io::Result<()> {
+        enter(&self.name)
+    }
+
     /// Runs `f` on a thread inside the namespace: sockets it makes belong to the namespace, and
     /// `/proc/thread-self/net/*` (see [`crate::tcp_state`]) shows the namespace's sockets.
     pub fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
         thread::scope(|scope| {
             scope
                 .spawn(|| {
-                    let ns = File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-                    // SAFETY: setns(2) on a namespace fd; affects only this thread.
-                    let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                    assert_eq!(rc, 0, "setns({path}): {}", std::io::Error::last_os_error());
+                    self.enter().unwrap_or_else(|e| panic!("{e}"));
                     f()
                 })
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
     }
+}
+
+/// Moves the calling thread into the network namespace `name` (`/run/netns/NAME`, as `ip netns`
+/// makes it): sockets it makes from now on belong to the namespace, and
+/// `/proc/thread-self/net/*` shows the namespace's. The process's other threads stay where they
+/// are.
+pub fn enter(name: &str) -> io::Result<()> {
+    let path = format!("/run/netns/{name}");
+    let ns =
+        File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("opening {path}: {e}")))?;
+    // SAFETY: setns(2) on a namespace fd that stays open for the call; affects only this thread.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("setns({path}): {e}")));
+    }
+    Ok(())
 }
 
 impl Drop for Netns {

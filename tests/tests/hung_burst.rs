@@ -9,18 +9,15 @@
 use std::{
     collections::BTreeMap,
     io::{BufRead as _, BufReader},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
-    process::{Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    net::{Shutdown, SocketAddr},
+    process::Command,
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
-use tcpclose_tests::{binary, netns::Place, require_root, spawn, wait_with_deadline};
+use tcpclose_tests::{binary, churn, netns::Place, require_root, tracer::Process};
 
 /// Connections whose client closes, and connections whose client half-closes.
 const EACH: usize = 3_000;
@@ -67,30 +64,21 @@ fn thousands_of_hangs_under_churn_are_all_reported_and_nothing_is_lost() {
     raise_open_files();
     let place = Place::new("burst");
     let churn_place = Place::new("burst-churn");
-    let mut child = spawn(
-        Command::new(binary())
-            .args([
-                "--json",
-                "--hung",
-                "CLOSE_WAIT=1s",
-                "--hung",
-                "FIN_WAIT2=1s",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped()),
-    )
+    let (mut tracer, stdout, mut stderr) = Process::spawn_piped(Command::new(binary()).args([
+        "--json",
+        "--hung",
+        "CLOSE_WAIT=1s",
+        "--hung",
+        "FIN_WAIT2=1s",
+    ]))
     .expect("starting tcpclose");
-    let mut stderr = BufReader::new(child.stderr.take().expect("stderr"));
-    let mut said = String::new();
-    while !said.lines().any(|line| line.starts_with("Tracing")) {
-        let read = stderr.read_line(&mut said).expect("reading stderr");
-        assert!(read > 0, "tcpclose ended before it attached: {said}");
+    if let Err(not_ready) = stderr.wait_attached(&mut tracer, Duration::from_secs(30)) {
+        panic!("tcpclose {not_ready}: {}", stderr.seen());
     }
+    let said = stderr.seen().to_owned();
     let kept = Arc::new(Mutex::new(Kept::default()));
     let reader = {
         let kept = kept.clone();
-        let stdout = child.stdout.take().expect("stdout");
         thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let line = line.expect("reading tcpclose's stdout");
@@ -135,37 +123,7 @@ fn thousands_of_hangs_under_churn_are_all_reported_and_nothing_is_lost() {
     // The churn, while the hangs come due (1 s after the closes): two client/server pairs,
     // each side a thread. The server closes first, as busy servers do, so the clients' ports are
     // not held in TIME_WAIT (which would slow every connect() down).
-    let churned = AtomicU64::new(0);
-    churn_place.ns.run(|| {
-        thread::scope(|scope| {
-            for _ in 0..2 {
-                scope.spawn(|| {
-                    let listener = TcpListener::bind("127.0.0.1:0").expect("listening");
-                    let addr = listener.local_addr().expect("address");
-                    let stop = AtomicBool::new(false);
-                    thread::scope(|pair| {
-                        pair.spawn(|| {
-                            while !stop.load(Ordering::Relaxed) {
-                                if let Ok((s, _)) = listener.accept() {
-                                    drop(s);
-                                }
-                            }
-                        });
-                        let started = Instant::now();
-                        while started.elapsed() < CHURN {
-                            let mut client = TcpStream::connect(addr).expect("connect");
-                            // The server's FIN.
-                            let _ = std::io::Read::read(&mut client, &mut [0; 1]);
-                            churned.fetch_add(1, Ordering::Relaxed);
-                        }
-                        stop.store(true, Ordering::Relaxed);
-                        // Unblock the acceptor.
-                        let _ = TcpStream::connect(addr);
-                    });
-                });
-            }
-        });
-    });
+    let churned = churn::timed(&churn_place.ns, 2, CHURN).expect("churning");
 
     // Every hang reported: CLOSE_WAIT on 6,000 servers, FIN_WAIT2 on 3,000 half-closed clients
     // (full sockets) and 3,000 orphans (timewait sockets).
@@ -184,9 +142,7 @@ fn thousands_of_hangs_under_churn_are_all_reported_and_nothing_is_lost() {
         }
         thread::sleep(Duration::from_millis(200));
     }
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = wait_with_deadline(&mut child, Duration::from_secs(60));
+    let status = tracer.stop(libc::SIGINT, Duration::from_secs(60));
     reader.join().expect("stdout reader");
     assert!(
         matches!(status, Some(s) if s.success()),
@@ -249,8 +205,7 @@ fn thousands_of_hangs_under_churn_are_all_reported_and_nothing_is_lost() {
         .unwrap_or_else(|| panic!("no summary: {said}"));
     let context = format!(
         "{} churned connections, {} teardown records; summary {summary}",
-        churned.load(Ordering::Relaxed),
-        kept.teardowns
+        churned.connections, kept.teardowns
     );
     let about = |(local, remote): (SocketAddr, SocketAddr)| -> Vec<&Value> {
         kept.records

@@ -1,8 +1,9 @@
 //! `cargo xtask soak`: tcpclose (default mode, `--json`) under full churn for minutes, checking
 //! that it stops cleanly, that its summary reconciles and that its memory stays flat.
 //!
-//! The churn is the bench's, in a fresh network namespace every [`SAMPLE`] (so that timewait
-//! sockets never reach `tcp_max_tw_buckets`); tcpclose's RSS is sampled between namespaces.
+//! The churn is the bench's (the tests library's timed churn), in a fresh network namespace every
+//! [`SAMPLE`] (so that timewait sockets never reach `tcp_max_tw_buckets`); tcpclose's RSS is
+//! sampled between namespaces.
 //!
 //! Memory passes when it does not grow: the median sample of the last third of the run is at
 //! most [`GROWTH_MARGIN`] above the highest of the middle third, and no sample is above a
@@ -21,7 +22,9 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use serde_json::Value;
 
-use crate::bench::{self, Mode, Netns, TempDir, Tracer};
+use tcpclose_tests::{TempDir, churn, netns::Netns};
+
+use crate::bench::{self, Mode, Tracer};
 
 /// How often tcpclose's RSS is sampled.
 const SAMPLE: Duration = Duration::from_secs(10);
@@ -50,7 +53,7 @@ pub fn soak(tcpclose: &Path, options: &Options) -> Result<()> {
         bail!("--minutes and --pairs must be at least 1");
     }
     let run = Duration::from_secs(options.minutes * 60);
-    let dir = TempDir::create()?;
+    let dir = TempDir::create("soak")?;
     let mut cmd = Command::new(tcpclose);
     cmd.arg("--json")
         .args(["--max-sockets", &MAX_SOCKETS.to_string()]);
@@ -64,8 +67,8 @@ pub fn soak(tcpclose: &Path, options: &Options) -> Result<()> {
     let mut connections = 0;
     let started = Instant::now();
     while started.elapsed() < run {
-        let netns = Netns::create()?;
-        connections += bench::churn(&netns, options.pairs, SAMPLE)?.connections;
+        let netns = Netns::create("soak")?;
+        connections += churn::timed(&netns, options.pairs, SAMPLE)?.connections;
         drop(netns);
         let status = bench::read_proc(tracer.pid(), "status")?;
         let rss = bench::status_field(&status, "VmRSS:").context("no VmRSS")?;
@@ -77,8 +80,8 @@ pub fn soak(tcpclose: &Path, options: &Options) -> Result<()> {
 
     // Fails (and the soak with it) unless tcpclose exits successfully after SIGINT.
     tracer.stop()?;
-    let stderr = fs::read_to_string(&tracer.stderr).context("reading tcpclose's errors")?;
-    let summary = summary(&tracer.stdout)?;
+    let stderr = fs::read_to_string(tracer.stderr()).context("reading tcpclose's errors")?;
+    let summary = bench::summary(tracer.stdout())?;
     let n = |name: &str| summary.get(name).and_then(Value::as_u64).unwrap_or(0);
 
     let mut failures = Vec::new();
@@ -187,17 +190,6 @@ fn memory_failures(samples: &[(u64, u64)], ceiling: u64) -> Vec<String> {
         ));
     }
     failures
-}
-
-/// tcpclose's `summary` record, the last line of its JSON output.
-fn summary(stdout: &Path) -> Result<Value> {
-    let tail = bench::read_tail(stdout, 64 * 1024)?;
-    let line = tail
-        .lines()
-        .rev()
-        .find(|line| line.contains(r#""type":"summary""#))
-        .context("tcpclose printed no summary record")?;
-    serde_json::from_str(line).context("parsing tcpclose's summary")
 }
 
 #[cfg(test)]

@@ -16,8 +16,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow};
+use tcpclose_tests::{churn, netns::Netns};
 
-use super::{Bench, Holder, Lag, Mode, Netns, Tracer, churn};
+use super::{Bench, Lag, Mode, Tracer, holder::Holder};
 
 /// Connections leaked at once (each makes two hangs).
 pub(super) const CONNECTIONS: usize = 6_000;
@@ -42,10 +43,10 @@ pub(super) struct HungBurst {
 
 /// Leaks [`CONNECTIONS`] over `namespaces` namespaces under churn (see the module's doc).
 pub(super) fn hung_burst(bench: &Bench, namespaces: usize) -> Result<HungBurst> {
-    let churn_netns = Netns::create()?;
+    let churn_netns = Netns::create("bench")?;
     let leak_namespaces = (0..namespaces)
-        .map(|_| Netns::create())
-        .collect::<Result<Vec<_>>>()?;
+        .map(|_| Netns::create("bench"))
+        .collect::<std::io::Result<Vec<_>>>()?;
     let mut cmd = Command::new(&bench.tcpclose);
     cmd.args([
         "--json",
@@ -68,10 +69,10 @@ pub(super) fn hung_burst(bench: &Bench, namespaces: usize) -> Result<HungBurst> 
         hangs += 2 * holder.wait_ready()? as u64;
     }
     let leaked = Instant::now();
-    let mut reports = HungLines::new(&tracer.stdout)?;
+    let mut reports = HungLines::new(tracer.stdout())?;
     let mut all_reported_s = None;
     thread::scope(|scope| -> Result<()> {
-        let churning = scope.spawn(|| churn(&churn_netns, bench.pairs, CHURN));
+        let churning = scope.spawn(|| churn::timed(&churn_netns, bench.pairs, CHURN));
         while all_reported_s.is_none() && leaked.elapsed() < CHURN + REPORT_WAIT {
             if hangs > 0 && reports.count()? >= hangs {
                 all_reported_s = Some(leaked.elapsed().as_secs_f64());
