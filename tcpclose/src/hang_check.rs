@@ -199,7 +199,7 @@ impl HangChecker {
 /// The sockets in `states`, in every network namespace, as the engine adopts them. The kernel
 /// leaves the other states out of its dumps: under churn, these are few unless they hang.
 fn take_census(states: &[TcpState]) -> Vec<ExistingSocket> {
-    let seen_ns = crate::run::now_ns();
+    let seen_ns = crate::clock::now_ns();
     match sockets::snapshot_all_namespaces_in(states) {
         Ok(all) => all
             .into_iter()
@@ -220,7 +220,7 @@ fn take_census(states: &[TcpState]) -> Vec<ExistingSocket> {
 
 /// One pass: the kernel's sockets for every request, then the owners of the new hangs.
 fn answer(batch: Vec<Request>) -> Vec<Answer> {
-    let now_ns = crate::run::now_ns();
+    let now_ns = crate::clock::now_ns();
     let found = SocketsFound::read(&batch);
     let mut answers: Vec<Answer> = batch
         .iter()

@@ -16,6 +16,7 @@
 pub mod accepted;
 pub mod btf;
 pub mod cli;
+pub mod clock;
 mod dense;
 pub mod event;
 pub mod hang_check;

@@ -153,7 +153,7 @@ impl Pipeline for Teardowns {
     }
 
     fn on_answers(&mut self, reply: Reply, out: &mut Vec<u8>) -> io::Result<()> {
-        let now_ns = crate::run::now_ns();
+        let now_ns = crate::clock::now_ns();
         let mut result = FirstError::default();
         result.keep(self.hangs.on_answers(
             reply,
@@ -179,7 +179,7 @@ impl Pipeline for Teardowns {
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
-        let now_ns = crate::run::now_ns();
+        let now_ns = crate::clock::now_ns();
         let mut result = FirstError::default();
         result.keep(
             self.hangs

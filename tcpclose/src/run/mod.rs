@@ -13,11 +13,12 @@ use anyhow::{Context as _, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    clock::now_ns,
     event::Record,
     metrics::{self, EventTotals, Metrics},
     output::Output,
     pipeline::{AnswerInbox, Events, Exported, Pipeline, Teardowns},
-    render::{Format, Summary, clock_ns},
+    render::{Format, Summary},
     settings::{Mode, Settings},
     sockets, system,
     teardown::{Correlator, ExistingSocket},
@@ -333,11 +334,6 @@ impl<P: Pipeline> Session<P> {
         self.out.hand_over();
         Ok(self.out.is_open())
     }
-}
-
-/// CLOCK_MONOTONIC now, the clock of the kernel's timestamps.
-pub(crate) fn now_ns() -> u64 {
-    u64::try_from(clock_ns(libc::CLOCK_MONOTONIC)).unwrap_or(0)
 }
 
 /// Follows the sockets already in a teardown state (a process may have been leaking CLOSE_WAIT
