@@ -99,6 +99,16 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The metrics as they are served before the first refresh: every series with fixed labels
+    /// at zero, as after a refresh (a scrape may come before the run loop's first one). The
+    /// phase histograms and the transitions appear with their first observation.
+    pub fn at_start() -> Self {
+        let mut m = Self::new();
+        touch_all(&m);
+        m.update(&[], &[], 0, EventTotals::default());
+        m
+    }
+
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let phase_seconds: PhaseHistograms =
@@ -506,5 +516,24 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn every_series_is_served_from_the_first_scrape() {
+        let text = Metrics::at_start().encode();
+        for series in [
+            "tcpclose_teardowns_total{close=\"active\"} 0",
+            "tcpclose_sockets{state=\"CLOSE_WAIT\"} 0",
+            "tcpclose_hung_sockets{state=\"CLOSE_WAIT\"} 0",
+            "tcpclose_hung_sockets{state=\"FIN_WAIT2\"} 0",
+            "tcpclose_tracked_sockets 0",
+            "tcpclose_kernel_events_total 0",
+            "tcpclose_received_events_total 0",
+            "tcpclose_lost_events_total 0",
+            "tcpclose_missed_events_total 0",
+            "tcpclose_build_info{version=",
+        ] {
+            assert!(text.contains(series), "{series} missing from:\n{text}");
+        }
     }
 }

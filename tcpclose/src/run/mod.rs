@@ -59,8 +59,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             // The run loop refreshes the exposition every second; scrapes read the last one.
             let metrics = match teardown.metrics {
                 Some(addr) => {
-                    let m = Metrics::new();
-                    metrics::touch_all(&m);
+                    let m = Metrics::at_start();
                     // Every metric, at zero, from the first scrape on: a scrape may come before
                     // the run loop's first refresh.
                     let exposition = Arc::new(Mutex::new(m.encode()));
