@@ -112,3 +112,26 @@ fn sigterm_and_duration_end_runs_with_a_summary() {
         "{summary}"
     );
 }
+
+/// The kernel programs load and run with their diagnostics on (aya-log's code kept in by the
+/// verifier, its ring read), in both modes, and report the same; with nothing unusual to say,
+/// they say nothing.
+#[test]
+fn the_programs_run_with_their_diagnostics_on() {
+    for mode in [&["--events"][..], &[]] {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let args = [mode, &["--log-level", "trace", "--port", &port]].concat();
+        let tracer = Tracer::start(&args);
+        churn(&listener, 5);
+        thread::sleep(Duration::from_millis(200));
+        let run = tracer.stop();
+        run.check_clean();
+        let summary = run.summary();
+        assert!(
+            summary["transitions"].as_u64() >= Some(5 * 6),
+            "{args:?}: {summary}"
+        );
+        assert!(!run.stderr.contains("tcpclose: kernel:"), "{}", run.stderr);
+    }
+}
