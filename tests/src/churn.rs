@@ -17,7 +17,8 @@ use crate::{netns::Netns, set_receive_timeout};
 
 /// Makes `n` connections to `listener` and closes them, accepting on a thread. Each connect and
 /// accept has a deadline of 30 s (a dropped SYN is retried after a second): a connection that
-/// never comes fails the test instead of hanging it.
+/// never comes fails the test instead of hanging it. Returns once every connection has closed
+/// (see [`settle`]): the transitions they make have all happened.
 pub fn churn(listener: &TcpListener, n: usize) {
     const DEADLINE: Duration = Duration::from_secs(30);
     let addr = listener.local_addr().unwrap();
@@ -38,6 +39,32 @@ pub fn churn(listener: &TcpListener, n: usize) {
         );
     }
     acceptor.join().unwrap();
+    settle(addr, DEADLINE);
+}
+
+/// Waits (at most `timeout`) until every connection to `server` is closed on both sides: gone, or
+/// a timewait socket in TIME_WAIT, which changes no more until it expires. On a fast machine the
+/// closes are done when the `close()` calls return; an emulated guest may leave loopback's
+/// softirq work to ksoftirqd, for milliseconds.
+pub fn settle(server: SocketAddr, timeout: Duration) {
+    use crate::tcp_state::{LISTEN, TIME_WAIT};
+    let deadline = Instant::now() + timeout;
+    loop {
+        let open: Vec<_> = crate::tcp_sockets(server.is_ipv4())
+            .into_iter()
+            .filter(|&(l, r, state)| {
+                (l == server || r == server) && state != LISTEN && state != TIME_WAIT
+            })
+            .collect();
+        if open.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections to {server} still closing after {timeout:?}: {open:?}"
+        );
+        thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Loopback addresses the timed churn's clients connect to in turn, so that 4-tuples are not

@@ -434,16 +434,28 @@ pub mod tcp_state {
 /// calling thread's network namespace (`/proc/thread-self/net/tcp` or `tcp6`); `None` when
 /// there is none (never was, or gone).
 pub fn tcp_state(local: std::net::SocketAddr, remote: std::net::SocketAddr) -> Option<u8> {
-    let file = if local.is_ipv4() { "tcp" } else { "tcp6" };
+    tcp_sockets(local.is_ipv4())
+        .into_iter()
+        .find_map(|(l, r, state)| (l == local && r == remote).then_some(state))
+}
+
+/// Every TCP socket (full or timewait) of one family in the calling thread's network namespace,
+/// as `(local, remote, state)`.
+pub fn tcp_sockets(ipv4: bool) -> Vec<(std::net::SocketAddr, std::net::SocketAddr, u8)> {
+    let file = if ipv4 { "tcp" } else { "tcp6" };
     let table = std::fs::read_to_string(format!("/proc/thread-self/net/{file}"))
         .unwrap_or_else(|e| panic!("reading /proc/thread-self/net/{file}: {e}"));
-    table.lines().skip(1).find_map(|line| {
-        let mut fields = line.split_whitespace().skip(1);
-        let l = proc_net_addr(fields.next()?)?;
-        let r = proc_net_addr(fields.next()?)?;
-        let state = u8::from_str_radix(fields.next()?, 16).ok()?;
-        (l == local && r == remote).then_some(state)
-    })
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace().skip(1);
+            let l = proc_net_addr(fields.next()?)?;
+            let r = proc_net_addr(fields.next()?)?;
+            let state = u8::from_str_radix(fields.next()?, 16).ok()?;
+            Some((l, r, state))
+        })
+        .collect()
 }
 
 /// `0100007F:9C40` (IPv4) or 32 hex digits and a port (IPv6), as `/proc/net/tcp{,6}` print them:
