@@ -12,6 +12,17 @@ pub const EVENTS_MAP: &str = "EVENTS";
 pub const COUNTERS_MAP: &str = "COUNTERS";
 /// `u8` per port (65536 entries): which side of a socket a port must be on to pass the filter.
 pub const PORT_FILTER_MAP: &str = "PORT_FILTER";
+/// Hash of network namespace inodes (`u32` -> `u8`): with [`Config::netns_filter`], only sockets
+/// in these namespaces pass.
+pub const NETNS_FILTER_MAP: &str = "NETNS_FILTER";
+/// Hash of cgroup ids (`u64` -> `u8`): with [`Config::cgroup_filter`], only sockets made in one
+/// of these cgroup2 directories or below pass.
+pub const CGROUP_FILTER_MAP: &str = "CGROUP_FILTER";
+/// Entries of `NETNS_FILTER` and of `CGROUP_FILTER` each: how many `--netns` and `--cgroup`
+/// a run takes.
+pub const FILTER_ENTRIES: u32 = 256;
+/// How many levels above a socket's cgroup the cgroup filter looks for one of its cgroups.
+pub const CGROUP_FILTER_DEPTH: u32 = 32;
 /// Name of the read-only global holding the [`Config`].
 pub const CONFIG_GLOBAL: &str = "CONFIG";
 /// Name of the tracepoint program in the object file.
@@ -138,13 +149,17 @@ pub struct Config {
     /// `SYN_RECV -> ESTABLISHED`) are not delivered. No teardown record reads them; only the
     /// transition stream and the per-state metrics do.
     pub skip_established: u8,
-    pub _pad: [u8; 4],
+    /// Non-zero when `NETNS_FILTER` is in force.
+    pub netns_filter: u8,
+    /// Non-zero when `CGROUP_FILTER` is in force.
+    pub cgroup_filter: u8,
+    pub _pad: [u8; 2],
     /// Where the programs find the sockets' fields; `tw_timer_handler == 0` when timewait
     /// sockets are not followed.
     pub layout: SocketLayout,
 }
 
-const _: () = assert!(core::mem::size_of::<Config>() == 40);
+const _: () = assert!(core::mem::size_of::<Config>() == 56);
 
 /// The running kernel's layout of what the programs read, from its BTF at start-up: full sockets
 /// (`struct sock`) for the transition program, timewait sockets and their timer for the timer
@@ -173,9 +188,29 @@ pub struct SocketLayout {
     /// Its `skc_num` is no good: tcp_set_state() releases the port (inet_put_port() zeroes it)
     /// before it reports `-> CLOSE`.
     pub inet_sport: u16,
+    /// `offsetof(struct sock_common, skc_net)`: the socket's `struct net *` (`possible_net_t`).
+    pub skc_net: u16,
+    /// `offsetof(struct net, ns) + offsetof(struct ns_common, inum)`: the namespace's inode
+    /// number, as `stat -L /proc/PID/ns/net` shows it. 0 when the placement is not read.
+    pub net_ns_inum: u16,
+    /// `offsetof(struct sock, sk_cgrp_data)` plus that of its cgroup pointer: the cgroup2 cgroup
+    /// of the task that made the socket (`cgroup_sk_alloc()`, at `socket()` and, for an accepted
+    /// socket, copied from its listener by `sk_clone_lock()`).
+    pub sk_cgroup: u16,
+    /// `offsetof(struct cgroup, kn)`.
+    pub cgroup_kn: u16,
+    /// `offsetof(struct kernfs_node, id)`: the cgroup's id, its directory's inode number.
+    pub kernfs_id: u16,
+    /// `offsetof(struct kernfs_node, parent)` (`__parent` since 6.15).
+    pub kernfs_parent: u16,
+    /// Non-zero before Linux 5.15, when `sock_cgroup_data` is a tagged word: a value with
+    /// either low bit set is not a pointer and stands for the root cgroup
+    /// (`sock_cgroup_ptr()`).
+    pub cgroup_tagged: u8,
+    pub _pad: [u8; 3],
 }
 
-const _: () = assert!(core::mem::size_of::<SocketLayout>() == 24);
+const _: () = assert!(core::mem::size_of::<SocketLayout>() == 40);
 
 /// What the programs read of a `struct sock_common` (the start of full and timewait sockets
 /// alike), in two reads: the 4-tuple and family from `skc_daddr` on, and the IPv6 addresses from
@@ -229,10 +264,15 @@ pub struct TransitionEvent {
     pub newstate: i32,
     /// `comm` of the current task, NUL-padded.
     pub comm: [u8; 16],
+    /// Id of the socket's cgroup2 cgroup (its directory's inode number); 0 when unknown.
+    pub cgroup: u64,
+    /// Inode number of the socket's network namespace; 0 when unknown.
+    pub netns: u32,
+    pub _pad2: u32,
 }
 
 /// Size of one event in the ring buffer (the ring adds an 8-byte header per record).
-pub const TRANSITION_EVENT_SIZE: usize = 88;
+pub const TRANSITION_EVENT_SIZE: usize = 104;
 const _: () = assert!(core::mem::size_of::<TransitionEvent>() == TRANSITION_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<TransitionEvent>() == 8);
 
@@ -250,7 +290,9 @@ pub struct TimewaitEvent {
     pub dport: u16,
     /// `tw_substate`: `TCP_FIN_WAIT2` or `TCP_TIME_WAIT`.
     pub substate: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// Inode number of the timewait socket's network namespace; 0 when unknown.
+    pub netns: u32,
     /// `bpf_ktime_get_ns()`, as in [`TransitionEvent`].
     pub ts_ns: u64,
     /// `jiffies` at `ts_ns` (`bpf_jiffies64()`): anchors `expires` to `ts_ns`.

@@ -19,18 +19,18 @@ use aya_ebpf::{
         generated::bpf_get_current_comm as bpf_get_current_comm_into,
     },
     macros::{map, raw_tracepoint},
-    maps::{Array, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::RawTracePointContext,
 };
 use aya_log_ebpf::debug;
 use tcpclose_common::{
-    AF_INET, AF_INET6, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES, IPPROTO_TCP,
-    PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, SocketLayout, TimewaitEvent, TransitionEvent,
-    made_by_syscall, record_kind, sock_common as skc, timer_action,
+    AF_INET, AF_INET6, CGROUP_FILTER_DEPTH, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES,
+    FILTER_ENTRIES, IPPROTO_TCP, PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, SocketLayout,
+    TimewaitEvent, TransitionEvent, made_by_syscall, record_kind, sock_common as skc, timer_action,
 };
 
-// The maps are named after their statics (`EVENTS_MAP`, `COUNTERS_MAP` and `PORT_FILTER_MAP` in
-// tcpclose-common, which the loader looks up; a test of the loader checks the built object).
+// The maps are named after their statics (`EVENTS_MAP`, `COUNTERS_MAP`, `PORT_FILTER_MAP`,
+// `NETNS_FILTER_MAP` and `CGROUP_FILTER_MAP` in tcpclose-common, which the loader looks up; a test of the loader checks the built object).
 
 /// Resized by the loader (`EbpfLoader::set_max_entries`) before loading.
 #[map]
@@ -42,6 +42,12 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_ENTRIE
 #[map]
 static PORT_FILTER: Array<u8> = Array::with_max_entries(PORT_FILTER_ENTRIES, 0);
 
+#[map]
+static NETNS_FILTER: HashMap<u32, u8> = HashMap::with_max_entries(FILTER_ENTRIES, 0);
+
+#[map]
+static CGROUP_FILTER: HashMap<u64, u8> = HashMap::with_max_entries(FILTER_ENTRIES, 0);
+
 /// Set by the loader before loading; lives in .rodata, so the verifier treats it as constant.
 #[unsafe(no_mangle)]
 static CONFIG: Config = Config {
@@ -49,7 +55,9 @@ static CONFIG: Config = Config {
     family: 0,
     port_filter: 0,
     skip_established: 0,
-    _pad: [0; 4],
+    netns_filter: 0,
+    cgroup_filter: 0,
+    _pad: [0; 2],
     layout: SocketLayout {
         tw_timer_handler: 0,
         timer_function: 0,
@@ -60,6 +68,14 @@ static CONFIG: Config = Config {
         skc_v6_daddr: 0,
         sk_protocol: 0,
         inet_sport: 0,
+        skc_net: 0,
+        net_ns_inum: 0,
+        sk_cgroup: 0,
+        cgroup_kn: 0,
+        kernfs_id: 0,
+        kernfs_parent: 0,
+        cgroup_tagged: 0,
+        _pad: [0; 3],
     },
 };
 
@@ -148,6 +164,85 @@ fn addresses(sk: u64, ends: &Ends, layout: &SocketLayout) -> ([u8; 16], [u8; 16]
     }
 }
 
+/// Inode number of the network namespace of the socket at `sk` (full or timewait: both start
+/// with a `struct sock_common`): `sk->__sk_common.skc_net.net->ns.inum`. 0 when not read.
+#[inline(always)]
+fn netns_of(sk: u64, layout: &SocketLayout) -> u32 {
+    if layout.net_ns_inum == 0 {
+        return 0;
+    }
+    read_kernel::<u64>(sk + u64::from(layout.skc_net))
+        .and_then(|net| read_kernel::<u32>(net + u64::from(layout.net_ns_inum)))
+        .unwrap_or(0)
+}
+
+/// The `struct kernfs_node *` of the cgroup2 cgroup of the full socket at `sk`, from
+/// `sk->sk_cgrp_data` (set by cgroup_sk_alloc() when the socket was made; an accepted socket
+/// gets its listener's in sk_clone_lock()). 0 when not read.
+#[inline(always)]
+fn cgroup_node(sk: u64, layout: &SocketLayout) -> u64 {
+    if layout.cgroup_kn == 0 {
+        return 0;
+    }
+    let Some(cgroup) = read_kernel::<u64>(sk + u64::from(layout.sk_cgroup)) else {
+        return 0;
+    };
+    // Before 5.15 the word is tagged: low bits set (a net_cls/net_prio value) or 0 mean the
+    // root cgroup (sock_cgroup_ptr()), whose id the loader knows: reported as 1.
+    if cgroup == 0 || (layout.cgroup_tagged != 0 && cgroup & 3 != 0) {
+        return ROOT_CGROUP_NODE;
+    }
+    read_kernel::<u64>(cgroup + u64::from(layout.cgroup_kn)).unwrap_or(0)
+}
+
+/// Stands for the root cgroup's kernfs node where the socket holds no pointer to it.
+const ROOT_CGROUP_NODE: u64 = 1;
+/// The root cgroup2 directory's id (`kernfs_node.id` of the hierarchy's root).
+const ROOT_CGROUP_ID: u64 = 1;
+
+/// The id of the cgroup whose kernfs node is `node`; 0 when unknown.
+#[inline(always)]
+fn cgroup_id(node: u64, layout: &SocketLayout) -> u64 {
+    match node {
+        0 => 0,
+        ROOT_CGROUP_NODE => ROOT_CGROUP_ID,
+        node => read_kernel::<u64>(node + u64::from(layout.kernfs_id)).unwrap_or(0),
+    }
+}
+
+/// Whether the cgroup at kernfs node `node` (id `id`), or one of the cgroups above it, is in
+/// `CGROUP_FILTER`. Walks `kernfs_node.parent` up to [`CGROUP_FILTER_DEPTH`] levels.
+#[inline(always)]
+fn cgroup_passes(mut node: u64, id: u64, layout: &SocketLayout) -> bool {
+    if id == 0 {
+        return false;
+    }
+    if CGROUP_FILTER.get_ptr(id).is_some() {
+        return true;
+    }
+    if node == ROOT_CGROUP_NODE {
+        return false;
+    }
+    for _ in 0..CGROUP_FILTER_DEPTH {
+        node = match read_kernel::<u64>(node + u64::from(layout.kernfs_parent)) {
+            Some(parent) if parent != 0 => parent,
+            _ => return false,
+        };
+        let Some(id) = read_kernel::<u64>(node + u64::from(layout.kernfs_id)) else {
+            return false;
+        };
+        if CGROUP_FILTER.get_ptr(id).is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+#[inline(always)]
+fn netns_passes(config: &Config, netns: u32) -> bool {
+    config.netns_filter == 0 || NETNS_FILTER.get_ptr(netns).is_some()
+}
+
 // Diagnostics (`debug!`) go through aya-log. The loader sets its level in the read-only data
 // before loading (`AYA_LOG_LEVEL`): at its default, off, the verifier sees the level as a
 // constant and removes the logging code, so it costs nothing per event.
@@ -204,6 +299,15 @@ fn on_transition(ctx: &RawTracePointContext, sk: u64, oldstate: i32, newstate: i
     if !ports_pass(&config, ends.sport, ends.dport) {
         return;
     }
+    let netns = netns_of(sk, layout);
+    if !netns_passes(&config, netns) {
+        return;
+    }
+    let node = cgroup_node(sk, layout);
+    let cgroup = cgroup_id(node, layout);
+    if config.cgroup_filter != 0 && !cgroup_passes(node, cgroup, layout) {
+        return;
+    }
     count(Counter::Matched);
 
     let Some(mut entry) = EVENTS.reserve::<TransitionEvent>(0) else {
@@ -230,6 +334,9 @@ fn on_transition(ctx: &RawTracePointContext, sk: u64, oldstate: i32, newstate: i
         addr_of_mut!((*ev).tgid).write((pid_tgid >> 32) as u32);
         addr_of_mut!((*ev).oldstate).write(oldstate);
         addr_of_mut!((*ev).newstate).write(newstate);
+        addr_of_mut!((*ev).cgroup).write(cgroup);
+        addr_of_mut!((*ev).netns).write(netns);
+        addr_of_mut!((*ev)._pad2).write(0);
         let comm = addr_of_mut!((*ev).comm);
         if made_by_syscall(oldstate, newstate) {
             bpf_get_current_comm_into(comm.cast(), COMM_LEN);
@@ -322,6 +429,12 @@ fn on_timer(ctx: &RawTracePointContext, timer: u64, action: u8) {
     if !ports_pass(&config, ends.sport, ends.dport) {
         return;
     }
+    // A timewait socket has no cgroup (it is a `sock_common` only): the cgroup filter passes
+    // it, and the loader keeps it only when it follows the full socket it came from.
+    let netns = netns_of(tw, layout);
+    if !netns_passes(&config, netns) {
+        return;
+    }
     count(Counter::TimewaitMatched);
     let Some(mut entry) = EVENTS.reserve::<TimewaitEvent>(0) else {
         count(Counter::TimewaitLost);
@@ -335,7 +448,8 @@ fn on_timer(ctx: &RawTracePointContext, timer: u64, action: u8) {
         sport: ends.sport,
         dport: ends.dport,
         substate: read_kernel::<u8>(tw + u64::from(layout.tw_substate)).unwrap_or(0),
-        _pad: [0; 7],
+        _pad: [0; 3],
+        netns,
         // SAFETY: helpers without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         jiffies: unsafe { bpf_jiffies64() },

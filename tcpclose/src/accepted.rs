@@ -105,6 +105,7 @@ mod tests {
             old,
             new,
             task: Task::new(0, 0, ""),
+            placement: crate::event::Placement::default(),
         }
     }
 

@@ -93,6 +93,25 @@ pub struct Cli {
     #[arg(long = "rport", value_name = "N", value_parser = parse_port)]
     pub remote_ports: Vec<u16>,
 
+    /// Only sockets made in the cgroup2 cgroup PATH or below it (repeatable): a directory of the
+    /// cgroup2 hierarchy, absolute (/sys/fs/cgroup/kubepods.slice) or relative to its root
+    /// (/kubepods.slice). An accepted socket belongs to its listener's cgroup. Filtered in the
+    /// kernel.
+    #[arg(long = "cgroup", value_name = "PATH", value_parser = parse_cgroup)]
+    pub cgroups: Vec<u64>,
+
+    /// Only sockets in this network namespace (repeatable): its inode number, as
+    /// `stat -L -c %i /proc/PID/ns/net` or `lsns -t net` show it, or a path to it
+    /// (/proc/PID/ns/net, /run/netns/NAME). Filtered in the kernel.
+    #[arg(long = "netns", value_name = "INODE|PATH", value_parser = parse_netns)]
+    pub netns: Vec<u32>,
+
+    /// Only sockets whose owner, as tcpclose knows it, is process N (repeatable): the process
+    /// that connected, listened or closed it, or that holds it when a hang is reported. Sockets
+    /// whose owner is not known yet are followed until it is, and dropped then if it differs.
+    #[arg(long = "pid", value_name = "N", value_parser = parse_pid)]
+    pub pids: Vec<u32>,
+
     /// Only IPv4 sockets.
     #[arg(short = '4', long = "ipv4", conflicts_with = "ipv6")]
     pub ipv4: bool,
@@ -123,8 +142,27 @@ pub struct Cli {
     #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_listen, conflicts_with = "events")]
     pub metrics: Option<std::net::SocketAddr>,
 
-    /// Split the distributions by local port, remote port or command (of the owner, when a
-    /// system call revealed it); the 10 largest groups are shown, the rest as "other".
+    /// Label the phase histogram and the hung gauge by the socket's container (`container_id`,
+    /// its full id) or pod (`pod_uid`). The busiest --metrics-label-top values get series of
+    /// their own, re-ranked every minute; the rest count as "other", sockets outside containers
+    /// as "none". Each value costs a Prometheus server about 150 more series: README, "Metrics".
+    #[arg(long, value_name = "KEY", requires = "metrics")]
+    pub metrics_label: Option<crate::metrics::LabelBy>,
+
+    /// How many values of --metrics-label get series of their own.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value_t = crate::metrics::label::DEFAULT_TOP,
+        value_parser = clap::value_parser!(u16).range(1..=1000),
+        requires = "metrics_label"
+    )]
+    pub metrics_label_top: u16,
+
+    /// Split the distributions by local port, remote port, command (of the owner, when a system
+    /// call revealed it), container (short id), pod (UID), cgroup (path) or network namespace
+    /// (inode); the 10 largest groups are shown, the rest as "other". Grouped by container, pod,
+    /// cgroup or netns, the leak view counts hung sockets per group instead of per process.
     #[arg(long, value_name = "KEY", conflicts_with = "events")]
     pub group_by: Option<GroupByArg>,
 
@@ -183,15 +221,15 @@ pub enum GroupByArg {
     Lport,
     Rport,
     Comm,
+    Container,
+    Pod,
+    Cgroup,
+    Netns,
 }
 
 impl GroupByArg {
     pub fn name(self) -> &'static str {
-        match self {
-            Self::Lport => "lport",
-            Self::Rport => "rport",
-            Self::Comm => "comm",
-        }
+        self.group_by().name()
     }
 
     pub fn group_by(self) -> crate::stats::GroupBy {
@@ -200,6 +238,10 @@ impl GroupByArg {
             Self::Lport => GroupBy::Lport,
             Self::Rport => GroupBy::Rport,
             Self::Comm => GroupBy::Comm,
+            Self::Container => GroupBy::Container,
+            Self::Pod => GroupBy::Pod,
+            Self::Cgroup => GroupBy::Cgroup,
+            Self::Netns => GroupBy::Netns,
         }
     }
 }
@@ -246,6 +288,9 @@ impl Cli {
                 interval: self.interval,
                 group_by: self.group_by.map(|g| (g.group_by(), g.name())),
                 metrics: self.metrics,
+                metrics_label: self
+                    .metrics_label
+                    .map(|by| (by, usize::from(self.metrics_label_top))),
             })
         };
         Settings {
@@ -268,6 +313,7 @@ impl Cli {
                 .unwrap_or(LogLevel::Off) as u8,
             duration: self.duration,
             max_sockets: self.max_sockets,
+            pids: self.pids.clone(),
         }
     }
 
@@ -302,6 +348,8 @@ impl Cli {
             // Only the transition stream and the metrics (transitions_total, the sockets per
             // state) read them.
             skip_established: !self.events && self.metrics.is_none(),
+            netns: self.netns.clone(),
+            cgroups: self.cgroups.clone(),
         }
     }
 }
@@ -322,6 +370,35 @@ fn parse_port(s: &str) -> Result<u16, String> {
         Ok(0) => Err("port 0 is no connection's port: give 1 to 65535".into()),
         Ok(port) => Ok(port),
         Err(_) => Err(format!("`{s}` is not a port number (1 to 65535)")),
+    }
+}
+
+/// A cgroup2 directory, as its id.
+fn parse_cgroup(s: &str) -> Result<u64, String> {
+    crate::cgroups::cgroup_id(s).map_err(|err| format!("{err:#}"))
+}
+
+/// A network namespace: an inode number, or a namespace file whose inode is taken.
+fn parse_netns(s: &str) -> Result<u32, String> {
+    if let Ok(inode) = s.parse::<u32>() {
+        return match inode {
+            0 => Err("0 is no namespace's inode".into()),
+            inode => Ok(inode),
+        };
+    }
+    crate::system::network_namespace_inode(std::path::Path::new(s)).ok_or_else(|| {
+        format!(
+            "`{s}` is neither a namespace inode number nor a network namespace file \
+             (/proc/PID/ns/net, /run/netns/NAME)"
+        )
+    })
+}
+
+/// A process id: 1 or more.
+fn parse_pid(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) | Err(_) => Err(format!("`{s}` is not a process id (1 or more)")),
+        Ok(pid) => Ok(pid),
     }
 }
 

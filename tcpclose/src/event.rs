@@ -151,6 +151,48 @@ impl Task {
     }
 }
 
+/// Where a socket lives: its network namespace and its cgroup2 cgroup, as the kernel records
+/// them in the socket (not the task that happened to be current). 0 stands for unknown.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Placement {
+    /// Inode number of the network namespace (`stat -L /proc/PID/ns/net`).
+    pub netns: u32,
+    /// Id of the cgroup2 cgroup (its directory's inode number) of the task that made the
+    /// socket, or of its listener for an accepted socket.
+    pub cgroup: u64,
+}
+
+impl Placement {
+    pub const UNKNOWN: Self = Self {
+        netns: 0,
+        cgroup: 0,
+    };
+
+    pub fn netns(self) -> Option<u32> {
+        (self.netns != 0).then_some(self.netns)
+    }
+
+    pub fn cgroup(self) -> Option<u64> {
+        (self.cgroup != 0).then_some(self.cgroup)
+    }
+
+    /// This placement, its unknown parts taken from `other`.
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            netns: if self.netns != 0 {
+                self.netns
+            } else {
+                other.netns
+            },
+            cgroup: if self.cgroup != 0 {
+                self.cgroup
+            } else {
+                other.cgroup
+            },
+        }
+    }
+}
+
 /// One TCP state change of one socket, decoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Transition {
@@ -165,6 +207,7 @@ pub struct Transition {
     pub new: TcpState,
     /// The task current at the tracepoint; its owner only when [`Transition::made_by_syscall`].
     pub task: Task,
+    pub placement: Placement,
 }
 
 /// One ring buffer record, decoded.
@@ -245,6 +288,10 @@ impl Transition {
                 tid: raw.tid,
                 comm: raw.comm,
             },
+            placement: Placement {
+                netns: raw.netns,
+                cgroup: raw.cgroup,
+            },
         })
     }
 
@@ -292,6 +339,8 @@ pub struct TimewaitTimer {
     pub expires_ns: u64,
     /// Resolution of `expires_ns` (one jiffy).
     pub jiffy_ns: u64,
+    /// Inode number of the timewait socket's network namespace; 0 when unknown.
+    pub netns: u32,
 }
 
 impl TimewaitTimer {
@@ -323,6 +372,7 @@ impl TimewaitTimer {
             action,
             expires_ns: u64::try_from(expires_ns.max(0)).unwrap_or(u64::MAX),
             jiffy_ns,
+            netns: raw.netns,
         })
     }
 }
@@ -353,6 +403,9 @@ mod tests {
             dport: 8080,
             family: AF_INET,
             comm,
+            cgroup: 0x1234,
+            netns: 4_026_531_840,
+            _pad2: 0,
         }
     }
 
@@ -368,7 +421,8 @@ mod tests {
             sport: 40_000,
             dport: 443,
             substate: TcpState::FinWait2 as u8,
-            _pad: [0; 7],
+            _pad: [0; 3],
+            netns: 4_026_532_000,
             ts_ns: 10_000_000_000,
             jiffies: u64::MAX - 1,
             twaddr: 0xffff_8880_0000_2000,
@@ -391,6 +445,7 @@ mod tests {
         assert_eq!(t.remote, "[2001:db8::2]:443".parse().unwrap());
         assert_eq!(t.expires_ns, 10_000_000_000 + 250 * jiffy);
         assert_eq!(t.jiffy_ns, jiffy);
+        assert_eq!(t.netns, 4_026_532_000);
         // An expiry in the past converts to an earlier time, never below 0.
         let mut r = raw_timer();
         r.jiffies = 1_000;
@@ -458,6 +513,13 @@ mod tests {
         assert_eq!(t.task.comm(), "curl");
         assert!(t.made_by_syscall());
         assert_eq!(t.owner().map(|task| task.pid), Some(42));
+        assert_eq!(
+            t.placement,
+            Placement {
+                netns: 4_026_531_840,
+                cgroup: 0x1234
+            }
+        );
     }
 
     #[test]

@@ -209,6 +209,7 @@ fn take_census(states: &[TcpState]) -> Vec<ExistingSocket> {
                 remote: s.remote,
                 state: s.state,
                 seen_ns,
+                placement: s.placement(),
             })
             .collect(),
         Err(err) => {
@@ -436,6 +437,7 @@ mod tests {
             remote: "10.0.0.2:5000".parse().unwrap(),
             owner: None,
             key,
+            placement: crate::event::Placement::default(),
         }
     }
 
@@ -468,6 +470,7 @@ mod tests {
             last_data_recv_ms: None,
             last_ack_recv_ms: None,
             netns: 1,
+            cgroup: 0,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::{fmt, net::SocketAddr, time::Duration};
 
 use crate::{
-    event::{Family, Task},
+    event::{Family, Placement, Task},
     phase::Phase,
 };
 
@@ -102,6 +102,8 @@ pub struct Alert {
     pub remote: SocketAddr,
     /// The owner, when a system-call transition revealed it.
     pub owner: Option<Task>,
+    /// The socket's network namespace and cgroup.
+    pub placement: Placement,
     pub key: SocketKey,
 }
 
@@ -127,23 +129,41 @@ pub const SWEEP_MIN_NS: u64 = 200_000_000;
 /// long the thresholds.
 pub const SWEEP_MAX_NS: u64 = 2_000_000_000;
 
-/// Who leaks: per process and teardown state, the sockets hung now and the new ones over an
-/// interval. Fed with every alert once its owner is known.
+/// Who leaks: per process (or per container, pod, cgroup or namespace) and teardown state, the
+/// sockets hung now and the new ones over an interval. Fed with every alert once its owner is
+/// known.
 #[derive(Debug, Default)]
 pub struct LeakView {
-    /// (owner, phase) -> sockets hung now.
-    hung_now: std::collections::HashMap<(Option<Holder>, Phase), u64>,
-    /// (owner, phase) -> sockets that became hung since the last report.
-    new: std::collections::HashMap<(Option<Holder>, Phase), u64>,
+    /// Sockets hung now.
+    hung_now: std::collections::HashMap<LeakKey, u64>,
+    /// Sockets that became hung since the last report.
+    new: std::collections::HashMap<LeakKey, u64>,
+}
+
+/// Whose hung sockets a line of the leak view counts.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct LeakKey {
+    phase_index: usize,
+    owner: Option<Holder>,
+    /// The socket's namespace and cgroup, when tallied per process.
+    placement: Option<Placement>,
+    /// The container, pod, cgroup or namespace, when tallied by one.
+    group: Option<String>,
 }
 
 /// One line of the leak view.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Leak {
     pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
     pub pid: Option<u32>,
     pub comm: Option<String>,
-    /// Sockets of this process hung in `state` now.
+    /// Where these sockets live (per-process lines only: a process's sockets in different
+    /// namespaces or cgroups make different lines). Rendered with the names it resolves to.
+    #[serde(skip)]
+    pub placement: Option<Placement>,
+    /// Sockets of this process (or group) hung in `state` now.
     pub hung_now: u64,
     /// Sockets that became hung during the interval.
     pub new: u64,
@@ -152,7 +172,27 @@ pub struct Leak {
 impl LeakView {
     /// Counts an alert about a socket held by `owner` (`None`: unknown).
     pub fn observe(&mut self, alert: &Alert, owner: Option<&Holder>) {
-        let key = (owner.cloned(), alert.phase);
+        self.count(alert, owner.cloned(), Some(alert.placement), None);
+    }
+
+    /// Counts an alert about a socket in `group` (a container, pod, cgroup or namespace).
+    pub fn observe_group(&mut self, alert: &Alert, group: String) {
+        self.count(alert, None, None, Some(group));
+    }
+
+    fn count(
+        &mut self,
+        alert: &Alert,
+        owner: Option<Holder>,
+        placement: Option<Placement>,
+        group: Option<String>,
+    ) {
+        let key = LeakKey {
+            phase_index: alert.phase as usize,
+            owner,
+            placement,
+            group,
+        };
         match alert.kind {
             AlertKind::Hung { again: false, .. } => {
                 *self.hung_now.entry(key.clone()).or_default() += 1;
@@ -178,7 +218,7 @@ impl LeakView {
                 let n = self
                     .hung_now
                     .iter()
-                    .filter(|((_, p), _)| *p == phase)
+                    .filter(|(key, _)| key.phase_index == phase as usize)
                     .map(|(_, n)| n)
                     .sum();
                 (phase, n)
@@ -186,23 +226,48 @@ impl LeakView {
             .collect()
     }
 
+    /// Sockets hung now, per phase and group (tallied with [`LeakView::observe_group`]).
+    pub fn hung_by_phase_and_group(&self) -> Vec<(Phase, String, u64)> {
+        let mut hung: Vec<(Phase, String, u64)> = Vec::new();
+        for (key, n) in &self.hung_now {
+            let (Some(phase), Some(group)) = (
+                Phase::ALL
+                    .into_iter()
+                    .find(|p| *p as usize == key.phase_index),
+                &key.group,
+            ) else {
+                continue;
+            };
+            match hung.iter_mut().find(|(p, g, _)| *p == phase && g == group) {
+                Some((.., total)) => *total += n,
+                None => hung.push((phase, group.clone(), *n)),
+            }
+        }
+        hung
+    }
+
     /// The `top` processes per state by sockets hung now, then by new ones; starts a new
     /// interval.
     pub fn report(&mut self, top: usize) -> Vec<Leak> {
-        let mut keys: Vec<(Option<Holder>, Phase)> = self
+        let mut keys: Vec<LeakKey> = self
             .hung_now
             .keys()
             .chain(self.new.keys())
             .cloned()
             .collect();
-        keys.sort_by(|a, b| (a.1 as usize, &a.0).cmp(&(b.1 as usize, &b.0)));
+        keys.sort();
         keys.dedup();
         let mut leaks: Vec<Leak> = keys
             .into_iter()
             .map(|key| Leak {
-                state: key.1.name(),
-                pid: key.0.as_ref().map(|h| h.pid),
-                comm: key.0.as_ref().map(|h| h.comm.clone()),
+                state: Phase::ALL
+                    .into_iter()
+                    .find(|p| *p as usize == key.phase_index)
+                    .map_or("?", Phase::name),
+                group: key.group.clone(),
+                pid: key.owner.as_ref().map(|h| h.pid),
+                comm: key.owner.as_ref().map(|h| h.comm.clone()),
+                placement: key.placement,
                 hung_now: self.hung_now.get(&key).copied().unwrap_or(0),
                 new: self.new.get(&key).copied().unwrap_or(0),
             })
@@ -246,6 +311,7 @@ mod tests {
             remote: SocketAddr::from(([127, 0, 0, 1], 80)),
             owner: None,
             key: SocketKey::Full(u64::from(port)),
+            placement: crate::event::Placement::default(),
         }
     }
 

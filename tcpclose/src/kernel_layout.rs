@@ -148,6 +148,66 @@ pub fn add_timewait_layout(btf: &Btf, layout: &mut SocketLayout, handler: u64) -
     Ok(())
 }
 
+/// Adds where the transition program finds a socket's network namespace and cgroup, and the
+/// timer programs a timewait socket's namespace. What this kernel's BTF lacks is left out (the
+/// records then carry 0 for it) and each such gap is returned as a warning: a kernel built
+/// without network namespaces or cgroup socket data still runs tcpclose.
+pub fn add_placement_layout(btf: &Btf, layout: &mut SocketLayout) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let offset = |ty: &str, member: &str| btf.member_offset(ty, member);
+    // `possible_net_t` holds the `struct net *` first (and only).
+    let netns = (|| {
+        let net = offset("sock_common", "skc_net")?;
+        let inum = offset("net", "ns")? + offset("ns_common", "inum")?;
+        Ok::<_, crate::btf::BtfError>((net, inum))
+    })();
+    match netns {
+        Ok((net, inum)) => match (u16::try_from(net), u16::try_from(inum)) {
+            (Ok(net), Ok(inum)) => {
+                layout.skc_net = net;
+                layout.net_ns_inum = inum;
+            }
+            _ => warnings.push("`net.ns.inum` is too far in".to_owned()),
+        },
+        Err(err) => warnings.push(format!("no network namespaces: {err}")),
+    }
+    let cgroup = (|| {
+        let data = offset("sock", "sk_cgrp_data")?;
+        // Linux 5.15 made `sock_cgroup_data` a plain `struct cgroup *cgroup`; before, a tagged
+        // word `val` (with bit fields beside it in a union).
+        let (pointer, tagged) = match offset("sock_cgroup_data", "cgroup") {
+            Ok(pointer) => (pointer, false),
+            Err(_) => (offset("sock_cgroup_data", "val")?, true),
+        };
+        let kn = offset("cgroup", "kn")?;
+        let id = offset("kernfs_node", "id")?;
+        let parent =
+            offset("kernfs_node", "__parent").or_else(|_| offset("kernfs_node", "parent"))?;
+        Ok::<_, crate::btf::BtfError>((data + pointer, tagged, kn, id, parent))
+    })();
+    match cgroup {
+        Ok((sk_cgroup, tagged, kn, id, parent)) => {
+            match (
+                u16::try_from(sk_cgroup),
+                u16::try_from(kn),
+                u16::try_from(id),
+                u16::try_from(parent),
+            ) {
+                (Ok(sk_cgroup), Ok(kn), Ok(id), Ok(parent)) => {
+                    layout.sk_cgroup = sk_cgroup;
+                    layout.cgroup_kn = kn;
+                    layout.kernfs_id = id;
+                    layout.kernfs_parent = parent;
+                    layout.cgroup_tagged = u8::from(tagged);
+                }
+                _ => warnings.push("`sock.sk_cgrp_data` is too far in".to_owned()),
+            }
+        }
+        Err(err) => warnings.push(format!("no cgroup of sockets: {err}")),
+    }
+    warnings
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -303,6 +363,66 @@ mod tests {
         assert!(err.contains("struct sock"), "{err}");
     }
 
+    /// The types the placement reads: `net`, `sock_cgroup_data` with a `cgroup` pointer (5.15
+    /// and later) or a tagged `val` (before), `cgroup`, `kernfs_node` with `__parent` (6.15 and
+    /// later) or `parent`.
+    fn placement_kernel(tagged: bool, old_parent: bool) -> Vec<u8> {
+        let mut b = Builder::default();
+        let uint = b.int("unsigned int", 4);
+        let u64_ = b.int("long long unsigned int", 8);
+        let ns = b.structure("ns_common", 24, &[("inum", uint, 16 * 8, 0)]);
+        b.structure("net", 256, &[("ns", ns, 120 * 8, 0)]);
+        let possible_net = b.structure("possible_net_t", 8, &[("net", u64_, 0, 0)]);
+        b.structure("sock_common", 136, &[("skc_net", possible_net, 48 * 8, 0)]);
+        let data = if tagged {
+            b.structure("sock_cgroup_data", 8, &[("val", u64_, 0, 0)])
+        } else {
+            b.structure("sock_cgroup_data", 16, &[("cgroup", u64_, 0, 0)])
+        };
+        b.structure("sock", 768, &[("sk_cgrp_data", data, 664 * 8, 0)]);
+        b.structure("cgroup", 2048, &[("kn", u64_, 264 * 8, 0)]);
+        let parent = if old_parent { "parent" } else { "__parent" };
+        b.structure(
+            "kernfs_node",
+            128,
+            &[(parent, u64_, 8 * 8, 0), ("id", u64_, 88 * 8, 0)],
+        );
+        b.blob()
+    }
+
+    #[test]
+    fn the_placement_is_found_in_either_layout_of_the_cgroup_data() {
+        for (tagged, old_parent) in [(false, false), (true, true)] {
+            let btf = Btf::parse(&placement_kernel(tagged, old_parent)).unwrap();
+            let mut layout = SocketLayout::default();
+            let warnings = add_placement_layout(&btf, &mut layout);
+            assert!(warnings.is_empty(), "{warnings:?}");
+            assert_eq!(
+                (
+                    layout.skc_net,
+                    layout.net_ns_inum,
+                    layout.sk_cgroup,
+                    layout.cgroup_kn,
+                    layout.kernfs_id,
+                    layout.kernfs_parent,
+                    layout.cgroup_tagged
+                ),
+                (48, 136, 664, 264, 88, 8, u8::from(tagged))
+            );
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_cgroup_data_in_sockets_is_warned_about_and_runs() {
+        let btf = Btf::parse(&kernel(&["sock", "int", "int"], 0)).unwrap();
+        let mut layout = socket_layout(&btf).unwrap();
+        let warnings = add_placement_layout(&btf, &mut layout);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[1].contains("sk_cgrp_data"), "{warnings:?}");
+        // Zero offsets tell the programs not to read the placement.
+        assert_eq!((layout.net_ns_inum, layout.cgroup_kn), (0, 0));
+    }
+
     #[test]
     fn this_kernels_btf_passes_every_check() {
         let bytes = std::fs::read("/sys/kernel/btf/vmlinux")
@@ -312,5 +432,8 @@ mod tests {
         check_timer_tracepoints(&btf).unwrap();
         let mut layout = socket_layout(&btf).unwrap();
         add_timewait_layout(&btf, &mut layout, 1).unwrap();
+        let warnings = add_placement_layout(&btf, &mut layout);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(layout.net_ns_inum != 0 && layout.cgroup_kn != 0 && layout.kernfs_id != 0);
     }
 }

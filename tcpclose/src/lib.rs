@@ -15,6 +15,7 @@
 
 pub mod accepted;
 pub mod btf;
+pub mod cgroups;
 pub mod cli;
 pub mod clock;
 mod dense;

@@ -22,6 +22,15 @@ pub struct Settings {
     pub max_sockets: usize,
     /// The kernel programs' diagnostics from this level on (aya-log's numbering; 0: off).
     pub kernel_log: u8,
+    /// Only sockets whose owner, as tcpclose knows it, is one of these processes (`--pid`);
+    /// every socket when empty. Applied in userspace: the kernel does not know a socket's
+    /// owner when a segment or a timer changes its state.
+    pub pids: Vec<u32>,
+}
+
+/// Whether a socket owned by `pid` (`None`: not known) passes `--pid`.
+pub fn owner_passes(pids: &[u32], pid: Option<u32>) -> bool {
+    pids.is_empty() || pid.is_some_and(|pid| pids.contains(&pid))
 }
 
 /// What a run prints.
@@ -42,6 +51,8 @@ pub struct TeardownSettings {
     pub group_by: Option<(GroupBy, &'static str)>,
     /// Serve Prometheus metrics there.
     pub metrics: Option<SocketAddr>,
+    /// Label the phase histogram and the hung gauge so, with at most this many values.
+    pub metrics_label: Option<(crate::metrics::LabelBy, usize)>,
 }
 
 impl Settings {

@@ -44,6 +44,9 @@ const REQ_LEN: usize = 56;
 /// `struct inet_diag_msg`.
 const MSG_LEN: usize = 72;
 const INET_DIAG_INFO: u16 = 2;
+/// The socket's cgroup2 id (`u64`): sent for every full socket since Linux 5.7
+/// (inet_diag_msg_attrs_fill()), unasked.
+const INET_DIAG_CGROUP_ID: u16 = 21;
 const INET_DIAG_NOCOOKIE: [u8; 8] = [0xff; 8];
 const AF_INET: u8 = libc::AF_INET as u8;
 const AF_INET6: u8 = libc::AF_INET6 as u8;
@@ -92,9 +95,19 @@ pub struct SocketInfo {
     pub last_ack_recv_ms: Option<u32>,
     /// The inode of the network namespace the socket was found in (`/proc/PID/ns/net`).
     pub netns: u64,
+    /// The socket's cgroup2 id (full sockets only; 0 when the kernel does not say).
+    pub cgroup: u64,
 }
 
 impl SocketInfo {
+    /// Its network namespace and cgroup, as the kernel programs report them.
+    pub fn placement(&self) -> crate::event::Placement {
+        crate::event::Placement {
+            netns: u32::try_from(self.netns).unwrap_or(0),
+            cgroup: self.cgroup,
+        }
+    }
+
     /// Time until a timewait socket's timer fires and the socket goes away.
     pub fn timewait_remaining_ms(&self) -> Option<u32> {
         self.timer
@@ -719,6 +732,7 @@ fn decode(payload: &[u8], netns: u64) -> Result<Option<SocketInfo>> {
         last_data_recv_ms: None,
         last_ack_recv_ms: None,
         netns,
+        cgroup: 0,
     };
     let mut attrs = payload.get(MSG_LEN..).unwrap_or(&[]);
     while attrs.len() >= 4 {
@@ -731,6 +745,8 @@ fn decode(payload: &[u8], netns: u64) -> Result<Option<SocketInfo>> {
             let info = &attrs[4..len];
             socket.last_data_recv_ms = read_u32(info, TCPI_LAST_DATA_RECV);
             socket.last_ack_recv_ms = read_u32(info, TCPI_LAST_ACK_RECV);
+        } else if kind == INET_DIAG_CGROUP_ID && len >= 12 {
+            socket.cgroup = attrs[4..12].try_into().map(u64::from_ne_bytes).unwrap_or(0);
         }
         attrs = attrs.get(align4(len)..).unwrap_or(&[]);
     }

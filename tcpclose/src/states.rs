@@ -85,6 +85,7 @@ mod tests {
             old,
             new,
             task: Task::new(1, 1, "test"),
+            placement: crate::event::Placement::default(),
         }
     }
 

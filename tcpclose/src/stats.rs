@@ -15,6 +15,38 @@ pub enum GroupBy {
     Lport,
     Rport,
     Comm,
+    /// The socket's container (short id); `-` outside containers.
+    Container,
+    /// The socket's Kubernetes pod (UID); `-` outside pods.
+    Pod,
+    /// The socket's cgroup2 path.
+    Cgroup,
+    /// The socket's network namespace (inode).
+    Netns,
+}
+
+impl GroupBy {
+    /// As `--group-by` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lport => "lport",
+            Self::Rport => "rport",
+            Self::Comm => "comm",
+            Self::Container => "container",
+            Self::Pod => "pod",
+            Self::Cgroup => "cgroup",
+            Self::Netns => "netns",
+        }
+    }
+
+    /// Whether the group is where the socket lives (its cgroup or namespace), which only the
+    /// caller can name: see [`Distributions::record_in`].
+    pub fn by_placement(self) -> bool {
+        matches!(
+            self,
+            Self::Container | Self::Pod | Self::Cgroup | Self::Netns
+        )
+    }
 }
 
 /// Longest duration tracked with full precision (longer ones count at this value; `max` stays
@@ -175,6 +207,12 @@ impl Distributions {
         }
     }
 
+    pub fn group_by(&self) -> Option<GroupBy> {
+        self.group_by
+    }
+
+    /// Counts `t` in its group. Grouped by where sockets live ([`GroupBy::by_placement`]), the
+    /// group is the socket's raw id: the caller names it with [`Distributions::record_in`].
     pub fn record(&mut self, t: &Teardown) {
         // Per teardown: no key to build when not grouped.
         let key = match self.group_by {
@@ -185,7 +223,23 @@ impl Distributions {
                 .owner
                 .as_ref()
                 .map_or_else(|| "?".to_owned(), |o| o.comm().into_owned()),
+            Some(GroupBy::Netns) => t
+                .placement
+                .netns()
+                .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+            Some(GroupBy::Container | GroupBy::Pod | GroupBy::Cgroup) => t
+                .placement
+                .cgroup()
+                .map_or_else(|| "?".to_owned(), |id| format!("cgroup id {id}")),
         };
+        self.record_in(key, t);
+    }
+
+    /// Counts `t` in the group `key` (or in "other", beyond the groups kept apart).
+    pub fn record_in(&mut self, key: String, t: &Teardown) {
+        if self.group_by.is_none() {
+            return self.all.record(t);
+        }
         if let Some(group) = self.groups.get_mut(&key) {
             group.record(t);
         } else if self.groups.len() < self.max_groups {

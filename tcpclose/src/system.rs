@@ -179,6 +179,25 @@ pub fn drop_capabilities() -> Result<()> {
 
 /// Raises RLIMIT_MEMLOCK for kernels that still charge BPF maps to it (before 5.11); newer
 /// kernels account BPF memory to the memory cgroup and ignore it.
+/// The inode of the network namespace file at `path` (`/proc/PID/ns/net`, `/run/netns/NAME`):
+/// opened, such a file is the namespace itself, which `/proc/self/fd` names `net:[INODE]`.
+/// `None` when it is no network namespace.
+pub fn network_namespace_inode(path: &std::path::Path) -> Option<u32> {
+    use std::os::{fd::AsRawFd as _, unix::fs::MetadataExt as _};
+    /// `NS_GET_NSTYPE` (linux/nsfs.h): the namespace type of an nsfs file, since 4.11.
+    const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+    let file = std::fs::File::open(path).ok()?;
+    // A namespace file answers with its type; any other file fails (ENOTTY). `/run/netns/NAME`
+    // is a bind mount of one, so its link in /proc/self/fd names the mount, not `net:[N]`:
+    // the ioctl tells them apart wherever the file is mounted.
+    // SAFETY: the fd is open for the call's duration; this ioctl takes no argument.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return None;
+    }
+    u32::try_from(file.metadata().ok()?.ino()).ok()
+}
+
 pub fn raise_memlock_limit() {
     let limit = libc::rlimit {
         rlim_cur: libc::RLIM_INFINITY,
@@ -191,6 +210,28 @@ pub fn raise_memlock_limit() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn network_namespace_files_are_told_from_other_files() {
+        use std::os::unix::fs::MetadataExt as _;
+        let ours = std::fs::metadata("/proc/self/ns/net").unwrap().ino();
+        assert_eq!(
+            network_namespace_inode(std::path::Path::new("/proc/self/ns/net")).map(u64::from),
+            Some(ours)
+        );
+        assert_eq!(
+            network_namespace_inode(std::path::Path::new("/proc/self/ns/uts")),
+            None
+        );
+        assert_eq!(
+            network_namespace_inode(std::path::Path::new("/etc/hostname")),
+            None
+        );
+        assert_eq!(
+            network_namespace_inode(std::path::Path::new("/no/such")),
+            None
+        );
+    }
 
     #[test]
     fn finds_kernel_symbols() {

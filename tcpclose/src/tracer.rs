@@ -11,13 +11,13 @@ use crate::{btf::Btf, kernel_layout};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{Array, MapData, MapError, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
     programs::{ProgramError, RawTracePoint},
 };
 use tcpclose_common::{
-    AF_INET, AF_INET6, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP, PORT_FILTER_MAP,
-    PORT_LOCAL, PORT_REMOTE, SocketLayout, TIMER_PROGRAMS, TRANSITION_PROGRAM,
-    TRANSITION_TRACEPOINT,
+    AF_INET, AF_INET6, CGROUP_FILTER_MAP, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP,
+    FILTER_ENTRIES, NETNS_FILTER_MAP, PORT_FILTER_MAP, PORT_LOCAL, PORT_REMOTE, SocketLayout,
+    TIMER_PROGRAMS, TRANSITION_PROGRAM, TRANSITION_TRACEPOINT,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -37,6 +37,11 @@ pub struct KernelFilter {
     pub remote_ports: Vec<u16>,
     /// Leave the handshakes' ends (`-> ESTABLISHED`) in the kernel: set when nothing reads them.
     pub skip_established: bool,
+    /// Network namespaces (inode numbers) whose sockets pass; all when empty.
+    pub netns: Vec<u32>,
+    /// cgroup2 cgroups (ids) whose sockets, and their descendants' sockets, pass; all when
+    /// empty.
+    pub cgroups: Vec<u64>,
 }
 
 impl KernelFilter {
@@ -53,7 +58,9 @@ impl KernelFilter {
             family,
             port_filter: u8::from(self.has_ports()),
             skip_established: u8::from(self.skip_established),
-            _pad: [0; 4],
+            netns_filter: u8::from(!self.netns.is_empty()),
+            cgroup_filter: u8::from(!self.cgroups.is_empty()),
+            _pad: [0; 2],
             layout: SocketLayout::default(),
         }
     }
@@ -91,6 +98,28 @@ impl KernelFilter {
         }
         sides.into_iter().collect()
     }
+}
+
+/// Fills the filter set `map` with `keys` (given with `option`).
+fn write_set<K: aya::Pod>(ebpf: &mut Ebpf, map: &str, keys: &[K], option: &str) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    if keys.len() > FILTER_ENTRIES as usize {
+        anyhow::bail!(
+            "{option} is given {} times; at most {FILTER_ENTRIES} are taken",
+            keys.len()
+        );
+    }
+    let mut set: HashMap<_, K, u8> = HashMap::try_from(
+        ebpf.map_mut(map)
+            .with_context(|| format!("the eBPF object has no {map} map"))?,
+    )?;
+    for key in keys {
+        set.insert(key, 1, 0)
+            .with_context(|| format!("writing the {option} filter"))?;
+    }
+    Ok(())
 }
 
 /// Counters kept by the kernel program, summed over CPUs.
@@ -162,6 +191,24 @@ impl Tracer {
         kernel_layout::check_transition_tracepoint(&btf)?;
         let mut config = filter.config(ring_bytes);
         config.layout = kernel_layout::socket_layout(&btf)?;
+        for warning in kernel_layout::add_placement_layout(&btf, &mut config.layout) {
+            eprintln!(
+                "tcpclose: warning: records carry no {} ({warning})",
+                if warning.contains("cgroup") {
+                    "cgroup"
+                } else {
+                    "network namespace"
+                }
+            );
+        }
+        if (!filter.netns.is_empty() && config.layout.net_ns_inum == 0)
+            || (!filter.cgroups.is_empty() && config.layout.cgroup_kn == 0)
+        {
+            anyhow::bail!(
+                "--netns and --cgroup need sockets' network namespace and cgroup, which this \
+                 kernel's BTF does not describe (see the warning above)"
+            );
+        }
         let timewait = if follow_timewait {
             kernel_layout::check_timer_tracepoints(&btf)
                 .and_then(|()| system::kernel_symbol("tw_timer_handler"))
@@ -205,6 +252,9 @@ impl Tracer {
                     .context("writing the port filter")?;
             }
         }
+
+        write_set(&mut ebpf, NETNS_FILTER_MAP, &filter.netns, "--netns")?;
+        write_set(&mut ebpf, CGROUP_FILTER_MAP, &filter.cgroups, "--cgroup")?;
 
         let program: &mut RawTracePoint = ebpf
             .program_mut(TRANSITION_PROGRAM)
@@ -449,7 +499,13 @@ mod tests {
                         .is_some_and(|s| s.name() == Ok(section))
             })
         };
-        for map in [EVENTS_MAP, COUNTERS_MAP, PORT_FILTER_MAP] {
+        for map in [
+            EVENTS_MAP,
+            COUNTERS_MAP,
+            PORT_FILTER_MAP,
+            NETNS_FILTER_MAP,
+            CGROUP_FILTER_MAP,
+        ] {
             assert!(in_section(map, "maps"), "no map {map}");
         }
         assert!(

@@ -21,6 +21,7 @@ use std::{
 
 use serde_json::Value;
 
+pub mod cgroup;
 pub mod churn;
 pub mod netns;
 pub mod timing;

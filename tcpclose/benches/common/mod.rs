@@ -52,6 +52,9 @@ pub fn raw_transition(t: &Transition) -> TransitionEvent {
         oldstate: t.old as i32,
         newstate: t.new as i32,
         comm: comm("curl"),
+        _pad2: 0,
+        cgroup: 0,
+        netns: 0,
     }
 }
 
@@ -68,13 +71,14 @@ pub fn raw_timewait(ev: &TimewaitTimer) -> TimewaitEvent {
         sport: ev.local.port(),
         dport: ev.remote.port(),
         substate: ev.substate as u8,
-        _pad: [0; 7],
+        _pad: [0; 3],
         ts_ns: ev.ts_ns,
         jiffies: ev.ts_ns / JIFFY_NS,
         twaddr: ev.twaddr,
         expires: ev.expires_ns / JIFFY_NS,
         saddr: octets(&ev.local),
         daddr: octets(&ev.remote),
+        netns: 0,
     }
 }
 
@@ -139,6 +143,7 @@ impl Conn {
             old,
             new,
             task: Task::new(4242, 4243, "curl"),
+            placement: tcpclose::event::Placement::default(),
         })
     }
 
@@ -163,6 +168,7 @@ impl Conn {
             action,
             expires_ns,
             jiffy_ns: JIFFY_NS,
+            netns: 0,
         })
     }
 

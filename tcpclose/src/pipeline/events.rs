@@ -5,8 +5,9 @@ use std::io;
 use super::{FirstError, Pipeline};
 use crate::{
     accepted::AcceptedEnds,
-    event::{TimewaitTimer, Transition},
+    event::{TcpState, TimewaitTimer, Transition},
     render::{EventPrinter, Format, Summary, WallClock},
+    settings::owner_passes,
     states::SocketStates,
 };
 
@@ -16,6 +17,12 @@ pub struct Events {
     printer: EventPrinter,
     /// Accepted sockets' first transitions, held until their peer is known.
     accepted: AcceptedEnds,
+    /// `--pid`: only these owners' sockets (all when empty).
+    pids: Vec<u32>,
+    /// With `--pid`, the owner of each socket whose system-call transition named it, until it
+    /// closes (bounded like the state table).
+    owners: std::collections::HashMap<u64, u32>,
+    max_sockets: usize,
 }
 
 impl Events {
@@ -24,7 +31,43 @@ impl Events {
             states: SocketStates::new(max_sockets),
             printer: EventPrinter::new(format, WallClock::now()),
             accepted: AcceptedEnds::default(),
+            pids: Vec::new(),
+            owners: std::collections::HashMap::new(),
+            max_sockets,
         }
+    }
+
+    /// Prints only the transitions of sockets these processes own (`--pid`; all when empty):
+    /// known from the socket's last system-call transition (connect, listen, close, shutdown).
+    pub fn owned_by(mut self, pids: Vec<u32>) -> Self {
+        self.pids = pids;
+        self
+    }
+
+    /// Whether `t`'s socket passes `--pid`, remembering its owner when `t` names it.
+    fn owner_passes(&mut self, t: &Transition) -> bool {
+        if self.pids.is_empty() {
+            return true;
+        }
+        let owner = match t.owner() {
+            Some(task) => {
+                if t.new != TcpState::Close && self.owners.len() < self.max_sockets {
+                    self.owners.insert(t.skaddr, task.pid);
+                }
+                Some(task.pid)
+            }
+            None => self.owners.get(&t.skaddr).copied(),
+        };
+        if t.new == TcpState::Close {
+            self.owners.remove(&t.skaddr);
+        }
+        owner_passes(&self.pids, owner)
+    }
+
+    /// Names the sockets' cgroups, containers and pods with `cgroups`.
+    pub fn with_cgroups(mut self, cgroups: crate::cgroups::Cgroups) -> Self {
+        self.printer = self.printer.with_cgroups(cgroups);
+        self
     }
 
     /// Prints the accepted sockets' first transitions that waited for their peer until kernel
@@ -41,6 +84,9 @@ impl Events {
 impl Pipeline for Events {
     fn on_transition(&mut self, t: &Transition, out: &mut Vec<u8>) -> io::Result<()> {
         let in_old_ns = self.states.observe(t);
+        if !self.owner_passes(t) {
+            return Ok(());
+        }
         if AcceptedEnds::lacks_peer(t) {
             return match self.accepted.hold(*t, in_old_ns) {
                 Some((oldest, ns)) => self.printer.print(out, &oldest, ns),

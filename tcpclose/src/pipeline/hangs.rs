@@ -12,9 +12,13 @@ use anyhow::Result;
 
 use super::{AnswerInbox, FirstError};
 use crate::{
+    cgroups::group_of,
     hang_check::{Answer, HangChecker, MAX_PENDING, PendingAlerts, Reply, Verdict, needs_check},
     hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
+    metrics::LabelBy,
     render::{AlertPrinter, OwnedAlert, Summary},
+    settings::owner_passes,
+    stats::GroupBy,
     teardown::{Correlator, Phase, Teardown},
 };
 
@@ -35,6 +39,12 @@ pub(super) struct Hangs {
     /// resolution or eviction the engine made of one meanwhile is not reported either.
     withdrawn: HashSet<(SocketAddr, SocketAddr, Phase, u64)>,
     leaks: LeakView,
+    /// Tallies the leak view by where sockets live instead of by process.
+    leaks_by: Option<GroupBy>,
+    /// `--metrics-label`: the hung sockets tallied by container or pod, for the hung gauge.
+    labelled: Option<(LabelBy, LeakView)>,
+    /// `--pid`: only these owners' hangs (all when empty).
+    pids: Vec<u32>,
     leaks_shown_ns: u64,
     /// Hung, resolved and evicted alerts printed.
     reported: u64,
@@ -45,9 +55,13 @@ pub(super) struct Hangs {
 }
 
 impl Hangs {
-    pub(super) fn new(printer: AlertPrinter, now_ns: u64) -> Self {
+    /// `leaks_by`: tally the leak view by container, pod, cgroup or namespace, not by process.
+    pub(super) fn new(printer: AlertPrinter, leaks_by: Option<GroupBy>, now_ns: u64) -> Self {
         Self {
             printer,
+            leaks_by,
+            labelled: None,
+            pids: Vec::new(),
             alerts: Vec::new(),
             holders: HashMap::new(),
             pending: PendingAlerts::default(),
@@ -59,6 +73,16 @@ impl Hangs {
             deferred: 0,
             census_corrected: 0,
         }
+    }
+
+    /// Tallies the hung sockets by container or pod too, for the hung gauge (`--metrics-label`).
+    pub(super) fn label_by(&mut self, by: LabelBy) {
+        self.labelled = Some((by, LeakView::default()));
+    }
+
+    /// Reports only the hangs of sockets these processes own (`--pid`; all when empty).
+    pub(super) fn owned_by(&mut self, pids: Vec<u32>) {
+        self.pids = pids;
     }
 
     /// Starts the thread that checks hangs (see [`HangChecker`]) when `correlator` watches
@@ -185,7 +209,29 @@ impl Hangs {
                 alert,
                 holders: holders.unwrap_or_default(),
             };
-            self.leaks.observe(&owned.alert, owned.holder().as_ref());
+            if !self.pids.is_empty()
+                && !owned.holders.iter().any(|h| self.pids.contains(&h.pid))
+                && !owner_passes(&self.pids, owned.alert.owner.map(|o| o.pid))
+            {
+                continue;
+            }
+            match self.leaks_by {
+                Some(by) => {
+                    let group = group_of(by, owned.alert.placement, self.printer.cgroups());
+                    self.leaks
+                        .observe_group(&owned.alert, group.unwrap_or_default());
+                }
+                None => self.leaks.observe(&owned.alert, owned.holder().as_ref()),
+            }
+            if let Some((by, view)) = &mut self.labelled {
+                let cgroups = self.printer.cgroups();
+                let info = owned
+                    .alert
+                    .placement
+                    .cgroup()
+                    .and_then(|id| cgroups.info(id));
+                view.observe_group(&owned.alert, by.value(info.as_deref()).to_owned());
+            }
             self.reported += 1;
             result.print(|| self.printer.print(out, &owned));
         }
@@ -201,12 +247,20 @@ impl Hangs {
         self.leaks.hung_by_phase()
     }
 
+    /// The hung sockets per teardown state and `--metrics-label` value now, when labelled.
+    pub(super) fn hung_by_label(&self) -> Option<Vec<(Phase, String, u64)>> {
+        self.labelled
+            .as_ref()
+            .map(|(_, view)| view.hung_by_phase_and_group())
+    }
+
     /// Prints the leak view and starts a new leak interval.
     pub(super) fn show_leaks(&mut self, now_ns: u64, out: &mut Vec<u8>) -> io::Result<()> {
         let leaks = self.leaks.report(LEAKS_SHOWN);
         let result = self.printer.print_leaks(
             out,
             &leaks,
+            self.leaks_by.map(|by| by.name()),
             now_ns,
             now_ns.saturating_sub(self.leaks_shown_ns),
         );
@@ -303,6 +357,7 @@ mod tests {
                 old,
                 new,
                 task: Task::new(0, 0, ""),
+                placement: crate::event::Placement::default(),
             };
             correlator.on_transition(&t, &mut done);
         }
@@ -391,6 +446,7 @@ mod tests {
             old: CloseWait,
             new: LastAck,
             task: Task::new(1, 1, "app"),
+            placement: crate::event::Placement::default(),
         };
         correlator.on_transition(&close, &mut Vec::new());
         let mut later = Vec::new();

@@ -10,11 +10,13 @@ use anyhow::Result;
 
 use super::{AnswerInbox, FirstError, Pipeline, hangs::Hangs};
 use crate::{
+    cgroups::{Cgroups, group_of},
     event::{TimewaitTimer, Transition},
     hang_check::Reply,
-    metrics::{EventTotals, Metrics},
+    metrics::{EventTotals, HungNow, Metrics},
     render::{AlertPrinter, Format, Summary, TeardownPrinter, WallClock, print_distributions},
     settings::TeardownSettings,
+    settings::owner_passes,
     stats::Distributions,
     teardown::{Correlator, Teardown},
 };
@@ -42,25 +44,42 @@ pub struct Teardowns {
     format: Format,
     clock: WallClock,
     metrics: Option<Exported>,
+    /// Names the groups of `--group-by container|pod|cgroup`.
+    cgroups: Cgroups,
+    /// `--pid`: only these owners' sockets (all when empty).
+    pids: Vec<u32>,
 }
 
 impl Teardowns {
-    /// `correlator` follows the sockets; `colour`: the text is for a terminal; `now_ns` starts
-    /// the first leak interval.
+    /// `correlator` follows the sockets; `colour`: the text is for a terminal; `cgroups` names
+    /// the sockets' cgroups; `now_ns` starts the first leak interval.
     pub fn new(
         correlator: Correlator,
         settings: &TeardownSettings,
         format: Format,
         colour: bool,
         metrics: Option<Exported>,
+        cgroups: Cgroups,
         now_ns: u64,
     ) -> Self {
-        Self {
+        let alerts = AlertPrinter::new(format, WallClock::now(), colour);
+        let labelled_by = metrics.as_ref().and_then(|m| m.metrics.labelled_by());
+        let mut teardowns = Self {
             correlator,
-            printer: TeardownPrinter::new(format, WallClock::now(), colour),
+            printer: TeardownPrinter::new(format, WallClock::now(), colour)
+                .with_cgroups(cgroups.clone()),
             done: Vec::new(),
             printed: 0,
-            hangs: Hangs::new(AlertPrinter::new(format, WallClock::now(), colour), now_ns),
+            hangs: Hangs::new(
+                alerts.with_cgroups(cgroups.clone()),
+                settings
+                    .group_by
+                    .map(|(by, _)| by)
+                    .filter(|by| by.by_placement()),
+                now_ns,
+            ),
+            cgroups,
+            pids: Vec::new(),
             distributions: Distributions::new(
                 settings.group_by.map(|(by, _)| by),
                 GROUPS_SHOWN * 4,
@@ -69,7 +88,18 @@ impl Teardowns {
             format,
             clock: WallClock::now(),
             metrics,
+        };
+        if let Some(by) = labelled_by {
+            teardowns.hangs.label_by(by);
         }
+        teardowns
+    }
+
+    /// Reports only the sockets these processes own (`--pid`; all when empty).
+    pub fn owned_by(mut self, pids: Vec<u32>) -> Self {
+        self.hangs.owned_by(pids.clone());
+        self.pids = pids;
+        self
     }
 
     /// Prints the records completed since the last call, and counts them in the distributions
@@ -78,9 +108,28 @@ impl Teardowns {
         self.printed += self.done.len() as u64;
         let mut result = FirstError::default();
         for teardown in self.done.drain(..) {
-            self.distributions.record(&teardown);
-            if let Some(m) = &self.metrics {
-                m.metrics.teardown(&teardown);
+            if !owner_passes(&self.pids, teardown.owner.map(|o| o.pid)) {
+                continue;
+            }
+            match self.distributions.group_by().filter(|by| by.by_placement()) {
+                Some(by) => {
+                    let group = group_of(by, teardown.placement, &self.cgroups);
+                    self.distributions
+                        .record_in(group.unwrap_or_default(), &teardown);
+                }
+                None => self.distributions.record(&teardown),
+            }
+            if let Some(m) = &mut self.metrics {
+                let info = m
+                    .metrics
+                    .labelled_by()
+                    .and_then(|_| teardown.placement.cgroup())
+                    .and_then(|id| self.cgroups.info(id));
+                let value = m
+                    .metrics
+                    .labelled_by()
+                    .map_or("", |by| by.value(info.as_deref()));
+                m.metrics.teardown(&teardown, value);
             }
             result.print(|| self.printer.print(out, &teardown));
         }
@@ -136,9 +185,21 @@ impl Pipeline for Teardowns {
         let Some(m) = &mut self.metrics else {
             return;
         };
+        let by_phase;
+        let by_label;
+        let hung = match self.hangs.hung_by_label() {
+            Some(hung) => {
+                by_label = hung;
+                HungNow::ByLabel(&by_label)
+            }
+            None => {
+                by_phase = self.hangs.hung_by_phase();
+                HungNow::ByState(&by_phase)
+            }
+        };
         m.metrics.update(
             &self.correlator.state_counts(),
-            &self.hangs.hung_by_phase(),
+            hung,
             self.correlator.len(),
             events,
         );

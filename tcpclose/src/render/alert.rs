@@ -16,7 +16,8 @@ use super::{
     human,
 };
 use crate::{
-    event::Task,
+    cgroups::{CgroupInfo, Cgroups},
+    event::{Placement, Task},
     hung::{Alert, AlertKind, Holder, Leak},
 };
 
@@ -74,6 +75,33 @@ struct AlertRecord<'a> {
     comm: Option<Cow<'a, str>>,
     /// Every process holding the socket now (a socket may be shared after fork).
     holders: &'a [Holder],
+    #[serde(flatten)]
+    placement: PlacementRecord,
+}
+
+/// Where a socket lives, as JSON records name it: `netns`, `cgroup`, `container_id`, `pod_uid`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct PlacementRecord {
+    pub netns: Option<u32>,
+    pub cgroup: Option<String>,
+    pub container_id: Option<String>,
+    pub pod_uid: Option<String>,
+}
+
+impl PlacementRecord {
+    pub fn new(placement: Placement, cgroups: &Cgroups) -> Self {
+        let info = placement.cgroup().and_then(|id| cgroups.info(id));
+        Self::of(placement.netns(), info.as_deref())
+    }
+
+    pub fn of(netns: Option<u32>, info: Option<&CgroupInfo>) -> Self {
+        Self {
+            netns,
+            cgroup: info.map(|i| i.path.clone()),
+            container_id: info.and_then(|i| i.container_id.clone()),
+            pod_uid: info.and_then(|i| i.pod_uid.clone()),
+        }
+    }
 }
 
 /// Writes [`OwnedAlert`]s as text lines that stand out, or as JSON lines.
@@ -82,6 +110,7 @@ pub struct AlertPrinter {
     colour: bool,
     clock: WallClock,
     zone: TimeZone,
+    cgroups: Cgroups,
 }
 
 impl AlertPrinter {
@@ -91,20 +120,41 @@ impl AlertPrinter {
             colour,
             clock,
             zone: TimeZone::system(),
+            cgroups: Cgroups::none(),
         }
     }
 
-    /// Prints the leak view: per state, the processes with the most sockets hung now and the
-    /// most that became hung during the last `interval_ns`. Text output skips an empty view.
+    /// Names the sockets' cgroups, containers and pods with `cgroups`.
+    pub fn with_cgroups(mut self, cgroups: Cgroups) -> Self {
+        self.cgroups = cgroups;
+        self
+    }
+
+    /// The handle the printer names cgroups with.
+    pub fn cgroups(&self) -> &Cgroups {
+        &self.cgroups
+    }
+
+    /// Prints the leak view: per state, the processes (or the groups of `group_by`: containers,
+    /// pods, cgroups, namespaces) with the most sockets hung now and the most that became hung
+    /// during the last `interval_ns`. Text output skips an empty view.
     pub fn print_leaks(
         &self,
         out: &mut impl Write,
         leaks: &[Leak],
+        group_by: Option<&'static str>,
         now_ns: u64,
         interval_ns: u64,
     ) -> io::Result<()> {
         match self.format {
             Format::Json => {
+                #[derive(Serialize)]
+                struct Row<'a> {
+                    #[serde(flatten)]
+                    leak: &'a Leak,
+                    #[serde(flatten)]
+                    placement: Option<PlacementRecord>,
+                }
                 #[derive(Serialize)]
                 struct Record<'a> {
                     #[serde(rename = "type")]
@@ -112,8 +162,19 @@ impl AlertPrinter {
                     time: Timestamp,
                     ts_ns: u64,
                     interval_ns: u64,
-                    leaks: &'a [Leak],
+                    #[serde(skip_serializing_if = "Option::is_none")]
+                    group_by: Option<&'static str>,
+                    leaks: Vec<Row<'a>>,
                 }
+                let leaks = leaks
+                    .iter()
+                    .map(|leak| Row {
+                        leak,
+                        placement: leak
+                            .placement
+                            .map(|p| PlacementRecord::new(p, &self.cgroups)),
+                    })
+                    .collect();
                 serde_json::to_writer(
                     &mut *out,
                     &Record {
@@ -121,26 +182,70 @@ impl AlertPrinter {
                         time: self.clock.timestamp(now_ns),
                         ts_ns: now_ns,
                         interval_ns,
+                        group_by,
                         leaks,
                     },
                 )?;
                 out.write_all(b"\n")
             }
             Format::Text if leaks.is_empty() => Ok(()),
+            Format::Text if group_by.is_some() => {
+                let by = group_by.unwrap_or_default();
+                writeln!(
+                    out,
+                    "-- hung sockets by {by}: now, and new in the last {} --",
+                    human(interval_ns)
+                )?;
+                let width = leaks
+                    .iter()
+                    .map(|l| l.group.as_deref().map_or(1, str::len))
+                    .max()
+                    .unwrap_or(0)
+                    .max(by.len());
+                writeln!(
+                    out,
+                    "{:<11} {:<width$} {:>8} {:>8}",
+                    "STATE",
+                    by.to_ascii_uppercase(),
+                    "HUNG",
+                    "NEW"
+                )?;
+                for l in leaks {
+                    writeln!(
+                        out,
+                        "{:<11} {:<width$} {:>8} {:>8}",
+                        l.state,
+                        l.group.as_deref().unwrap_or("?"),
+                        l.hung_now,
+                        l.new
+                    )?;
+                }
+                Ok(())
+            }
             Format::Text => {
                 writeln!(
                     out,
                     "-- hung sockets by process: now, and new in the last {} --",
                     human(interval_ns)
                 )?;
-                writeln!(
+                // A CONTAINER column only when a line's sockets are in a container or pod.
+                let containers: Vec<Option<String>> = leaks
+                    .iter()
+                    .map(|l| {
+                        let info = l.placement?.cgroup().and_then(|id| self.cgroups.info(id))?;
+                        info.container_name().map(str::to_owned)
+                    })
+                    .collect();
+                let column = containers.iter().any(Option::is_some);
+                write!(
                     out,
                     "{:<11} {:>7} {:<15} {:>8} {:>8}",
                     "STATE", "PID", "COMM", "HUNG", "NEW"
                 )?;
-                for l in leaks {
+                writeln!(out, "{}", if column { "  CONTAINER" } else { "" })?;
+                for (l, container) in leaks.iter().zip(&containers) {
                     let pid = l.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
-                    writeln!(
+                    write!(
                         out,
                         "{:<11} {pid:>7} {:<15} {:>8} {:>8}",
                         l.state,
@@ -148,6 +253,11 @@ impl AlertPrinter {
                         l.hung_now,
                         l.new
                     )?;
+                    match container {
+                        Some(name) => writeln!(out, "  {name}")?,
+                        None if column => writeln!(out, "  -")?,
+                        None => writeln!(out)?,
+                    }
                 }
                 Ok(())
             }
@@ -183,6 +293,7 @@ impl AlertPrinter {
                     pid: owner.as_ref().map(|o| o.0),
                     comm: owner.map(|o| o.1),
                     holders: &a.holders,
+                    placement: PlacementRecord::new(alert.placement, &self.cgroups),
                 };
                 serde_json::to_writer(&mut *out, &record)?;
                 out.write_all(b"\n")
@@ -229,10 +340,17 @@ impl AlertPrinter {
                 } else {
                     label
                 };
-                let others = match a.holders.len() {
+                let mut others = match a.holders.len() {
                     0 | 1 => String::new(),
                     n => format!(" (+{} more processes)", n - 1),
                 };
+                let info = alert
+                    .placement
+                    .cgroup()
+                    .and_then(|id| self.cgroups.info(id));
+                if let Some(container) = info.as_deref().and_then(CgroupInfo::container_name) {
+                    others.push_str(&format!("  [{container}]"));
+                }
                 writeln!(
                     out,
                     "{time:<12} {pid:>7} {comm:<15} {} -> {}  {label} {what}{others}",
@@ -263,12 +381,77 @@ mod tests {
                 remote: "127.0.0.1:40000".parse().unwrap(),
                 owner: None,
                 key: SocketKey::Full(1),
+                placement: crate::event::Placement::default(),
             },
             holders: vec![Holder {
                 pid: 42,
                 comm: "leaky".into(),
             }],
         }
+    }
+
+    /// The per-process leak view names each line's container, in text and in JSON, only when
+    /// its sockets are in one.
+    #[test]
+    fn leak_lines_say_where_their_sockets_are() {
+        const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+        let cgroups = Cgroups::fixed(&[
+            (7, &*format!("/system.slice/docker-{ID}.scope")),
+            (8, "/user.slice"),
+        ]);
+        let mut view = crate::hung::LeakView::default();
+        for (cgroup, pid) in [(7, 42), (7, 42), (8, 43)] {
+            let mut a = alert(AlertKind::Hung {
+                age_ns: MS,
+                again: false,
+            });
+            a.alert.placement = crate::event::Placement { netns: 9, cgroup };
+            a.holders[0].pid = pid;
+            view.observe(&a.alert, a.holder().as_ref());
+        }
+        let leaks = view.report(10);
+        let printer = |format| {
+            AlertPrinter::new(format, WallClock::with_offset(0), false)
+                .with_cgroups(cgroups.clone())
+        };
+        let mut text = Vec::new();
+        printer(Format::Text)
+            .print_leaks(&mut text, &leaks, None, 10 * MS, 10 * MS)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines[1].ends_with("NEW  CONTAINER"), "{text}");
+        assert!(
+            lines[2].contains(" 42 ") && lines[2].ends_with("  0123456789ab"),
+            "{text}"
+        );
+        assert!(
+            lines[3].contains(" 43 ") && lines[3].ends_with("  -"),
+            "{text}"
+        );
+
+        let mut json = Vec::new();
+        printer(Format::Json)
+            .print_leaks(&mut json, &leaks, None, 10 * MS, 10 * MS)
+            .unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let first = &json["leaks"][0];
+        assert_eq!(first["pid"], 42, "{json}");
+        assert_eq!(first["hung_now"], 2, "{json}");
+        assert_eq!(first["netns"], 9, "{json}");
+        assert_eq!(first["container_id"], ID, "{json}");
+        assert_eq!(
+            first["cgroup"],
+            format!("/system.slice/docker-{ID}.scope"),
+            "{json}"
+        );
+        assert_eq!(first["pod_uid"], serde_json::Value::Null, "{json}");
+        assert_eq!(json["leaks"][1]["cgroup"], "/user.slice", "{json}");
+        assert_eq!(
+            json["leaks"][1]["container_id"],
+            serde_json::Value::Null,
+            "{json}"
+        );
     }
 
     #[test]

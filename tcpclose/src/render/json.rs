@@ -9,7 +9,10 @@ use std::{
 
 use jiff::Timestamp;
 
-use crate::event::Family;
+use crate::{
+    cgroups::Cgroups,
+    event::{Family, Placement},
+};
 
 /// A string of any content as a JSON string, escaped as JSON requires (through serde_json).
 pub(super) fn json_escaped(line: &mut Vec<u8>, value: &str) -> io::Result<()> {
@@ -34,6 +37,29 @@ pub(super) fn json_ends(
     json_ip(line, remote.ip())?;
     line.extend_from_slice(b",\"rport\":");
     json_u64(line, Some(remote.port().into()));
+    Ok(())
+}
+
+/// `,"netns":...,"cgroup":...,"container_id":...,"pod_uid":...`: where a socket lives, as
+/// every record names it (`null` for what is unknown).
+pub(super) fn json_placement(
+    line: &mut Vec<u8>,
+    placement: Placement,
+    cgroups: &Cgroups,
+) -> io::Result<()> {
+    line.extend_from_slice(b",\"netns\":");
+    json_u64(line, placement.netns().map(u64::from));
+    let info = placement.cgroup().and_then(|id| cgroups.info(id));
+    line.extend_from_slice(b",\"cgroup\":");
+    match &info {
+        // Directory names are any bytes but `/` and NUL.
+        Some(info) => json_escaped(line, &info.path)?,
+        None => line.extend_from_slice(b"null"),
+    }
+    line.extend_from_slice(b",\"container_id\":");
+    json_str(line, info.as_ref().and_then(|i| i.container_id.as_deref()));
+    line.extend_from_slice(b",\"pod_uid\":");
+    json_str(line, info.as_ref().and_then(|i| i.pod_uid.as_deref()));
     Ok(())
 }
 

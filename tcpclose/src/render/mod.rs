@@ -27,11 +27,11 @@ mod alert;
 
 mod histogram;
 
-pub use alert::{AlertPrinter, OwnedAlert};
+pub use alert::{AlertPrinter, OwnedAlert, PlacementRecord};
 pub use histogram::print_distributions;
 pub use teardown::{TeardownPrinter, human};
 
-use crate::event::Transition;
+use crate::{cgroups::Cgroups, event::Transition};
 
 /// Converts the kernel's CLOCK_MONOTONIC timestamps (`bpf_ktime_get_ns`) to wall-clock time.
 #[derive(Clone, Copy, Debug)]
@@ -120,6 +120,7 @@ pub struct EventPrinter {
     /// Reused per JSON line.
     json: Vec<u8>,
     time: json::TimeText,
+    cgroups: Cgroups,
 }
 
 impl EventPrinter {
@@ -135,7 +136,14 @@ impl EventPrinter {
             ms: String::new(),
             json: Vec::new(),
             time: json::TimeText::default(),
+            cgroups: Cgroups::none(),
         }
+    }
+
+    /// Names the sockets' cgroups, containers and pods with `cgroups`.
+    pub fn with_cgroups(mut self, cgroups: Cgroups) -> Self {
+        self.cgroups = cgroups;
+        self
     }
 
     /// Prints `t`; `in_old_ns` is the time the socket spent in `t.old`, when known.
@@ -151,7 +159,7 @@ impl EventPrinter {
                 let line = &mut self.json;
                 line.clear();
                 let at = self.clock.timestamp(t.ts_ns);
-                write_transition_json(line, &mut self.time, at, t, in_old_ns)?;
+                write_transition_json(line, &mut self.time, at, t, in_old_ns, &self.cgroups)?;
                 out.write_all(line)
             }
             Format::Text => {
@@ -365,8 +373,9 @@ fn write_transition_json(
     at: Timestamp,
     t: &Transition,
     in_old_ns: Option<u64>,
+    cgroups: &Cgroups,
 ) -> io::Result<()> {
-    use json::{json_ends, json_escaped, json_hex, json_str, json_u64};
+    use json::{json_ends, json_escaped, json_hex, json_placement, json_str, json_u64};
     line.extend_from_slice(b"{\"type\":\"transition\",\"ts_ns\":");
     json_u64(line, Some(t.ts_ns));
     line.extend_from_slice(b",\"time\":\"");
@@ -388,6 +397,7 @@ fn write_transition_json(
         Some(task) => json_escaped(line, &task.comm())?,
         None => line.extend_from_slice(b"null"),
     }
+    json_placement(line, t.placement, cgroups)?;
     line.extend_from_slice(b"}\n");
     Ok(())
 }
@@ -435,8 +445,14 @@ mod tests {
             in_old_ns: Option<u64>,
             pid: Option<u32>,
             comm: Option<Cow<'a, str>>,
+            #[serde(flatten)]
+            placement: PlacementRecord,
         }
         let clock = WallClock::with_offset(1_700_000_000_000_000_000);
+        let cgroups = Cgroups::fixed(&[(
+            9,
+            "/system.slice/docker-0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef.scope",
+        )]);
         let oracle = |t: &Transition, in_old_ns: Option<u64>| {
             let owner = t.owner();
             let mut line = serde_json::to_vec(&Oracle {
@@ -454,6 +470,7 @@ mod tests {
                 in_old_ns,
                 pid: owner.map(|task| task.pid),
                 comm: owner.map(|task| task.comm()),
+                placement: PlacementRecord::new(t.placement, &cgroups),
             })
             .unwrap();
             line.push(b'\n');
@@ -470,7 +487,11 @@ mod tests {
         softirq.old = TcpState::Established;
         softirq.new = TcpState::CloseWait;
         softirq.skaddr = 0xf;
-        let mut p = EventPrinter::new(Format::Json, clock);
+        softirq.placement = crate::event::Placement {
+            netns: 4_026_531_840,
+            cgroup: 9,
+        };
+        let mut p = EventPrinter::new(Format::Json, clock).with_cgroups(cgroups.clone());
         for (t, in_old_ns) in [
             (transition(), Some(200_123_456)),
             (odd, Some(0)),
@@ -495,6 +516,7 @@ mod tests {
             old: TcpState::CloseWait,
             new: TcpState::LastAck,
             task: Task::new(42, 43, "server"),
+            placement: crate::event::Placement::default(),
         }
     }
 

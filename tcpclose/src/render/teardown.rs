@@ -11,9 +11,12 @@ use jiff::{Timestamp, tz::TimeZone};
 use super::{
     AddressColumns, Format, WallClock,
     ansi::{CYAN, DIM, RED, RESET, YELLOW},
-    json::{TimeText, json_ends, json_escaped, json_str, json_u64},
+    json::{TimeText, json_ends, json_escaped, json_placement, json_str, json_u64},
 };
-use crate::teardown::{CloseKind, Phase, Side, Teardown, TimewaitEnd};
+use crate::{
+    cgroups::{CgroupInfo, Cgroups},
+    teardown::{CloseKind, Phase, Side, Teardown, TimewaitEnd},
+};
 
 /// Writes [`Teardown`] records as aligned text (optionally coloured) or JSON lines.
 pub struct TeardownPrinter {
@@ -27,6 +30,7 @@ pub struct TeardownPrinter {
     /// Reused per JSON line.
     json: Vec<u8>,
     time: TimeText,
+    cgroups: Cgroups,
 }
 
 impl TeardownPrinter {
@@ -41,7 +45,14 @@ impl TeardownPrinter {
             line: String::new(),
             json: Vec::new(),
             time: TimeText::default(),
+            cgroups: Cgroups::none(),
         }
+    }
+
+    /// Names the sockets' cgroups, containers and pods with `cgroups`.
+    pub fn with_cgroups(mut self, cgroups: Cgroups) -> Self {
+        self.cgroups = cgroups;
+        self
     }
 
     pub fn print(&mut self, out: &mut impl Write, t: &Teardown) -> io::Result<()> {
@@ -49,7 +60,8 @@ impl TeardownPrinter {
             Format::Json => {
                 let line = &mut self.json;
                 line.clear();
-                write_json(line, &mut self.time, self.clock.timestamp(t.end_ns), t)?;
+                let at = self.clock.timestamp(t.end_ns);
+                write_json(line, &mut self.time, at, t, &self.cgroups)?;
                 out.write_all(line)
             }
             Format::Text => self.print_text(out, t),
@@ -107,6 +119,11 @@ impl TeardownPrinter {
             );
         }
         let mut notes = Vec::new();
+        let container = t.placement.cgroup().and_then(|id| self.cgroups.info(id));
+        let container = container.as_deref().and_then(CgroupInfo::container_name);
+        if let Some(container) = container {
+            let _ = write!(line, "  [{container}]");
+        }
         if t.timewait_end == Some(TimewaitEnd::Killed) {
             notes.push("timewait killed");
         }
@@ -134,6 +151,7 @@ fn write_json(
     time: &mut TimeText,
     at: Timestamp,
     t: &Teardown,
+    cgroups: &Cgroups,
 ) -> io::Result<()> {
     line.extend_from_slice(b"{\"type\":\"teardown\",\"time\":\"");
     time.write(line, at)?;
@@ -179,6 +197,7 @@ fn write_json(
             TimewaitEnd::Killed => "killed",
         }),
     );
+    json_placement(line, t.placement, cgroups)?;
     line.extend_from_slice(b"}\n");
     Ok(())
 }
@@ -329,8 +348,18 @@ mod tests {
             comm: Option<Cow<'a, str>>,
             resolution_ns: Option<u64>,
             timewait_end: Option<&'static str>,
+            #[serde(flatten)]
+            placement: crate::render::PlacementRecord,
         }
         let clock = WallClock::with_offset(1_700_000_000_000_000_000);
+        let cgroups = crate::cgroups::Cgroups::fixed(&[
+            (
+                7,
+                "/kubepods/besteffort/pod3a1b2c3d-1111-2222-3333-444455556666/\
+                 0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+            ),
+            (8, "/odd \"name\"\\\u{1}/é"),
+        ]);
         let oracle = |t: &Teardown| {
             let mut line = serde_json::to_vec(&Oracle {
                 kind: "teardown",
@@ -358,6 +387,7 @@ mod tests {
                     TimewaitEnd::Expired => "expired",
                     TimewaitEnd::Killed => "killed",
                 }),
+                placement: crate::render::PlacementRecord::new(t.placement, &cgroups),
             })
             .unwrap();
             line.push(b'\n');
@@ -371,7 +401,17 @@ mod tests {
         odd.family = Family::Ipv6;
         odd.end_ns = 5 * 1_000_000_000;
         odd.phases = Phases::default();
+        odd.placement = crate::event::Placement {
+            netns: 4_026_531_840,
+            cgroup: 8,
+        };
         cases.push(odd);
+        let mut contained = teardown();
+        contained.placement = crate::event::Placement {
+            netns: 4_026_532_999,
+            cgroup: 7,
+        };
+        cases.push(contained);
         let mut bare = teardown();
         bare.owner = None;
         bare.side = None;
@@ -382,7 +422,7 @@ mod tests {
         bare.close = CloseKind::FinTimeout;
         bare.end_ns = 999_999_999_999;
         cases.push(bare);
-        let mut p = TeardownPrinter::new(Format::Json, clock, false);
+        let mut p = TeardownPrinter::new(Format::Json, clock, false).with_cgroups(cgroups.clone());
         for t in &cases {
             let mut out = Vec::new();
             p.print(&mut out, t).unwrap();

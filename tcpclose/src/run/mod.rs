@@ -13,6 +13,7 @@ use anyhow::{Context as _, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
+    cgroups::Cgroups,
     clock::now_ns,
     event::Record,
     metrics::{self, EventTotals, Metrics},
@@ -52,14 +53,19 @@ pub async fn run(settings: Settings) -> Result<()> {
     )?;
     match &settings.mode {
         Mode::Events => {
-            let pipeline = Events::new(settings.format, settings.max_sockets);
+            let pipeline = Events::new(settings.format, settings.max_sockets)
+                .with_cgroups(Cgroups::of_host())
+                .owned_by(settings.pids.clone());
             drive(&settings, tracer, pipeline, None, None).await
         }
         Mode::Teardowns(teardown) => {
             // The run loop refreshes the exposition every second; scrapes read the last one.
             let metrics = match teardown.metrics {
                 Some(addr) => {
-                    let m = Metrics::at_start();
+                    let mut m = Metrics::at_start();
+                    if let Some((by, top)) = teardown.metrics_label {
+                        m = m.labelled(by, top);
+                    }
                     // Every metric, at zero, from the first scrape on: a scrape may come before
                     // the run loop's first refresh.
                     let exposition = Arc::new(Mutex::new(m.encode()));
@@ -87,8 +93,10 @@ pub async fn run(settings: Settings) -> Result<()> {
                 settings.format,
                 colour,
                 metrics,
+                Cgroups::of_host(),
                 now_ns(),
-            );
+            )
+            .owned_by(settings.pids.clone());
             let refresh = teardown.metrics.map(|_| METRICS_REFRESH);
             drive(&settings, tracer, pipeline, teardown.interval, refresh).await
         }
@@ -352,6 +360,7 @@ fn adopt_existing(correlator: &mut Correlator, filter: &KernelFilter) {
                     remote: s.remote,
                     state: s.state,
                     seen_ns,
+                    placement: s.placement(),
                 });
             }
         }

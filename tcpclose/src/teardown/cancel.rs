@@ -159,6 +159,7 @@ impl Cancel {
             action: TimerAction::Cancelled,
             expires_ns: self.expires_ns,
             jiffy_ns: u64::from(self.jiffy_ns),
+            netns: life.placement.netns,
         }
     }
 }
@@ -194,6 +195,7 @@ mod tests {
             action: TimerAction::Cancelled,
             expires_ns: 60_000 * MS,
             jiffy_ns: 4 * MS,
+            netns: 0,
         };
         for n in 0..20_000 {
             cancels.note(&cancel(n));

@@ -221,6 +221,7 @@ mod tests {
                 old,
                 new,
                 task: Task::new(7, 7, "app"),
+                placement: crate::event::Placement::default(),
             };
             for (ms, old, new) in [
                 (sk, Close, SynSent),
@@ -242,6 +243,7 @@ mod tests {
                     action: TimerAction::Armed,
                     expires_ns: (sk + 60_000) * MS,
                     jiffy_ns: MS,
+                    netns: 0,
                 },
                 &mut out,
             );
@@ -269,6 +271,7 @@ mod tests {
                 old,
                 new,
                 task: Task::new(7, 7, "app"),
+                placement: crate::event::Placement::default(),
             };
             c.on_transition(&t(Close, SynSent), &mut Vec::new());
             assert!(c.len() <= 16);

@@ -12,7 +12,7 @@ use super::{
     life::{Life, MaybeNs, Tuple},
 };
 use crate::{
-    event::{Family, TcpState},
+    event::{Family, Placement, TcpState},
     hung::SocketKey,
 };
 
@@ -25,6 +25,7 @@ pub struct ExistingSocket {
     pub state: TcpState,
     /// When the snapshot saw it (kernel CLOCK_MONOTONIC ns).
     pub seen_ns: u64,
+    pub placement: Placement,
 }
 
 impl Correlator {
@@ -54,6 +55,7 @@ impl Correlator {
             hung_at_ns: MaybeNs::UNKNOWN,
             phases: Phases::default(),
             owner: None,
+            placement: s.placement,
         };
         self.due.lower_existing(life.next_report(&self.watched));
         self.existing.insert(tuple, life);

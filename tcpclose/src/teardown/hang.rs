@@ -286,6 +286,7 @@ impl Life {
             local: self.tuple.local(),
             remote: self.tuple.remote(),
             owner: self.owner,
+            placement: self.placement,
             key,
         }
     }

@@ -8,7 +8,7 @@ use std::{
 };
 
 use super::{CloseKind, Phase, Phases, Side, Teardown};
-use crate::event::{Family, Task, TcpState, Transition};
+use crate::event::{Family, Placement, Task, TcpState, Transition};
 
 /// A kernel time (CLOCK_MONOTONIC ns) that may be unknown, in the 8 bytes of the time where an
 /// `Option<u64>` takes 16: unknown is `u64::MAX`, which that clock does not reach (584 years of
@@ -128,6 +128,8 @@ pub(super) struct Life {
     pub(super) hung_at_ns: MaybeNs,
     pub(super) phases: Phases,
     pub(super) owner: Option<Task>,
+    /// Its network namespace and cgroup, as its transitions carry them.
+    pub(super) placement: Placement,
 }
 
 impl Life {
@@ -147,6 +149,7 @@ impl Life {
             hung_at_ns: MaybeNs::UNKNOWN,
             phases: Phases::default(),
             owner: None,
+            placement: t.placement,
         }
     }
 
@@ -187,6 +190,7 @@ impl Life {
         if let Some(owner) = t.owner() {
             self.owner = Some(*owner);
         }
+        self.placement = t.placement.or(self.placement);
         let close = match (t.old, t.new) {
             (Established, FinWait1) | (Established, CloseWait) => {
                 self.teardown_start_ns = MaybeNs::at(t.ts_ns);
@@ -238,6 +242,7 @@ impl Life {
             lifetime_ns: self.born_ns.get().and_then(|born| end_ns.checked_sub(born)),
             complete: self.complete,
             owner: self.owner,
+            placement: self.placement,
             resolution_ns: None,
             timewait_end: None,
         }
@@ -421,8 +426,8 @@ mod tests {
     #[test]
     fn followed_sockets_stay_compact() {
         // What a followed socket costs in its table, besides the key: see `Life`.
-        assert!(size_of::<Life>() <= 152, "{}", size_of::<Life>());
-        assert!(size_of::<Handoff>() <= 176, "{}", size_of::<Handoff>());
+        assert!(size_of::<Life>() <= 168, "{}", size_of::<Life>());
+        assert!(size_of::<Handoff>() <= 192, "{}", size_of::<Handoff>());
         assert!(size_of::<Phases>() == 48);
         assert!(size_of::<Tuple>() <= 38);
         let v6 = |s: &str| s.parse::<SocketAddr>().unwrap();

@@ -251,6 +251,7 @@ impl Correlator {
                     hung_at_ns: MaybeNs::UNKNOWN,
                     phases: Phases::default(),
                     owner: t.owner().copied(),
+                    placement: t.placement,
                 },
             );
             return;

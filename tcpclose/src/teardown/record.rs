@@ -4,7 +4,7 @@
 use std::{fmt, net::SocketAddr};
 
 use super::Phase;
-use crate::event::{Family, Task};
+use crate::event::{Family, Placement, Task};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Side {
@@ -34,6 +34,15 @@ pub enum CloseKind {
 }
 
 impl CloseKind {
+    pub const ALL: [Self; 6] = [
+        Self::Active,
+        Self::Passive,
+        Self::Simultaneous,
+        Self::Reset,
+        Self::Failed,
+        Self::FinTimeout,
+    ];
+
     pub const fn name(self) -> &'static str {
         match self {
             Self::Active => "active",
@@ -119,6 +128,8 @@ pub struct Teardown {
     pub complete: bool,
     /// The owner, when a system-call transition revealed it.
     pub owner: Option<Task>,
+    /// The socket's network namespace and cgroup.
+    pub placement: Placement,
     /// Set when a phase was timed from the kernel's jiffies rather than an event timestamp: the
     /// resolution of those phases.
     pub resolution_ns: Option<u64>,
@@ -147,6 +158,7 @@ impl Teardown {
             lifetime_ns: None,
             complete: true,
             owner: Some(crate::event::Task::new(1, 1, "app")),
+            placement: Placement::default(),
             resolution_ns: None,
             timewait_end: None,
         }

@@ -31,6 +31,7 @@ pub(super) fn feed(
             old,
             new,
             task: Task::new(7, 7, "app"),
+            placement: crate::event::Placement::default(),
         };
         c.on_transition(&t, &mut out);
     }
@@ -56,6 +57,7 @@ pub(super) fn timer(
             action,
             expires_ns: expires_ms * MS,
             jiffy_ns: 4 * MS,
+            netns: 0,
         },
         &mut out,
     );
@@ -98,6 +100,7 @@ pub(super) fn existing(state: TcpState, seen_ms: u64) -> ExistingSocket {
         remote: SERVER.parse().unwrap(),
         state,
         seen_ns: seen_ms * MS,
+        placement: crate::event::Placement::default(),
     }
 }
 
@@ -158,6 +161,7 @@ impl RandomStream {
                     old: TcpState::ALL[self.next(12) as usize],
                     new: TcpState::ALL[self.next(12) as usize],
                     task: Task::new(1, 1, "x"),
+                    placement: crate::event::Placement::default(),
                 })
             }
             7 | 8 => {
@@ -176,6 +180,7 @@ impl RandomStream {
                     ][self.next(3) as usize],
                     expires_ns: now + self.next(70_000) * MS,
                     jiffy_ns: 4 * MS,
+                    netns: 0,
                 })
             }
             10 => {
@@ -191,6 +196,7 @@ impl RandomStream {
                     remote: SERVER.parse().unwrap(),
                     state: TcpState::ALL[self.next(12) as usize],
                     seen_ns: now,
+                    placement: crate::event::Placement::default(),
                 })
             }
         };

@@ -590,6 +590,7 @@ mod tests {
             action,
             expires_ns: 60_000 * MS,
             jiffy_ns: 4 * MS,
+            netns: 0,
         };
         for sk in 0..n {
             let t = |old, new| Transition {
@@ -601,6 +602,7 @@ mod tests {
                 old,
                 new,
                 task: Task::new(7, 7, "app"),
+                placement: crate::event::Placement::default(),
             };
             for (old, new) in [
                 (Established, FinWait1),
@@ -652,6 +654,7 @@ mod tests {
             action: TimerAction::Armed,
             expires_ns: 65_003 * MS,
             jiffy_ns: 4 * MS,
+            netns: 0,
         };
         c.on_timewait(&other, &mut out);
         let t = one(out);
@@ -693,6 +696,7 @@ mod tests {
                     old,
                     new,
                     task: Task::new(8, 8, "app"),
+                    placement: crate::event::Placement::default(),
                 },
                 &mut out,
             );
@@ -719,6 +723,7 @@ mod tests {
                 action: TimerAction::Armed,
                 expires_ns: 65_000 * MS,
                 jiffy_ns: 4 * MS,
+                netns: 0,
             },
             &mut out,
         );

@@ -49,6 +49,8 @@ enum Expected {
         pid: u32,
         tid: u32,
         comm: String,
+        netns: u32,
+        cgroup: u64,
     },
     Timewait(TimewaitTimer),
 }
@@ -105,7 +107,7 @@ fn spec_decode(bytes: &[u8], jiffy_ns: u64) -> Result<Expected, Vec<DecodeError>
 }
 
 /// `TransitionEvent`: kind 0, _pad 1, family 2, sport 4, dport 6, ts_ns 8, skaddr 16, saddr 24,
-/// daddr 40, tid 56, tgid 60, oldstate 64, newstate 68, comm 72.
+/// daddr 40, tid 56, tgid 60, oldstate 64, newstate 68, comm 72, cgroup 88, netns 96, _pad2 100.
 fn spec_transition(b: &[u8]) -> Result<Expected, Vec<DecodeError>> {
     let ends = spec_endpoints(
         u16_at(b, 2),
@@ -131,6 +133,8 @@ fn spec_transition(b: &[u8]) -> Result<Expected, Vec<DecodeError>> {
                 pid: u32_at(b, 60),
                 tid: u32_at(b, 56),
                 comm: String::from_utf8_lossy(&comm[..len]).into_owned(),
+                netns: u32_at(b, 96),
+                cgroup: u64_at(b, 88),
             })
         }
         (ends, old, new) => Err([ends.err(), old.err(), new.err()]
@@ -140,7 +144,8 @@ fn spec_transition(b: &[u8]) -> Result<Expected, Vec<DecodeError>> {
     }
 }
 
-/// `TimewaitEvent`: kind 0, action 1, family 2, sport 4, dport 6, substate 8, _pad 9, ts_ns 16,
+/// `TimewaitEvent`: kind 0, action 1, family 2, sport 4, dport 6, substate 8, _pad 9, netns 12,
+/// ts_ns 16,
 /// jiffies 24, twaddr 32, expires 40, saddr 48, daddr 64.
 fn spec_timewait(b: &[u8], jiffy_ns: u64) -> Result<Expected, Vec<DecodeError>> {
     let ends = spec_endpoints(
@@ -174,6 +179,7 @@ fn spec_timewait(b: &[u8], jiffy_ns: u64) -> Result<Expected, Vec<DecodeError>> 
                 action,
                 expires_ns: expires.clamp(0, i128::from(u64::MAX)) as u64,
                 jiffy_ns,
+                netns: u32_at(b, 12),
             }))
         }
         (ends, action, substate) => Err([ends.err(), action.err(), substate.err()]
@@ -197,6 +203,8 @@ fn as_expected(record: Record) -> Expected {
             pid: t.task.pid,
             tid: t.task.tid,
             comm: t.task.comm().into_owned(),
+            netns: t.placement.netns,
+            cgroup: t.placement.cgroup,
         },
         Record::Timewait(ev) => Expected::Timewait(ev),
     }
@@ -244,6 +252,7 @@ prop_compose! {
         newstate in state_number(),
         comm in any::<[u8; 16]>(),
         pad in any::<u8>(),
+        (cgroup, netns, pad2) in any::<(u64, u32, u32)>(),
     ) -> TransitionEvent {
         TransitionEvent {
             kind: record_kind::TRANSITION,
@@ -260,6 +269,9 @@ prop_compose! {
             oldstate,
             newstate,
             comm,
+            _pad2: pad2,
+            cgroup,
+            netns,
         }
     }
 }
@@ -273,7 +285,7 @@ prop_compose! {
         substate in 1..=12u8,
         (ts_ns, jiffies, twaddr, expires) in any::<(u64, u64, u64, u64)>(),
         (saddr, daddr) in any::<([u8; 16], [u8; 16])>(),
-        pad in any::<[u8; 7]>(),
+        (pad, netns) in any::<([u8; 3], u32)>(),
     ) -> TimewaitEvent {
         TimewaitEvent {
             kind: record_kind::TIMEWAIT,
@@ -289,6 +301,7 @@ prop_compose! {
             expires,
             saddr,
             daddr,
+            netns,
         }
     }
 }

@@ -121,6 +121,7 @@ impl Stream {
                     old,
                     new,
                     task: Task::new(4242, 4243, "hostile"),
+                    placement: tcpclose::event::Placement::default(),
                 };
                 self.c.on_transition(&t, &mut self.out);
             }
@@ -156,6 +157,7 @@ impl Stream {
                     action,
                     expires_ns,
                     jiffy_ns,
+                    netns: 0,
                 };
                 self.c.on_timewait(&ev, &mut self.out);
             }
@@ -183,6 +185,7 @@ impl Stream {
                     remote,
                     state,
                     seen_ns,
+                    placement: tcpclose::event::Placement::default(),
                 });
             }
             Op::InTimeWait { tw, age_ns } => {

@@ -22,6 +22,7 @@ fn transition_at(sk: u64, ns: u64, n: usize, old: TcpState, new: TcpState) -> Tr
         old,
         new,
         task: Task::new(7, 7, "app"),
+        placement: tcpclose::event::Placement::default(),
     }
 }
 
@@ -58,6 +59,7 @@ fn timer_at(
         action,
         expires_ns,
         jiffy_ns: 4 * MS,
+        netns: 0,
     }
 }
 
@@ -226,6 +228,7 @@ fn regression_start_up_sockets_fill_the_cap() {
             remote: SocketAddr::from(([10, 0, 0, 2], 80)),
             state: CloseWait,
             seen_ns: 0,
+            placement: tcpclose::event::Placement::default(),
         });
     }
     assert_eq!(c.len(), 8);
@@ -255,6 +258,7 @@ fn regression_unclaimed_timewait_sockets_go_over_the_cap() {
             action: TimerAction::Armed,
             expires_ns: MS + 60 * S,
             jiffy_ns: 4 * MS,
+            netns: 0,
         };
         c.on_timewait(&ev, &mut out);
         assert!(c.len() <= 8, "{} followed, over the cap of 8", c.len());

@@ -169,6 +169,7 @@ fn play(lanes: &[(u64, Vec<Conn>)]) -> (Vec<Event>, Vec<Teardown>) {
                     old,
                     new,
                     task,
+                    placement: tcpclose::event::Placement::default(),
                 };
                 push(ts, What::Transition(t));
             };
@@ -197,6 +198,7 @@ fn play(lanes: &[(u64, Vec<Conn>)]) -> (Vec<Event>, Vec<Teardown>) {
                 owner: (!conn.server).then_some(task),
                 resolution_ns: None,
                 timewait_end: None,
+                placement: tcpclose::event::Placement::default(),
             };
             if let Script::Failed = conn.script {
                 step(opening.1, Close, ts, &mut push);
@@ -274,6 +276,7 @@ fn play(lanes: &[(u64, Vec<Conn>)]) -> (Vec<Event>, Vec<Teardown>) {
                         action: TimerAction::Armed,
                         expires_ns: c + 60 * S,
                         jiffy_ns: 4 * MS,
+                        netns: 0,
                     });
                     if conn.armed_after_close {
                         step(closing, Close, c, &mut push);
@@ -340,6 +343,7 @@ fn end_timewait(
             action,
             expires_ns,
             jiffy_ns: 4 * MS,
+            netns: 0,
         })
     };
     let mut t = tw.teardown;

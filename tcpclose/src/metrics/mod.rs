@@ -2,7 +2,8 @@
 //! server that serves it on `/metrics` in the text exposition format (OpenMetrics).
 //!
 //! Label values are bounded sets (states, phases, close kinds): never an address, port or pid,
-//! so that the series count does not grow with connections.
+//! so that the series count does not grow with connections. The opt-in container or pod label
+//! (`--metrics-label`) is bounded too: see [`label`].
 //!
 //! The server is a few lines of our own over tokio rather than an HTTP framework: it answers one
 //! GET per connection, with a deadline on reading the request and on writing the answer, so a
@@ -16,11 +17,14 @@ use std::{
     time::Duration,
 };
 
+pub mod label;
+
 use crate::{
     event::TcpState,
     teardown::{CloseKind, Phase, Teardown},
 };
 use anyhow::{Context as _, Result};
+pub use label::{LabelBy, LabelValues};
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{
@@ -69,7 +73,23 @@ fn phase_buckets() -> impl Iterator<Item = f64> {
     exponential_buckets(0.000_1, 2.0, 21)
 }
 
-type PhaseHistograms = Family<PhaseLabels, Histogram, fn() -> Histogram>;
+/// The opt-in label (`--metrics-label`): none, or one `(name, value)`.
+type Extra = Vec<(&'static str, String)>;
+
+/// The label's values are re-ranked every this many updates: a minute at one a second
+/// (`run::METRICS_REFRESH`). Less often would keep a finished container's series longer; more
+/// often would drop and recreate the series of a bursty one (its histogram restarting at zero).
+const RERANK_EVERY_UPDATES: u64 = 60;
+
+type PhaseHistograms = Family<(PhaseLabels, Extra), Histogram, fn() -> Histogram>;
+
+/// The hung sockets now, as the gauge shows them.
+pub enum HungNow<'a> {
+    /// Per teardown state.
+    ByState(&'a [(Phase, u64)]),
+    /// Per teardown state and `--metrics-label` value (a container id, a pod UID, `none`).
+    ByLabel(&'a [(Phase, String, u64)]),
+}
 
 /// Everything tcpclose exports.
 pub struct Metrics {
@@ -80,7 +100,12 @@ pub struct Metrics {
     /// `transitions` by state numbers, so that counting one costs an atomic add.
     transition_counters: Vec<Option<Counter>>,
     sockets: Family<StateLabels, Gauge>,
-    hung: Family<StateLabels, Gauge>,
+    hung: Family<(StateLabels, Extra), Gauge>,
+    /// `--metrics-label`: what the phase histogram and the hung gauge are labelled by, and which
+    /// values have series of their own.
+    label: Option<(LabelBy, LabelValues)>,
+    /// Calls to [`Metrics::update`] so far.
+    updates: u64,
     lost: Counter,
     lost_seen: u64,
     matched: Counter,
@@ -105,8 +130,22 @@ impl Metrics {
     pub fn at_start() -> Self {
         let mut m = Self::new();
         touch_all(&m);
-        m.update(&[], &[], 0, EventTotals::default());
+        m.update(&[], HungNow::ByState(&[]), 0, EventTotals::default());
         m
+    }
+
+    /// With the phase histogram and the hung gauge labelled by container or pod: the `top`
+    /// busiest values, `other` and `none` (see [`label`]).
+    pub fn labelled(mut self, by: LabelBy, top: usize) -> Self {
+        self.label = Some((by, LabelValues::new(top)));
+        self.hung.clear();
+        self.update(&[], HungNow::ByLabel(&[]), 0, EventTotals::default());
+        self
+    }
+
+    /// What the phase histogram and the hung gauge are labelled by, if anything.
+    pub fn labelled_by(&self) -> Option<LabelBy> {
+        self.label.as_ref().map(|(by, _)| *by)
     }
 
     pub fn new() -> Self {
@@ -138,7 +177,7 @@ impl Metrics {
             "Sockets tcpclose follows now, by TCP state",
             sockets.clone(),
         );
-        let hung = Family::<StateLabels, Gauge>::default();
+        let hung = Family::<(StateLabels, Extra), Gauge>::default();
         registry.register(
             "tcpclose_hung_sockets",
             "Sockets in a teardown state for longer than its --hung threshold, now",
@@ -197,6 +236,8 @@ impl Metrics {
             transition_counters: vec![None; 13 * 13],
             sockets,
             hung,
+            label: None,
+            updates: 0,
             lost,
             lost_seen: 0,
             matched,
@@ -222,16 +263,111 @@ impl Metrics {
         .inc();
     }
 
-    pub fn teardown(&self, t: &Teardown) {
+    /// Counts a teardown and its phases; `value`: its `--metrics-label` value (see
+    /// [`LabelBy::value`]), ignored without the label.
+    pub fn teardown(&mut self, t: &Teardown, value: &str) {
         let close = t.close.name();
         self.teardowns.get_or_create(&CloseLabels { close }).inc();
+        let extra: Extra = match &mut self.label {
+            Some((by, values)) => vec![(by.key(), values.label(value, 1).to_owned())],
+            None => Vec::new(),
+        };
         for (phase, ns) in t.phases.iter() {
             self.phase_seconds
-                .get_or_create(&PhaseLabels {
-                    phase: phase.name(),
-                    close,
-                })
+                .get_or_create(&(
+                    PhaseLabels {
+                        phase: phase.name(),
+                        close,
+                    },
+                    extra.clone(),
+                ))
                 .observe(ns as f64 / 1e9);
+        }
+    }
+
+    /// Sets the hung gauge. With a label, every admitted value, `other` and `none` get every
+    /// state, at zero when none is hung: a series does not vanish when its hangs resolve.
+    fn set_hung(&mut self, hung: HungNow) {
+        let key = self.label.as_ref().map(|(by, _)| by.key());
+        let mut counts: Vec<(Phase, Extra, u64)> = Vec::new();
+        let mut add = |phase: Phase, extra: Extra, n: u64| match counts
+            .iter_mut()
+            .find(|(p, e, _)| *p == phase && *e == extra)
+        {
+            Some((_, _, total)) => *total += n,
+            None => counts.push((phase, extra, n)),
+        };
+        match (hung, &mut self.label) {
+            (HungNow::ByLabel(hung), Some((by, values))) => {
+                let mut shown: Vec<String> = values.admitted().to_vec();
+                shown.extend([label::OTHER.to_owned(), label::NONE.to_owned()]);
+                for phase in Phase::ALL {
+                    for value in &shown {
+                        add(phase, vec![(by.key(), value.clone())], 0);
+                    }
+                }
+                for (phase, value, n) in hung {
+                    let value = values.label(value, *n).to_owned();
+                    add(*phase, vec![(by.key(), value)], *n);
+                }
+            }
+            (HungNow::ByState(hung), _) => {
+                for phase in Phase::ALL {
+                    let n = hung
+                        .iter()
+                        .find(|(p, _)| *p == phase)
+                        .map_or(0, |(_, n)| *n);
+                    add(
+                        phase,
+                        key.map(|k| vec![(k, label::OTHER.to_owned())])
+                            .unwrap_or_default(),
+                        n,
+                    );
+                }
+            }
+            (HungNow::ByLabel(hung), None) => {
+                for phase in Phase::ALL {
+                    let n = hung
+                        .iter()
+                        .filter(|(p, ..)| *p == phase)
+                        .map(|(.., n)| n)
+                        .sum();
+                    add(phase, Vec::new(), n);
+                }
+            }
+        }
+        // Gone values' series go; a scrape never sees the gauge half set (encoded after this).
+        self.hung.clear();
+        for (phase, extra, n) in counts {
+            self.hung
+                .get_or_create(&(
+                    StateLabels {
+                        state: phase.name(),
+                    },
+                    extra,
+                ))
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    /// Re-ranks the label's values (see [`LabelValues::rerank`]) and removes the phase series of
+    /// those no longer admitted: their next teardowns count under `other`.
+    fn rerank_label(&mut self) {
+        let Some((by, values)) = &mut self.label else {
+            return;
+        };
+        for value in values.rerank() {
+            for phase in Phase::ALL {
+                for close in CloseKind::ALL {
+                    self.phase_seconds.remove(&(
+                        PhaseLabels {
+                            phase: phase.name(),
+                            close: close.name(),
+                        },
+                        vec![(by.key(), value.clone())],
+                    ));
+                }
+            }
         }
     }
 
@@ -241,7 +377,7 @@ impl Metrics {
     pub fn update(
         &mut self,
         sockets: &[(TcpState, u64)],
-        hung: &[(Phase, u64)],
+        hung: HungNow,
         tracked: usize,
         events: EventTotals,
     ) {
@@ -256,17 +392,11 @@ impl Metrics {
                 })
                 .set(i64::try_from(n).unwrap_or(i64::MAX));
         }
-        for phase in Phase::ALL {
-            let n = hung
-                .iter()
-                .find(|(p, _)| *p == phase)
-                .map_or(0, |(_, n)| *n);
-            self.hung
-                .get_or_create(&StateLabels {
-                    state: phase.name(),
-                })
-                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.updates += 1;
+        if self.updates.is_multiple_of(RERANK_EVERY_UPDATES) {
+            self.rerank_label();
         }
+        self.set_hung(hung);
         self.tracked.set(i64::try_from(tracked).unwrap_or(i64::MAX));
         for (counter, seen, total) in [
             (&self.lost, &mut self.lost_seen, events.lost),
@@ -303,14 +433,7 @@ pub struct EventTotals {
 /// Close kinds, so that every one appears in the exposition from the start (a counter that
 /// appears late makes `rate()` miss its first increase).
 pub fn touch_all(metrics: &Metrics) {
-    for close in [
-        CloseKind::Active,
-        CloseKind::Passive,
-        CloseKind::Simultaneous,
-        CloseKind::Reset,
-        CloseKind::Failed,
-        CloseKind::FinTimeout,
-    ] {
+    for close in CloseKind::ALL {
         drop(metrics.teardowns.get_or_create(&CloseLabels {
             close: close.name(),
         }));
@@ -451,28 +574,12 @@ mod tests {
         };
         m.update(
             &[(TcpState::CloseWait, 3)],
-            &[(Phase::CloseWait, 2)],
+            HungNow::ByState(&[(Phase::CloseWait, 2)]),
             7,
             events(5),
         );
-        m.update(&[], &[], 0, events(9));
-        let mut phases = crate::teardown::Phases::default();
-        phases.add(Phase::CloseWait, 300_000_000);
-        m.teardown(&Teardown {
-            end_ns: 0,
-            family: crate::event::Family::Ipv4,
-            local: "127.0.0.1:8080".parse().unwrap(),
-            remote: "127.0.0.1:40000".parse().unwrap(),
-            side: None,
-            close: CloseKind::Passive,
-            phases,
-            teardown_ns: None,
-            lifetime_ns: None,
-            complete: true,
-            owner: None,
-            resolution_ns: None,
-            timewait_end: None,
-        });
+        m.update(&[], HungNow::ByState(&[]), 0, events(9));
+        m.teardown(&passive_close(300_000_000), "ignored without a label");
         let text = m.encode();
         // 300 ms lands in the (0.2048, 0.4096] bucket.
         assert!(
@@ -516,6 +623,111 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    fn passive_close(close_wait_ns: u64) -> Teardown {
+        let mut phases = crate::teardown::Phases::default();
+        phases.add(Phase::CloseWait, close_wait_ns);
+        Teardown {
+            end_ns: 0,
+            family: crate::event::Family::Ipv4,
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            side: None,
+            close: CloseKind::Passive,
+            phases,
+            teardown_ns: None,
+            lifetime_ns: None,
+            complete: true,
+            owner: None,
+            resolution_ns: None,
+            timewait_end: None,
+            placement: crate::event::Placement::default(),
+        }
+    }
+
+    /// The series of the phase histogram with this label, one line per bucket and per sum and
+    /// count.
+    fn series_with(text: &str, metric: &str, label: &str) -> usize {
+        text.lines()
+            .filter(|l| l.starts_with(metric) && l.contains(label))
+            .count()
+    }
+
+    #[test]
+    fn labelled_by_container_the_busiest_get_series_and_the_rest_are_other() {
+        let mut m = Metrics::at_start().labelled(LabelBy::Container, 2);
+        let text = m.encode();
+        for value in ["other", "none"] {
+            assert!(
+                text.contains(&format!(
+                    "tcpclose_hung_sockets{{state=\"CLOSE_WAIT\",container_id=\"{value}\"}} 0"
+                )),
+                "{text}"
+            );
+        }
+        for (value, n) in [("aaa", 3), ("bbb", 1), ("ccc", 5), ("none", 1)] {
+            for _ in 0..n {
+                m.teardown(&passive_close(1_000_000), value);
+            }
+        }
+        let hung = [
+            (Phase::CloseWait, "aaa".to_owned(), 4),
+            (Phase::CloseWait, "ccc".to_owned(), 2),
+            (Phase::LastAck, "none".to_owned(), 1),
+        ];
+        m.update(&[], HungNow::ByLabel(&hung), 0, EventTotals::default());
+        let text = m.encode();
+        let count = |value: &str| {
+            format!(
+                "tcpclose_teardown_phase_seconds_count{{phase=\"CLOSE_WAIT\",close=\"passive\",container_id=\"{value}\"}}"
+            )
+        };
+        // The first two values took the two places; the third counts as other until re-ranked.
+        assert!(text.contains(&format!("{} 3", count("aaa"))), "{text}");
+        assert!(text.contains(&format!("{} 1", count("bbb"))), "{text}");
+        assert!(text.contains(&format!("{} 5", count("other"))), "{text}");
+        assert!(text.contains(&format!("{} 1", count("none"))), "{text}");
+        assert!(
+            text.contains("tcpclose_hung_sockets{state=\"CLOSE_WAIT\",container_id=\"aaa\"} 4"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcpclose_hung_sockets{state=\"CLOSE_WAIT\",container_id=\"other\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("tcpclose_hung_sockets{state=\"LAST_ACK\",container_id=\"none\"} 1"),
+            "{text}"
+        );
+        // A minute of updates later: ccc (5 teardowns, 2 hung a second) took bbb's place; bbb's
+        // series are gone and its next teardown counts as other.
+        for _ in 0..RERANK_EVERY_UPDATES {
+            m.update(&[], HungNow::ByLabel(&hung), 0, EventTotals::default());
+        }
+        m.teardown(&passive_close(1_000_000), "bbb");
+        let text = m.encode();
+        assert_eq!(
+            series_with(&text, "tcpclose_", "container_id=\"bbb\""),
+            0,
+            "{text}"
+        );
+        assert!(
+            text.contains("tcpclose_hung_sockets{state=\"CLOSE_WAIT\",container_id=\"ccc\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains(&format!("{} 6", count("other"))), "{text}");
+        // Bounded: 2 values, other and none.
+        let values: std::collections::BTreeSet<&str> = text
+            .lines()
+            .filter_map(|l| l.split("container_id=\"").nth(1))
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        assert_eq!(
+            values,
+            ["aaa", "ccc", "none", "other"].into_iter().collect(),
+            "{text}"
+        );
     }
 
     #[test]
