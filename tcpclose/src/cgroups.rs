@@ -6,12 +6,12 @@
 //! resolved once stays right; a cgroup created after start is resolved when first seen.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     ffi::CString,
     fs,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, Weak, mpsc},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -23,24 +23,100 @@ const FILEID_KERNFS: i32 = 0xfe;
 /// Resolved cgroups kept at most; the cache starts over when full.
 const MAX_CACHED: usize = 16_384;
 
-/// The cgroup2 mount point in `mounts` (the text of `/proc/self/mounts`): `/sys/fs/cgroup` on
-/// a pure cgroup2 host, `/sys/fs/cgroup/unified` on a hybrid one.
-pub fn cgroup2_mount_in(mounts: &str) -> Option<PathBuf> {
-    mounts.lines().find_map(|line| {
-        let mut fields = line.split_whitespace();
-        let (_, path, fstype) = (fields.next()?, fields.next()?, fields.next()?);
-        // Spaces in mount points are written as `\040`.
-        (fstype == "cgroup2").then(|| PathBuf::from(path.replace("\\040", " ")))
-    })
+/// A cgroup2 mount as `/proc/self/mountinfo` shows it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Cgroup2Mount {
+    pub path: PathBuf,
+    /// The cgroup the mount shows as its root, relative to this process's cgroup namespace
+    /// (cgroup_show_path()): `/` for the namespace's own root, `/../..` for a cgroup two levels
+    /// above it.
+    pub root: String,
 }
 
-/// This host's cgroup2 mount point.
+impl Cgroup2Mount {
+    /// How high the mount's root is: the `..` components of its root, less its other components.
+    fn height(&self) -> isize {
+        self.root
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .map(|c| if c == ".." { 1 } else { -1 })
+            .sum()
+    }
+}
+
+/// The cgroup2 mount in `mountinfo` (the text of `/proc/self/mountinfo`) that shows the most of
+/// the hierarchy: `/sys/fs/cgroup` on a pure cgroup2 host, `/sys/fs/cgroup/unified` on a hybrid
+/// one. In a cgroup namespace of its own (a Kubernetes pod's), the cgroup2 file system mounted in
+/// the container shows only the namespace's subtree, while a bind of the host's mount (a hostPath
+/// volume) shows the whole hierarchy, its root above the namespace's: that one is chosen.
+pub fn cgroup2_mount_in(mountinfo: &str) -> Option<Cgroup2Mount> {
+    let mut best: Option<Cgroup2Mount> = None;
+    for line in mountinfo.lines() {
+        // ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS
+        let Some((mount, fs)) = line.split_once(" - ") else {
+            continue;
+        };
+        if fs.split_whitespace().next() != Some("cgroup2") {
+            continue;
+        }
+        let mut fields = mount.split_whitespace().skip(3);
+        let (Some(root), Some(path)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let found = Cgroup2Mount {
+            path: PathBuf::from(unescape(path)),
+            root: unescape(root),
+        };
+        if best.as_ref().is_none_or(|b| found.height() > b.height()) {
+            best = Some(found);
+        }
+    }
+    best
+}
+
+/// A mountinfo path: the kernel writes space, tab, newline and backslash as octal escapes
+/// (`\040`, mangle_path()).
+fn unescape(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        let code = rest.get(at + 1..at + 4);
+        match code.and_then(|c| u8::from_str_radix(c, 8).ok()) {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[at + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// This host's cgroup2 mount that shows the most of the hierarchy (see [`cgroup2_mount_in`]).
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let mounts = fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    cgroup2_mount_in(&mounts).context(
-        "no cgroup2 file system is mounted (see /proc/self/mounts): mount one with \
+    Ok(widest_cgroup2_mount()?.path)
+}
+
+fn widest_cgroup2_mount() -> Result<Cgroup2Mount> {
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    cgroup2_mount_in(&mountinfo).context(
+        "no cgroup2 file system is mounted (see /proc/self/mountinfo): mount one with \
          `mount -t cgroup2 none /sys/fs/cgroup`",
     )
+}
+
+/// Whether this process's cgroup namespace is not the host's (that of pid 1, when visible, as
+/// in a pod with `hostPID`): then a cgroup2 mount whose root is `/` shows only its part of the
+/// hierarchy.
+fn in_own_cgroup_namespace() -> bool {
+    let ns = |pid: &str| fs::read_link(format!("/proc/{pid}/ns/cgroup")).ok();
+    matches!((ns("self"), ns("1")), (Some(own), Some(init)) if own != init)
 }
 
 /// The id of the cgroup2 cgroup `arg`: a directory on the cgroup2 mount, given as a path, or
@@ -211,24 +287,56 @@ struct Resolver {
     root: fs::File,
     cache: HashMap<u64, Option<Arc<CgroupInfo>>>,
     /// Set once `open_by_handle_at()` was refused (it needs CAP_DAC_READ_SEARCH): from then on
-    /// ids are found by walking the hierarchy.
-    walk: bool,
+    /// ids are found by walking the hierarchy, on a thread of its own.
+    walker: Option<Walker>,
+}
+
+/// The thread that walks the cgroup2 hierarchy for the ids `open_by_handle_at()` cannot open.
+/// A walk reads every directory of the hierarchy (thousands on a busy node): it never runs on
+/// the thread that drains the ring, which names a cgroup the walk has not found yet as unknown
+/// and asks for it; the next record of that cgroup has its name.
+struct Walker {
+    asks: mpsc::Sender<u64>,
+    /// Asked, not answered yet.
+    pending: HashSet<u64>,
 }
 
 impl Cgroups {
     /// Resolves this host's cgroups; resolves nothing (with a warning) without a cgroup2 mount.
     pub fn of_host() -> Self {
-        match cgroup2_mount().and_then(|mount| {
+        match widest_cgroup2_mount().and_then(|Cgroup2Mount { path: mount, root }| {
+            if root == "/" && in_own_cgroup_namespace() {
+                eprintln!(
+                    "tcpclose: warning: this process has a cgroup namespace of its own and \
+                     {} shows only its part of the cgroup2 hierarchy: sockets of other cgroups \
+                     will have no cgroup, container or pod. Mount the host's hierarchy too (in \
+                     Kubernetes, a read-only hostPath volume of /sys/fs/cgroup, as \
+                     deploy/kubernetes/daemonset.yaml does)",
+                    mount.display()
+                );
+            }
             let root =
                 fs::File::open(&mount).with_context(|| format!("opening {}", mount.display()))?;
             Ok(Resolver {
                 mount,
                 root,
                 cache: HashMap::new(),
-                walk: false,
+                walker: None,
             })
         }) {
-            Ok(resolver) => Self(Names::Host(Arc::new(Mutex::new(resolver)))),
+            Ok(resolver) => {
+                let resolver = Arc::new(Mutex::new(resolver));
+                // Whether ids can be opened is known from the root's: walk from the start
+                // otherwise, so that the cgroups that exist already are named from the first
+                // record.
+                let refused = resolver.lock().is_ok_and(|r| {
+                    matches!(r.by_handle(ROOT_CGROUP_ID), Err(e) if e.raw_os_error() == Some(libc::EPERM))
+                });
+                if refused || walk_forced() {
+                    start_walker(&resolver, Some(ROOT_CGROUP_ID));
+                }
+                Self(Names::Host(resolver))
+            }
             Err(err) => {
                 eprintln!("tcpclose: warning: cgroups will not be named: {err:#}");
                 Self(Names::None)
@@ -251,7 +359,8 @@ impl Cgroups {
         )))
     }
 
-    /// What cgroup `id` is; `None` when unknown (0), gone, or not resolvable here.
+    /// What cgroup `id` is; `None` when unknown (0), gone, not resolvable here, or (without
+    /// CAP_DAC_READ_SEARCH) not found by the tree walk yet.
     pub fn info(&self, id: u64) -> Option<Arc<CgroupInfo>> {
         if id == 0 {
             return None;
@@ -261,46 +370,136 @@ impl Cgroups {
             Names::Fixed(paths) => return paths.get(&id).cloned(),
             Names::Host(resolver) => resolver,
         };
-        let mut resolver = resolver.lock().ok()?;
-        if let Some(found) = resolver.cache.get(&id) {
+        let mut guard = resolver.lock().ok()?;
+        if let Some(found) = guard.cache.get(&id) {
             return found.clone();
         }
-        let found = resolver
-            .resolve(id)
-            .map(|path| Arc::new(CgroupInfo::of_path(&path)));
-        if resolver.cache.len() >= MAX_CACHED {
-            resolver.cache.clear();
+        if let Some(walker) = &mut guard.walker {
+            if walker.pending.insert(id) {
+                // A walker that has gone (it cannot: it lives as long as the resolver) would
+                // leave the id unnamed.
+                let _ = walker.asks.send(id);
+            }
+            return None;
         }
-        resolver.cache.insert(id, found.clone());
-        found
+        match guard.by_handle(id) {
+            Ok(absolute) => {
+                let found = guard.relative(&absolute);
+                guard.remember(id, found.clone());
+                found
+            }
+            Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
+                drop(guard);
+                start_walker(resolver, Some(id));
+                None
+            }
+            // Gone (ESTALE) or never a cgroup.
+            Err(_) => {
+                guard.remember(id, None);
+                None
+            }
+        }
+    }
+}
+
+#[cfg(not(test))]
+fn walk_forced() -> bool {
+    false
+}
+
+#[cfg(test)]
+fn walk_forced() -> bool {
+    WALK_IN_TESTS.with(std::cell::Cell::get)
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Resolves as if `open_by_handle_at()` were refused, by the walker only.
+    static WALK_IN_TESTS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// The root cgroup's id (`kernfs_node.id` of the hierarchy's root).
+const ROOT_CGROUP_ID: u64 = 1;
+
+/// Starts the walker of `resolver` (once), asking it for `first`.
+fn start_walker(resolver: &Arc<Mutex<Resolver>>, first: Option<u64>) {
+    let Ok(mut guard) = resolver.lock() else {
+        return;
+    };
+    if guard.walker.is_some() {
+        return;
+    }
+    let (asks, answers_needed) = mpsc::channel();
+    let mount = guard.mount.clone();
+    let weak = Arc::downgrade(resolver);
+    let spawned = std::thread::Builder::new()
+        .name("cgroup-walk".to_owned())
+        .spawn(move || walk_on_request(&mount, &answers_needed, &weak));
+    if spawned.is_err() {
+        // No thread: cgroups stay unnamed rather than slow the ring's reader.
+        return;
+    }
+    let mut walker = Walker {
+        asks,
+        pending: HashSet::new(),
+    };
+    if let Some(id) = first
+        && walker.pending.insert(id)
+    {
+        let _ = walker.asks.send(id);
+    }
+    guard.walker = Some(walker);
+}
+
+/// The walker's loop: each batch of asked ids is answered by one walk of the whole hierarchy,
+/// which also names every cgroup found (so that a cgroup made since the last walk costs one walk,
+/// however many of its sockets come). Ends when the resolver is gone.
+fn walk_on_request(mount: &Path, asks: &mpsc::Receiver<u64>, resolver: &Weak<Mutex<Resolver>>) {
+    while let Ok(first) = asks.recv() {
+        let asked: Vec<u64> = std::iter::once(first).chain(asks.try_iter()).collect();
+        let found = index(mount);
+        let Some(resolver) = resolver.upgrade() else {
+            return;
+        };
+        let Ok(mut guard) = resolver.lock() else {
+            return;
+        };
+        for (id, absolute) in &found {
+            if !guard.cache.contains_key(id) {
+                let info = guard.relative(absolute);
+                guard.remember(*id, info);
+            }
+        }
+        for id in asked {
+            if let Some(walker) = &mut guard.walker {
+                walker.pending.remove(&id);
+            }
+            if !found.contains_key(&id) {
+                // Gone before the walk, or never a cgroup.
+                guard.remember(id, None);
+            }
+        }
     }
 }
 
 impl Resolver {
-    /// The path of cgroup `id` relative to the mount, `/` for the root.
-    fn resolve(&mut self, id: u64) -> Option<String> {
-        let absolute = if self.walk {
-            None
-        } else {
-            match self.by_handle(id) {
-                Ok(path) => Some(path),
-                Err(err) if err.raw_os_error() == Some(libc::EPERM) => {
-                    self.walk = true;
-                    None
-                }
-                // Gone (ESTALE) or never a cgroup.
-                Err(_) => return None,
-            }
-        };
-        let absolute = match absolute {
-            Some(path) => path,
-            None => walk(&self.mount, id)?,
-        };
+    /// The cgroup at `absolute` (a directory under the mount), named relative to the mount.
+    fn relative(&self, absolute: &Path) -> Option<Arc<CgroupInfo>> {
         let relative = absolute.strip_prefix(&self.mount).ok()?;
-        Some(format!("/{}", relative.to_string_lossy()))
+        let path = format!("/{}", relative.to_string_lossy());
+        Some(Arc::new(CgroupInfo::of_path(&path)))
     }
 
-    /// The directory of cgroup `id`, opened by its kernfs file handle (the id itself).
+    /// Caches what `id` is; the cache starts over when full.
+    fn remember(&mut self, id: u64, found: Option<Arc<CgroupInfo>>) {
+        if self.cache.len() >= MAX_CACHED {
+            self.cache.clear();
+        }
+        self.cache.insert(id, found);
+    }
+
+    /// The directory of cgroup `id`, opened by its kernfs file handle (the id itself): one
+    /// `open_by_handle_at()` and one `readlink()`, microseconds.
     fn by_handle(&self, id: u64) -> std::io::Result<PathBuf> {
         #[repr(C)]
         struct KernfsHandle {
@@ -332,24 +531,29 @@ impl Resolver {
     }
 }
 
-/// Finds the directory whose inode is `id` under `root`, breadth first.
-fn walk(root: &Path, id: u64) -> Option<PathBuf> {
+/// Every directory under `root` by inode number (a cgroup's id), breadth first, at most
+/// [`MAX_CACHED`].
+fn index(root: &Path) -> HashMap<u64, PathBuf> {
+    let mut found = HashMap::new();
     let mut queue = std::collections::VecDeque::from([root.to_path_buf()]);
     while let Some(dir) = queue.pop_front() {
-        let meta = fs::metadata(&dir).ok()?;
-        if meta.ino() == id {
-            return Some(dir);
-        }
+        let Ok(meta) = fs::metadata(&dir) else {
+            continue;
+        };
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
         };
+        found.insert(meta.ino(), dir);
+        if found.len() >= MAX_CACHED {
+            break;
+        }
         for entry in entries.flatten() {
             if entry.file_type().is_ok_and(|t| t.is_dir()) {
                 queue.push_back(entry.path());
             }
         }
     }
-    None
+    found
 }
 
 #[cfg(test)]
@@ -359,23 +563,54 @@ mod tests {
     const ID: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     const UID: &str = "3a1b2c3d-1111-2222-3333-444455556666";
 
+    fn mount_point(mountinfo: &str) -> Option<PathBuf> {
+        cgroup2_mount_in(mountinfo).map(|m| m.path)
+    }
+
     #[test]
     fn finds_the_cgroup2_mount_pure_or_hybrid() {
-        let pure = "sysfs /sys sysfs rw 0 0\ncgroup2 /sys/fs/cgroup cgroup2 rw,nosuid 0 0\n";
+        let pure = "22 27 0:21 / /sys rw,nosuid shared:7 - sysfs sysfs rw\n\
+                    30 22 0:26 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(mount_point(pure), Some(PathBuf::from("/sys/fs/cgroup")));
+        let hybrid = "30 22 0:26 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755\n\
+                      31 30 0:27 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw\n\
+                      34 30 0:30 / /sys/fs/cgroup/memory rw shared:14 - cgroup cgroup rw,memory\n";
         assert_eq!(
-            cgroup2_mount_in(pure),
-            Some(PathBuf::from("/sys/fs/cgroup"))
-        );
-        let hybrid = "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n\
-                      cgroup /sys/fs/cgroup/memory cgroup rw,memory 0 0\n\
-                      cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n";
-        assert_eq!(
-            cgroup2_mount_in(hybrid),
+            mount_point(hybrid),
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(
-            cgroup2_mount_in("cgroup /sys/fs/cgroup/cpu cgroup rw 0 0\n"),
+            mount_point("34 30 0:30 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n"),
             None
+        );
+        assert_eq!(
+            mount_point("31 30 0:27 / /run/my\\040cgroup rw - cgroup2 none rw\n"),
+            Some(PathBuf::from("/run/my cgroup"))
+        );
+    }
+
+    /// A pod's view: its own cgroup2 mount shows its namespace's subtree; the host's, bound
+    /// from a hostPath volume, shows the whole hierarchy from two levels above, whichever
+    /// comes first.
+    #[test]
+    fn in_a_cgroup_namespace_the_mount_of_the_whole_hierarchy_is_chosen() {
+        let own = "1510 1502 0:27 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw\n";
+        let host = "1520 1502 0:27 /../.. /host/sys/fs/cgroup ro,nosuid - cgroup2 cgroup2 rw\n";
+        for mountinfo in [format!("{own}{host}"), format!("{host}{own}")] {
+            let found = cgroup2_mount_in(&mountinfo).expect("a cgroup2 mount");
+            assert_eq!(
+                found.path,
+                PathBuf::from("/host/sys/fs/cgroup"),
+                "{mountinfo}"
+            );
+            assert_eq!(found.root, "/../..");
+        }
+        // A mount of a subtree (a container's bind of its own cgroup) gives way to the root.
+        let sub = "40 30 0:27 /kubepods.slice /mnt/pods rw - cgroup2 cgroup2 rw\n";
+        let root = "31 30 0:27 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            mount_point(&format!("{sub}{root}")),
+            Some(PathBuf::from("/sys/fs/cgroup"))
         );
     }
 
@@ -442,6 +677,50 @@ mod tests {
             Some("cron.service")
         );
         assert_eq!(CgroupInfo::of_path("/").short(), None);
+    }
+
+    /// Without CAP_DAC_READ_SEARCH: the walker names the cgroups, off the caller's thread.
+    #[test]
+    fn the_walker_names_cgroups_when_ids_cannot_be_opened() {
+        WALK_IN_TESTS.with(|w| w.set(true));
+        let cgroups = Cgroups::of_host();
+        WALK_IN_TESTS.with(|w| w.set(false));
+        let own = fs::read_to_string("/proc/self/cgroup").unwrap();
+        let own = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a cgroup2 line")
+            .to_owned();
+        let id = cgroup_id(&own).unwrap();
+        let found = eventually(&own, || cgroups.info(id));
+        assert_eq!(found.path, own);
+        let root = eventually("/", || cgroups.info(ROOT_CGROUP_ID));
+        assert_eq!(root.path, "/");
+        // An id that is no cgroup is answered as such, once: not asked for again and again.
+        let bogus = u64::MAX - 1;
+        assert_eq!(cgroups.info(bogus), None);
+        let answer = eventually("an answer for a bogus id", || {
+            let Names::Host(resolver) = &cgroups.0 else {
+                unreachable!("a resolver of this host")
+            };
+            resolver.lock().unwrap().cache.get(&bogus).cloned()
+        });
+        assert_eq!(answer, None, "a bogus id named");
+    }
+
+    /// What `f` returns once it returns something, within 10 s.
+    fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(found) = f() {
+                return found;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what}: not within 10 s"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     #[test]

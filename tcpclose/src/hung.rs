@@ -82,8 +82,9 @@ pub enum SocketKey {
     Full(u64),
     /// A timewait socket, by kernel address.
     Timewait(u64),
-    /// A socket found at start-up, by local and remote address, until an event reveals it.
-    Existing(SocketAddr, SocketAddr),
+    /// A socket found at start-up, by local and remote address and network namespace (its
+    /// inode number), until an event reveals it.
+    Existing(SocketAddr, SocketAddr, u32),
 }
 
 /// What the engine reports about a socket that hangs.

@@ -40,6 +40,32 @@ pub fn own_path() -> String {
         .to_owned()
 }
 
+/// A Kubernetes pod UID and a container id (64 hex digits) of this run's own, different for
+/// each `tag`.
+pub fn test_ids(tag: u8) -> (String, String) {
+    let seed = (std::process::id() as u64) << 8 | u64::from(tag);
+    let uid = format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        seed as u32,
+        tag,
+        0x4000 | (seed & 0xfff),
+        0x8000 | (seed & 0xfff),
+        seed
+    );
+    let id = format!("{seed:016x}").repeat(4);
+    (uid, id)
+}
+
+/// Where the kubelet's systemd cgroup driver puts containerd's container `id` of a BestEffort
+/// pod whose UID is `uid`.
+pub fn containerd_path(uid: &str, id: &str) -> String {
+    format!(
+        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/\
+         cri-containerd-{id}.scope",
+        uid.replace('-', "_")
+    )
+}
+
 /// A cgroup made for a test, removed on drop with the directories above it that it made.
 pub struct Cgroup {
     /// Relative to the cgroup2 root, starting with `/`, as tcpclose prints it.

@@ -24,6 +24,7 @@ use serde_json::Value;
 pub mod cgroup;
 pub mod churn;
 pub mod netns;
+pub mod prometheus;
 pub mod timing;
 pub mod tracer;
 
@@ -131,6 +132,22 @@ fn collect_output(mut child: Child, timeout: Duration) -> (Option<ExitStatus>, V
         stdout.join().unwrap_or_default(),
         stderr.join().unwrap_or_default(),
     )
+}
+
+/// A child killed and reaped on drop.
+pub struct Kid(pub std::process::Child);
+
+impl Kid {
+    pub fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = wait_with_deadline(&mut self.0, Duration::from_secs(10));
+    }
 }
 
 /// A directory of the test's own under the system's temporary directory, removed on drop.

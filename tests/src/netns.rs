@@ -17,7 +17,7 @@
 use std::{
     fs::File,
     io,
-    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -27,7 +27,7 @@ use std::{
 
 use crate::{
     BoundSocket, mono_ns, run_checked, run_ok, tcp_state,
-    tcp_state::FIN_WAIT2,
+    tcp_state::{FIN_WAIT1, FIN_WAIT2},
     timed,
     timing::{MS, Moment, POLL, SPIN, sleep_until, wait_for},
 };
@@ -270,6 +270,36 @@ impl Place {
 
     pub fn deliver_packets_again(&self) {
         self.ns.nft("delete table inet tcpclose_drop");
+    }
+
+    /// Makes the FINs of `client` and `server` (a connection in this namespace) cross. An
+    /// nftables output rule in the namespace drops every packet with FIN while both sides shut
+    /// down their sending side: the FIN never leaves (the drop fails the transmission), so each
+    /// side sits in FIN_WAIT1 with its FIN unsent and the zero-window probe timer armed. With the
+    /// rule gone, the two timers, armed in the same jiffy from the same thread, fire in the same
+    /// timer run, and each side sends its FIN before the other's arrives: both go FIN_WAIT1 ->
+    /// CLOSING -> (ACK) TIME_WAIT. Should the two shutdowns straddle a jiffy boundary, the first
+    /// FIN arrives alone: only its receiver goes CLOSING (and sends its own FIN at once), and the
+    /// first sender, acked, goes FIN_WAIT2 -> TIME_WAIT (an active close). When both shut down.
+    pub fn cross_fins(&self, client: &TcpStream, server: &TcpStream) -> Moment {
+        let ns = &self.ns;
+        let tuple = (
+            client.local_addr().expect("client's address"),
+            server.local_addr().expect("server's address"),
+        );
+        ns.nft("add table inet tcpclose_fins");
+        ns.nft(
+            "add chain inet tcpclose_fins out { type filter hook output priority 0; policy accept; }",
+        );
+        ns.nft("add rule inet tcpclose_fins out tcp flags & fin == fin drop");
+        let (shut, ()) = Moment::of(|| {
+            client.shutdown(Shutdown::Write).expect("client shutdown");
+            server.shutdown(Shutdown::Write).expect("server shutdown");
+        });
+        let held = ns.run(|| (tcp_state(tuple.0, tuple.1), tcp_state(tuple.1, tuple.0)));
+        ns.nft("delete table inet tcpclose_fins");
+        assert_eq!(held, (Some(FIN_WAIT1), Some(FIN_WAIT1)), "both FINs held");
+        shut
     }
 
     /// Kills the timewait sockets of the port (`ss -K`: SOCK_DESTROY, which aborts timewait

@@ -15,48 +15,20 @@ use std::{
     io::Read as _,
     net::{SocketAddr, TcpListener, TcpStream},
     os::{fd::AsFd as _, unix::fs::MetadataExt as _},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::Duration,
 };
 
 use serde_json::Value;
 use tcpclose_tests::{
-    Tracing, about,
+    Kid, Tracing, about,
     cgroup::{self, Cgroup},
+    connect_with, free_port, mono_ns,
     netns::Netns,
-    require_root,
+    require_root, tcp_state,
+    tcp_state::TIME_WAIT,
+    timing::{POLL, wait_for},
 };
-
-/// A Kubernetes pod UID and a container id (64 hex digits) of this run's own.
-fn ids(tag: u8) -> (String, String) {
-    let seed = (std::process::id() as u64) << 8 | u64::from(tag);
-    let uid = format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        seed as u32,
-        tag,
-        0x4000 | (seed & 0xfff),
-        0x8000 | (seed & 0xfff),
-        seed
-    );
-    let id = format!("{seed:016x}").repeat(4);
-    (uid, id)
-}
-
-/// A child killed and reaped on drop.
-struct Kid(Child);
-
-impl Kid {
-    fn pid(&self) -> u32 {
-        self.0.id()
-    }
-}
-
-impl Drop for Kid {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = tcpclose_tests::wait_with_deadline(&mut self.0, Duration::from_secs(10));
-    }
-}
 
 fn quiet(cmd: &mut Command) -> &mut Command {
     cmd.stdin(Stdio::null())
@@ -118,12 +90,8 @@ fn check_placement(
 #[test]
 fn a_containers_leak_is_named_filtered_and_grouped_by_its_cgroup() {
     require_root();
-    let (uid, id) = ids(1);
-    let path = format!(
-        "/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{}.slice/\
-         cri-containerd-{id}.scope",
-        uid.replace('-', "_")
-    );
+    let (uid, id) = cgroup::test_ids(1);
+    let path = cgroup::containerd_path(&uid, &id);
     let container = Cgroup::create(&path);
     let host_netns = netns_inode("/proc/self/ns/net");
     let own = cgroup::own_path();
@@ -246,8 +214,8 @@ fn a_containers_leak_is_named_filtered_and_grouped_by_its_cgroup() {
 #[test]
 fn cgroupfs_and_docker_paths_name_the_container_of_a_teardown() {
     require_root();
-    let (uid, id) = ids(2);
-    let (_, docker_id) = ids(3);
+    let (uid, id) = cgroup::test_ids(2);
+    let (_, docker_id) = cgroup::test_ids(3);
     let kubepods = Cgroup::create(&format!("/kubepods/besteffort/pod{uid}/{id}"));
     let docker = Cgroup::create(&format!("/docker/{docker_id}"));
     let host_netns = netns_inode("/proc/self/ns/net");
@@ -331,4 +299,79 @@ fn a_socket_in_another_namespace_carries_its_inode_and_netns_filters() {
         run.records
     );
     all.stop();
+}
+
+/// Containers reuse addresses: the same connection (127.0.0.1:C -> 127.0.0.1:S) made and closed
+/// in two network namespaces at once is two teardowns, each with its own namespace and both its
+/// timewait phases. Their timewait sockets share the 4-tuple and are told apart by namespace.
+/// (Here each close() arms its timewait socket and reports its full socket's CLOSE back to back;
+/// when two CPUs interleave them, only the namespace tells the armings apart: the engine's test
+/// `the_same_tuple_in_two_namespaces_is_two_connections` feeds that order.)
+#[test]
+fn the_same_connection_in_two_namespaces_is_two_teardowns() {
+    require_root();
+    let twins = [Netns::new("twin-a"), Netns::new("twin-b")];
+    let mut inodes: Vec<u64> = twins
+        .iter()
+        .map(|ns| netns_inode(&format!("/run/netns/{}", ns.name())))
+        .collect();
+    inodes.sort_unstable();
+    let server = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let client = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let tuple = (client, server);
+    let tracer = Tracing::start(&["--port", &server.port().to_string()]);
+    let pairs: Vec<(TcpStream, TcpStream)> = twins
+        .iter()
+        .map(|ns| {
+            ns.run(|| {
+                let listener = TcpListener::bind(server).expect("listening");
+                let c = connect_with(server, Some(client.port()), false).expect("connecting");
+                let (s, _) = listener.accept().expect("accepting");
+                (c, s)
+            })
+        })
+        .collect();
+    // Both clients close, then both servers: both clients go to TIME_WAIT at about once.
+    let (clients, servers): (Vec<TcpStream>, Vec<TcpStream>) = pairs.into_iter().unzip();
+    drop(clients);
+    for mut s in servers {
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).expect("reading the client's FIN");
+    }
+    for ns in &twins {
+        ns.run(|| {
+            wait_for(
+                "the client in TIME_WAIT",
+                mono_ns(),
+                Duration::from_secs(10),
+                POLL,
+                || tcp_state(client, server) == Some(TIME_WAIT),
+            )
+        });
+    }
+    for ns in &twins {
+        let filter = format!("( sport = :{} )", client.port());
+        ns.exec(&["ss", "-K", "-tn", "state", "time-wait", &filter]);
+    }
+    let is_client = |r: &Value| r["type"] == "teardown" && about(r, tuple);
+    let records = tracer.wait_for("both clients' teardowns", Duration::from_secs(10), |rs| {
+        rs.iter().filter(|r| is_client(r)).count() >= 2
+    });
+    let clients: Vec<&Value> = records.iter().filter(|r| is_client(r)).collect();
+    assert_eq!(clients.len(), 2, "{clients:#?}");
+    let mut seen: Vec<u64> = clients
+        .iter()
+        .map(|r| r["netns"].as_u64().expect("netns"))
+        .collect();
+    seen.sort_unstable();
+    assert_eq!(seen, inodes, "one teardown in each namespace: {clients:#?}");
+    for r in clients {
+        assert_eq!(r["close"], "active", "{r}");
+        for phase in ["FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"] {
+            assert!(r["phases"][phase].is_u64(), "{phase} timed: {r}");
+        }
+        assert_eq!(r["timewait_end"], "killed", "{r}");
+        assert_eq!(r["complete"], true, "{r}");
+    }
+    tracer.stop();
 }

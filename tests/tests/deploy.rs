@@ -20,8 +20,10 @@ use std::{
 use serde::Deserialize as _;
 use serde_json::Value;
 use tcpclose_tests::{
-    TempDir, binary, free_port, http_get, output_with_deadline, require_root, run_ok,
-    set_linger_zero, wait_with_deadline,
+    TempDir, binary,
+    cgroup::{self, Cgroup},
+    free_port, http_get, output_with_deadline, require_root, run_ok, set_linger_zero,
+    wait_with_deadline,
 };
 
 fn deploy_dir() -> PathBuf {
@@ -220,36 +222,56 @@ fn daemonset_grants_least_privilege() {
     );
 }
 
-#[test]
-fn daemonset_mounts_only_btf_read_only() {
-    let docs = manifests();
-    let pod = pod_spec(&docs);
-    let volumes = pod["volumes"].as_array().expect("volumes");
-    let mounts = container(&docs)["volumeMounts"]
+/// The host paths the DaemonSet mounts, read-only: (host path, mount path in the container).
+fn host_mounts(docs: &[Value]) -> Vec<(String, String)> {
+    let volumes = pod_spec(docs)["volumes"].as_array().expect("volumes");
+    let mounts = container(docs)["volumeMounts"]
         .as_array()
         .expect("volumeMounts");
-    // tracefs is not needed: the programs are raw tracepoints, checked against the BTF.
-    let path = "/sys/kernel/btf";
-    let mount = mounts
+    mounts
         .iter()
-        .find(|m| m["mountPath"] == path)
-        .unwrap_or_else(|| panic!("no volumeMount at {path}"));
-    assert_eq!(mount["readOnly"], true, "{path} is mounted read-only");
-    let volume = volumes
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .unwrap_or_else(|| panic!("no volume {} for {path}", mount["name"]));
+        .map(|mount| {
+            assert_eq!(mount["readOnly"], true, "{mount} is read-only");
+            let volume = volumes
+                .iter()
+                .find(|v| v["name"] == mount["name"])
+                .unwrap_or_else(|| panic!("no volume {} for {mount}", mount["name"]));
+            assert_eq!(
+                volume["hostPath"]["type"], "Directory",
+                "{volume} must exist on the host"
+            );
+            let host = volume["hostPath"]["path"].as_str().expect("a hostPath");
+            let at = mount["mountPath"].as_str().expect("a mountPath");
+            (host.to_owned(), at.to_owned())
+        })
+        .collect()
+}
+
+/// The host's BTF (tracefs is not needed: the programs are raw tracepoints, checked against the
+/// BTF) and its cgroup2 hierarchy (the pod's own /sys/fs/cgroup shows only its cgroup
+/// namespace), both read-only, and nothing else.
+#[test]
+fn daemonset_mounts_only_btf_and_the_cgroup_hierarchy_read_only() {
+    let docs = manifests();
+    let mounts = host_mounts(&docs);
+    let hosts: BTreeSet<&str> = mounts.iter().map(|(host, _)| host.as_str()).collect();
     assert_eq!(
-        volume["hostPath"]["path"], path,
-        "{path} comes from the host"
+        hosts,
+        BTreeSet::from(["/sys/kernel/btf", "/sys/fs/cgroup"]),
+        "{mounts:?}"
     );
-    assert_eq!(
-        volume["hostPath"]["type"], "Directory",
-        "{path} must exist on the host"
+    assert!(
+        mounts.contains(&("/sys/kernel/btf".to_owned(), "/sys/kernel/btf".to_owned())),
+        "the BTF where tcpclose looks for it: {mounts:?}"
     );
-    // Nothing else from the host's file system, and nothing writable.
-    assert_eq!(mounts.len(), 1, "{mounts:?}");
-    assert!(volumes.iter().all(|v| v["hostPath"].is_object()));
+    let pod = pod_spec(&docs);
+    assert!(
+        pod["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .all(|v| v["hostPath"].is_object())
+    );
 }
 
 #[test]
@@ -394,7 +416,8 @@ fn alerting_rules_cover_hangs_losses_and_the_exporter() {
     };
     assert_eq!(
         alert("TcpcloseCloseWaitLeak")["expr"],
-        "tcpclose_hung_sockets{state=\"CLOSE_WAIT\"} > 0"
+        "sum without (container_id, pod_uid) (tcpclose_hung_sockets{state=\"CLOSE_WAIT\"}) > 0",
+        "per node and state, with or without --metrics-label"
     );
     assert_eq!(alert("TcpcloseCloseWaitLeak")["for"], "5m");
     for (name, needle) in [
@@ -604,9 +627,15 @@ fn systemd_unit_passes_systemd_analyze_verify() {
 /// mounted (as on a freshly booted host; neither privilege set could mount them); its
 /// `--metrics` address is replaced by a free loopback port. Checks that it serves /metrics with
 /// every metric the alerting rules use, reports a connection reset on loopback while it runs,
-/// prints no warning (everything it follows, timewait sockets included, is within reach), and
-/// ends cleanly.
-fn run_with_privileges(uid: u32, caps: &BTreeSet<String>, args: &[&str]) {
+/// prints no warning (everything it follows, timewait sockets included, is within reach), names
+/// the reset socket's cgroup, and ends cleanly.
+///
+/// `pod`: where the pod mounts the host's cgroup2 hierarchy (its hostPath volume's mountPath):
+/// tcpclose then runs as in a pod, in a cgroup of its own and a cgroup namespace rooted there,
+/// with a cgroup2 file system mounted in that namespace where the host has its own (as the
+/// container runtime mounts /sys/fs/cgroup: it shows the pod's cgroup only) and, mounted after
+/// it, the host's hierarchy bound read-only at that path (under a tmpfs on /mnt).
+fn run_with_privileges(uid: u32, caps: &BTreeSet<String>, args: &[&str], pod: Option<&str>) {
     require_root();
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -624,11 +653,28 @@ fn run_with_privileges(uid: u32, caps: &BTreeSet<String>, args: &[&str]) {
         .collect::<Vec<_>>()
         .join(",");
     // `unshare` and `sh` exec what follows: the child's pid is tcpclose's.
-    let script = "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; \
+    let mut script =
+        "umount /sys/kernel/tracing 2>/dev/null; umount /sys/kernel/debug 2>/dev/null; \
                   if grep -qw tracefs /proc/self/mounts; then echo 'tracefs still mounted' >&2; \
-                  exit 97; fi; exec \"$@\"";
-    let mut child: Child = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "sh", "-c", script, "sh"])
+                  exit 97; fi; "
+            .to_owned();
+    let mut unshare = Command::new("unshare");
+    unshare.args(["-m", "--propagation", "private"]);
+    let pod_cgroup = pod.map(|host_hierarchy| {
+        let mount = cgroup::mount().display().to_string();
+        let bound = format!("/mnt{host_hierarchy}");
+        script.push_str(&format!(
+            "mount -t tmpfs tcpclose-pod /mnt && mkdir -p /mnt/.host '{bound}' && \
+             mount --bind '{mount}' /mnt/.host && umount '{mount}' && \
+             mount -t cgroup2 none '{mount}' && mount --bind -o ro /mnt/.host '{bound}' && \
+             umount /mnt/.host || {{ echo 'could not make the pod mounts' >&2; exit 96; }}; "
+        ));
+        unshare.arg("--cgroup");
+        Cgroup::create(&format!("/tcpclose-test-pod-{}", std::process::id()))
+    });
+    script.push_str("exec \"$@\"");
+    unshare
+        .args(["sh", "-c", &script, "sh"])
         .arg("setpriv")
         .args([
             format!("--reuid={uid}"),
@@ -643,9 +689,12 @@ fn run_with_privileges(uid: u32, caps: &BTreeSet<String>, args: &[&str]) {
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running unshare and setpriv (util-linux)");
+        .stderr(Stdio::piped());
+    let mut child: Child = match &pod_cgroup {
+        Some(cgroup) => cgroup.spawn(&mut unshare),
+        None => tcpclose_tests::spawn(&mut unshare),
+    }
+    .expect("running unshare and setpriv (util-linux)");
     // Drain both pipes meanwhile: a full pipe would stall tcpclose, metrics server included.
     let drain = |mut pipe: Box<dyn std::io::Read + Send>| {
         thread::spawn(move || {
@@ -699,12 +748,36 @@ fn run_with_privileges(uid: u32, caps: &BTreeSet<String>, args: &[&str]) {
         .lines()
         .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
         .collect();
-    assert!(
-        records
-            .iter()
-            .any(|r| r["type"] == "teardown" && r["close"] == "reset" && r["lport"] == reset_port),
-        "no teardown record of the reset connection from port {reset_port}; {context}\n{stdout}"
+    let reset = records
+        .iter()
+        .find(|r| r["type"] == "teardown" && r["close"] == "reset" && r["lport"] == reset_port)
+        .unwrap_or_else(|| {
+            panic!(
+                "no teardown record of the reset connection from port {reset_port}; \
+                 {context}\n{stdout}"
+            )
+        });
+    // This test's own cgroup: outside the pod's cgroup namespace.
+    assert_eq!(
+        reset["cgroup"],
+        cgroup::own_path(),
+        "the socket's cgroup named; {context}"
     );
+    if let Some(label) = arg_after(
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        "--metrics-label",
+    ) {
+        let key = if label == "pod" {
+            "pod_uid"
+        } else {
+            "container_id"
+        };
+        assert!(
+            body.contains(&format!("{key}=\"none\"")),
+            "--metrics-label {label}: /metrics has no {key} label; {context}\n{body}"
+        );
+    }
+    drop(pod_cgroup);
     assert_eq!(
         records.last().map(|r| &r["type"]),
         Some(&Value::from("summary")),
@@ -736,7 +809,12 @@ fn tcpclose_runs_with_exactly_the_daemonsets_capabilities() {
     let uid = container["securityContext"]["runAsUser"]
         .as_u64()
         .expect("runAsUser") as u32;
-    run_with_privileges(uid, &caps, &str_list(&container["args"]));
+    let hierarchy = host_mounts(&docs)
+        .into_iter()
+        .find(|(host, _)| host == "/sys/fs/cgroup")
+        .map(|(_, at)| at)
+        .expect("the host's cgroup hierarchy mounted");
+    run_with_privileges(uid, &caps, &str_list(&container["args"]), Some(&hierarchy));
 }
 
 #[test]
@@ -749,5 +827,5 @@ fn tcpclose_runs_with_exactly_the_systemd_units_capabilities() {
     let args: Vec<&str> = exec.split_whitespace().skip(1).collect();
     // DynamicUser: a uid of its own, in no group, owning nothing on the host; nobody is the
     // closest stand-in.
-    run_with_privileges(65534, &caps, &args);
+    run_with_privileges(65534, &caps, &args, None);
 }

@@ -559,15 +559,9 @@ fn refused_connect_fails() {
     assert_ours(r, &comm);
 }
 
-/// Both FINs cross. An nftables output rule in the namespace drops every packet with FIN while
-/// both sides shut down their sending side: the FIN never leaves (the drop fails the
-/// transmission), so each side sits in FIN_WAIT1 with its FIN unsent and the zero-window probe
-/// timer armed. With the rule gone, the two timers, armed in the same jiffy from the same thread,
-/// fire in the same timer run, and each side sends its FIN before the other's arrives: both go
-/// FIN_WAIT1 -> CLOSING -> (ACK) TIME_WAIT. Should the two shutdowns straddle a jiffy boundary,
-/// the first FIN arrives alone: only its receiver goes CLOSING (and sends its own FIN at once),
-/// and the first sender, acked, goes FIN_WAIT2 -> TIME_WAIT (an active close). Both TIME_WAITs
-/// are then killed with `ss -K`.
+/// Both FINs cross ([`Place::cross_fins`]): both sides go FIN_WAIT1 -> CLOSING -> TIME_WAIT, or,
+/// should the two shutdowns straddle a jiffy boundary, one of them closes actively. Both
+/// TIME_WAITs are then killed with `ss -K`.
 #[test]
 fn simultaneous_close_goes_through_closing() {
     let (conn, client, server) = connection("simultaneous", false);
@@ -575,21 +569,7 @@ fn simultaneous_close_goes_through_closing() {
     let ns = &conn.place.ns;
     let states = || ns.run(|| states_now(conn.client_side));
 
-    ns.nft("add table inet tcpclose_test");
-    ns.nft(
-        "add chain inet tcpclose_test out { type filter hook output priority 0; policy accept; }",
-    );
-    ns.nft("add rule inet tcpclose_test out tcp flags & fin == fin drop");
-    let (shut, ()) = Moment::of(|| {
-        client.shutdown(Shutdown::Write).expect("client shutdown");
-        server.shutdown(Shutdown::Write).expect("server shutdown");
-    });
-    assert_eq!(
-        states(),
-        (Some(FIN_WAIT1), Some(FIN_WAIT1)),
-        "both FINs held"
-    );
-    ns.nft("delete table inet tcpclose_test");
+    let shut = conn.place.cross_fins(&client, &server);
     let crossed = ns.run(|| {
         wait_for(
             "both sides in TIME_WAIT",

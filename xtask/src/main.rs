@@ -62,6 +62,11 @@ enum Task {
         /// Only these parts (repeatable or comma-separated); all by default.
         #[arg(long, value_enum, value_delimiter = ',')]
         only: Vec<bench::Part>,
+        /// Another tcpclose binary (e.g. a build of an earlier commit) measured as one more tracer
+        /// (`--json`) in the churn and stats parts, interleaved with the others: what a change
+        /// costs, side by side in one run.
+        #[arg(long, value_name = "PATH")]
+        baseline: Option<PathBuf>,
     },
     /// Build, then run `tcpclose --json` under full churn for minutes, sampling its RSS every
     /// 10 s; fails unless it stops cleanly, its summary reconciles and its RSS stays flat after
@@ -133,16 +138,26 @@ fn main() -> Result<()> {
             seconds,
             pairs,
             only,
+            baseline,
         } => {
             build()?;
             if !is_root() {
                 bail!("the benchmark loads eBPF programs: run `cargo xtask bench` as root");
+            }
+            if let Some(path) = &baseline
+                && !path.is_file()
+            {
+                bail!(
+                    "--baseline {}: no such file (give a tcpclose binary)",
+                    path.display()
+                );
             }
             let options = bench::Options {
                 rounds,
                 seconds,
                 pairs,
                 only,
+                baseline,
             };
             bench::bench(&root.join("target/release/tcpclose"), &options)
         }

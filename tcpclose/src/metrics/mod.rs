@@ -139,6 +139,8 @@ impl Metrics {
     pub fn labelled(mut self, by: LabelBy, top: usize) -> Self {
         self.label = Some((by, LabelValues::new(top)));
         self.hung.clear();
+        self.phase_seconds.clear();
+        touch_all(&self);
         self.update(&[], HungNow::ByLabel(&[]), 0, EventTotals::default());
         self
     }
@@ -430,13 +432,38 @@ pub struct EventTotals {
     pub missed: u64,
 }
 
-/// Close kinds, so that every one appears in the exposition from the start (a counter that
-/// appears late makes `rate()` miss its first increase).
+/// Close kinds, and the phase histograms of the phases each orderly close kind goes through, so
+/// that every one appears in the exposition from the start: a series that appears with its first
+/// observation makes `rate()` and `increase()` miss that observation (Prometheus has no sample
+/// before it), and a rare phase (CLOSING, a FIN_WAIT2 timeout) would never show on a dashboard.
+/// With `--metrics-label`, the histograms of `none` and `other` are made; a container's own
+/// appear with its first teardown.
 pub fn touch_all(metrics: &Metrics) {
     for close in CloseKind::ALL {
         drop(metrics.teardowns.get_or_create(&CloseLabels {
             close: close.name(),
         }));
+    }
+    let extras: Vec<Extra> = match &metrics.label {
+        Some((by, _)) => [label::NONE, label::OTHER]
+            .map(|value| vec![(by.key(), value.to_owned())])
+            .into(),
+        None => vec![Vec::new()],
+    };
+    for close in CloseKind::ALL {
+        for phase in close.phases() {
+            for extra in &extras {
+                let labels = PhaseLabels {
+                    phase: phase.name(),
+                    close: close.name(),
+                };
+                drop(
+                    metrics
+                        .phase_seconds
+                        .get_or_create(&(labels, extra.clone())),
+                );
+            }
+        }
     }
 }
 
@@ -747,5 +774,45 @@ mod tests {
         ] {
             assert!(text.contains(series), "{series} missing from:\n{text}");
         }
+    }
+
+    /// `increase()` over a histogram series counts nothing before the series' first sample: the
+    /// phases of every orderly close kind are at zero from the start, labelled or not.
+    #[test]
+    fn the_phase_histograms_of_orderly_closes_start_at_zero() {
+        let expected = |extra: &str| -> Vec<String> {
+            CloseKind::ALL
+                .iter()
+                .flat_map(|close| close.phases().iter().map(move |phase| (phase, close)))
+                .map(|(phase, close)| {
+                    format!(
+                        "tcpclose_teardown_phase_seconds_count{{phase=\"{}\",close=\"{}\"{extra}}} 0",
+                        phase.name(),
+                        close.name()
+                    )
+                })
+                .collect()
+        };
+        let text = Metrics::at_start().encode();
+        for series in expected("") {
+            assert!(text.contains(&series), "{series} missing from:\n{text}");
+        }
+        assert!(
+            text.contains(
+                "tcpclose_teardown_phase_seconds_count{phase=\"CLOSING\",close=\"simultaneous\"} 0"
+            ),
+            "{text}"
+        );
+        let text = Metrics::at_start().labelled(LabelBy::Container, 2).encode();
+        for value in ["none", "other"] {
+            for series in expected(&format!(",container_id=\"{value}\"")) {
+                assert!(text.contains(&series), "{series} missing from:\n{text}");
+            }
+        }
+        assert_eq!(
+            series_with(&text, "tcpclose_teardown_phase_seconds_count{", "phase"),
+            2 * 10,
+            "only the labelled series: {text}"
+        );
     }
 }

@@ -141,7 +141,7 @@ impl Cancel {
         Self {
             ts_ns: ev.ts_ns,
             expires_ns: ev.expires_ns,
-            tuple_hash: tuple_hash(&Tuple::new(&ev.local, &ev.remote)),
+            tuple_hash: tuple_hash(&Tuple::new(&ev.local, &ev.remote, ev.netns)),
             jiffy_ns: u32::try_from(ev.jiffy_ns).unwrap_or(u32::MAX),
             substate: ev.substate,
         }
@@ -159,7 +159,7 @@ impl Cancel {
             action: TimerAction::Cancelled,
             expires_ns: self.expires_ns,
             jiffy_ns: u64::from(self.jiffy_ns),
-            netns: life.placement.netns,
+            netns: life.tuple.netns(),
         }
     }
 }

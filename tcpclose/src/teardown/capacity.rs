@@ -138,7 +138,7 @@ impl Correlator {
                 }
                 Victim::Existing(tuple) => {
                     if let Some(life) = self.existing.remove(tuple) {
-                        let key = SocketKey::Existing(tuple.local(), tuple.remote());
+                        let key = SocketKey::Existing(tuple.local(), tuple.remote(), tuple.netns());
                         evicted(&mut self.alerts, &life, life.phase(), key, now_ns);
                     }
                 }

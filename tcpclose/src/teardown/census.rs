@@ -40,7 +40,7 @@ impl Correlator {
             self.losses.evicted += 1;
             return;
         }
-        let tuple = Tuple::new(&s.local, &s.remote);
+        let tuple = Tuple::new(&s.local, &s.remote, s.placement.netns);
         let life = Life {
             tuple,
             family: s.family,
@@ -55,7 +55,7 @@ impl Correlator {
             hung_at_ns: MaybeNs::UNKNOWN,
             phases: Phases::default(),
             owner: None,
-            placement: s.placement,
+            cgroup: s.placement.cgroup,
         };
         self.due.lower_existing(life.next_report(&self.watched));
         self.existing.insert(tuple, life);
@@ -108,7 +108,7 @@ impl Correlator {
             if self.watched.threshold(socket.state).is_none() {
                 continue;
             }
-            let tuple = Tuple::new(&socket.local, &socket.remote);
+            let tuple = Tuple::new(&socket.local, &socket.remote, socket.placement.netns);
             let life = lives_by_tuple.get(&tuple).copied();
             let differs = match life.and_then(|skaddr| self.lives.get(&skaddr)) {
                 Some(life) => life.state != socket.state,
@@ -212,9 +212,10 @@ impl Correlator {
     pub fn socket_gone(&mut self, key: SocketKey) -> bool {
         let gone = match key {
             SocketKey::Full(skaddr) => self.lives.remove(&skaddr).is_some(),
-            SocketKey::Existing(local, remote) => {
-                self.existing.remove(&Tuple::new(&local, &remote)).is_some()
-            }
+            SocketKey::Existing(local, remote, netns) => self
+                .existing
+                .remove(&Tuple::new(&local, &remote, netns))
+                .is_some(),
             SocketKey::Timewait(_) => false,
         };
         if gone {

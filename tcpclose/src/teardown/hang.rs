@@ -117,7 +117,7 @@ impl Correlator {
                         continue;
                     };
                     let phase = life.phase();
-                    let key = SocketKey::Existing(tuple.local(), tuple.remote());
+                    let key = SocketKey::Existing(tuple.local(), tuple.remote(), tuple.netns());
                     next = next.min(check_hung(threshold, life, phase, key, now_ns, out));
                 }
                 self.due.existing = next;
@@ -135,8 +135,8 @@ impl Correlator {
                 Some(life) => (life, life.phase()),
                 None => return false,
             },
-            SocketKey::Existing(local, remote) => {
-                match self.existing.get(&Tuple::new(&local, &remote)) {
+            SocketKey::Existing(local, remote, netns) => {
+                match self.existing.get(&Tuple::new(&local, &remote, netns)) {
                     Some(life) => (life, life.phase()),
                     None => return false,
                 }
@@ -157,8 +157,8 @@ impl Correlator {
     pub fn withdraw_hang(&mut self, key: SocketKey) {
         let life = match key {
             SocketKey::Full(skaddr) => self.lives.get_mut(&skaddr),
-            SocketKey::Existing(local, remote) => {
-                self.existing.get_mut(&Tuple::new(&local, &remote))
+            SocketKey::Existing(local, remote, netns) => {
+                self.existing.get_mut(&Tuple::new(&local, &remote, netns))
             }
             SocketKey::Timewait(twaddr) => self.timewait.get_mut(&twaddr).map(|h| &mut h.life),
         };
@@ -286,7 +286,7 @@ impl Life {
             local: self.tuple.local(),
             remote: self.tuple.remote(),
             owner: self.owner,
-            placement: self.placement,
+            placement: self.placement(),
             key,
         }
     }

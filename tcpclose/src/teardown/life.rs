@@ -36,13 +36,19 @@ impl MaybeNs {
     }
 }
 
-/// A connection's 4-tuple as the engine keeps it: 38 bytes where two `SocketAddr`s take 64 (an
-/// IPv4 address in the first 4 of its 16 bytes). The kernel's records carry neither IPv6 flow
-/// label nor scope id (the decoder and sock_diag leave them 0), so nothing is lost.
+/// A connection's 4-tuple and network namespace as the engine keeps them: 44 bytes where two
+/// `SocketAddr`s alone take 64 (an IPv4 address in the first 4 of its 16 bytes). The kernel's
+/// records carry neither IPv6 flow label nor scope id (the decoder and sock_diag leave them 0),
+/// so nothing is lost. The namespace is part of it: containers reuse addresses (127.0.0.1 in
+/// each), so the same 4-tuple can be two connections at once in two namespaces, and a timewait
+/// socket must be matched with the full socket of its own namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) struct Tuple {
     local_ip: [u8; 16],
     remote_ip: [u8; 16],
+    /// Inode number of the network namespace; 0 where the kernel gives none (every source gives
+    /// the same: the kernel programs and sock_diag's namespaces).
+    netns: u32,
     local_port: u16,
     remote_port: u16,
     /// Bit 0: the local address is IPv6; bit 1: the remote one.
@@ -51,19 +57,21 @@ pub(super) struct Tuple {
 
 impl Hash for Tuple {
     // Hashed in three words rather than byte slices with their lengths: a lookup per event.
+    // The namespace's top bits fall off the last word: equal tuples still hash alike.
     fn hash<H: Hasher>(&self, state: &mut H) {
         state.write_u128(u128::from_ne_bytes(self.local_ip));
         state.write_u128(u128::from_ne_bytes(self.remote_ip));
         state.write_u64(
             u64::from(self.local_port)
                 | u64::from(self.remote_port) << 16
-                | u64::from(self.ipv6) << 32,
+                | u64::from(self.ipv6) << 32
+                | u64::from(self.netns) << 34,
         );
     }
 }
 
 impl Tuple {
-    pub(super) fn new(local: &SocketAddr, remote: &SocketAddr) -> Self {
+    pub(super) fn new(local: &SocketAddr, remote: &SocketAddr, netns: u32) -> Self {
         fn bytes(ip: IpAddr) -> ([u8; 16], u8) {
             match ip {
                 IpAddr::V4(v4) => {
@@ -79,10 +87,15 @@ impl Tuple {
         Self {
             local_ip,
             remote_ip,
+            netns,
             local_port: local.port(),
             remote_port: remote.port(),
             ipv6: local_v6 | remote_v6 << 1,
         }
+    }
+
+    pub(super) fn netns(&self) -> u32 {
+        self.netns
     }
 
     pub(super) fn local(&self) -> SocketAddr {
@@ -128,15 +141,15 @@ pub(super) struct Life {
     pub(super) hung_at_ns: MaybeNs,
     pub(super) phases: Phases,
     pub(super) owner: Option<Task>,
-    /// Its network namespace and cgroup, as its transitions carry them.
-    pub(super) placement: Placement,
+    /// Its cgroup's id, as its transitions carry it (its network namespace is in `tuple`).
+    pub(super) cgroup: u64,
 }
 
 impl Life {
     /// A socket first seen mid-life: what it did before is unknown.
     pub(super) fn first_seen(t: &Transition) -> Self {
         Self {
-            tuple: Tuple::new(&t.local, &t.remote),
+            tuple: Tuple::new(&t.local, &t.remote, t.placement.netns),
             family: t.family,
             side: None,
             complete: false,
@@ -149,7 +162,15 @@ impl Life {
             hung_at_ns: MaybeNs::UNKNOWN,
             phases: Phases::default(),
             owner: None,
-            placement: t.placement,
+            cgroup: t.placement.cgroup,
+        }
+    }
+
+    /// Its network namespace and cgroup.
+    pub(super) fn placement(&self) -> Placement {
+        Placement {
+            netns: self.tuple.netns(),
+            cgroup: self.cgroup,
         }
     }
 
@@ -184,13 +205,14 @@ impl Life {
             }
         }
         // connect() reports CLOSE -> SYN_SENT before the local port is chosen.
+        let placement = t.placement.or(self.placement());
         if t.local.port() != 0 {
-            self.tuple = Tuple::new(&t.local, &t.remote);
+            self.tuple = Tuple::new(&t.local, &t.remote, placement.netns);
         }
         if let Some(owner) = t.owner() {
             self.owner = Some(*owner);
         }
-        self.placement = t.placement.or(self.placement);
+        self.cgroup = placement.cgroup;
         let close = match (t.old, t.new) {
             (Established, FinWait1) | (Established, CloseWait) => {
                 self.teardown_start_ns = MaybeNs::at(t.ts_ns);
@@ -242,7 +264,7 @@ impl Life {
             lifetime_ns: self.born_ns.get().and_then(|born| end_ns.checked_sub(born)),
             complete: self.complete,
             owner: self.owner,
-            placement: self.placement,
+            placement: self.placement(),
             resolution_ns: None,
             timewait_end: None,
         }
@@ -429,15 +451,18 @@ mod tests {
         assert!(size_of::<Life>() <= 168, "{}", size_of::<Life>());
         assert!(size_of::<Handoff>() <= 192, "{}", size_of::<Handoff>());
         assert!(size_of::<Phases>() == 48);
-        assert!(size_of::<Tuple>() <= 38);
+        assert!(size_of::<Tuple>() <= 44);
         let v6 = |s: &str| s.parse::<SocketAddr>().unwrap();
         for (local, remote) in [
             (v6("10.0.0.1:40000"), v6("10.0.0.2:80")),
             (v6("[2001:db8::1]:40000"), v6("[::ffff:10.0.0.2]:80")),
             (v6("[::1]:1"), v6("127.0.0.1:0")),
         ] {
-            let tuple = Tuple::new(&local, &remote);
-            assert_eq!((tuple.local(), tuple.remote()), (local, remote));
+            let tuple = Tuple::new(&local, &remote, 4_026_531_840);
+            assert_eq!(
+                (tuple.local(), tuple.remote(), tuple.netns()),
+                (local, remote, 4_026_531_840)
+            );
         }
         let mut p = Phases::default();
         assert_eq!(p.iter().count(), 0);

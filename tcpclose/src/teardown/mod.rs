@@ -238,7 +238,7 @@ impl Correlator {
             self.lives.insert(
                 t.skaddr,
                 Life {
-                    tuple: Tuple::new(&t.local, &t.remote),
+                    tuple: Tuple::new(&t.local, &t.remote, t.placement.netns),
                     family: t.family,
                     side: Some(side),
                     complete: true,
@@ -251,7 +251,7 @@ impl Correlator {
                     hung_at_ns: MaybeNs::UNKNOWN,
                     phases: Phases::default(),
                     owner: t.owner().copied(),
-                    placement: t.placement,
+                    cgroup: t.placement.cgroup,
                 },
             );
             return;
@@ -263,7 +263,8 @@ impl Correlator {
                 let found = if self.existing.is_empty() {
                     None
                 } else {
-                    self.existing.remove(&Tuple::new(&t.local, &t.remote))
+                    self.existing
+                        .remove(&Tuple::new(&t.local, &t.remote, t.placement.netns))
                 };
                 let life = match found {
                     // Found at start-up, now moving on: the same socket.
@@ -339,7 +340,7 @@ impl Correlator {
     pub fn on_timewait(&mut self, ev: &TimewaitTimer, out: &mut Vec<Teardown>) {
         let first = !self.end_if_replaced(ev, out);
         if first {
-            let tuple = Tuple::new(&ev.local, &ev.remote);
+            let tuple = Tuple::new(&ev.local, &ev.remote, ev.netns);
             let Some(handoff) = self.handoffs.remove(&tuple) else {
                 if let Some(mut life) = self.existing.remove(&tuple) {
                     // A timewait socket found at start-up: its first timer event is its end (or a
@@ -348,7 +349,7 @@ impl Correlator {
                     phase_changed(
                         &mut self.alerts,
                         &mut life,
-                        SocketKey::Existing(ev.local, ev.remote),
+                        SocketKey::Existing(ev.local, ev.remote, ev.netns),
                         before,
                         None,
                         ev.ts_ns,

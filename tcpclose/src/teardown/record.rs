@@ -53,6 +53,18 @@ impl CloseKind {
             Self::FinTimeout => "fin_timeout",
         }
     }
+
+    /// The phases every connection that closes this way goes through. Reset and failed
+    /// connections have no fixed set: a reset may end any phase.
+    pub const fn phases(self) -> &'static [Phase] {
+        match self {
+            Self::Active => &[Phase::FinWait1, Phase::FinWait2, Phase::TimeWait],
+            Self::Passive => &[Phase::CloseWait, Phase::LastAck],
+            Self::Simultaneous => &[Phase::FinWait1, Phase::Closing, Phase::TimeWait],
+            Self::FinTimeout => &[Phase::FinWait1, Phase::FinWait2],
+            Self::Reset | Self::Failed => &[],
+        }
+    }
 }
 
 /// Duration of each phase a connection went through; absent where it did not pass or where

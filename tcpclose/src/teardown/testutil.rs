@@ -20,6 +20,16 @@ pub(super) fn feed(
     sk: u64,
     steps: &[(u64, TcpState, TcpState)],
 ) -> Vec<Teardown> {
+    feed_in(c, 0, sk, steps)
+}
+
+/// [`feed`] in the network namespace `netns`.
+pub(super) fn feed_in(
+    c: &mut Correlator,
+    netns: u32,
+    sk: u64,
+    steps: &[(u64, TcpState, TcpState)],
+) -> Vec<Teardown> {
     let mut out = Vec::new();
     for &(ms, old, new) in steps {
         let t = Transition {
@@ -31,7 +41,7 @@ pub(super) fn feed(
             old,
             new,
             task: Task::new(7, 7, "app"),
-            placement: crate::event::Placement::default(),
+            placement: crate::event::Placement { netns, cgroup: 0 },
         };
         c.on_transition(&t, &mut out);
     }
@@ -45,11 +55,23 @@ pub(super) fn timer(
     action: TimerAction,
     expires_ms: u64,
 ) -> Vec<Teardown> {
+    timer_in(c, (0, 0xbeef), ms, substate, action, expires_ms)
+}
+
+/// [`timer`] of the timewait socket `twaddr` in the network namespace `netns`.
+pub(super) fn timer_in(
+    c: &mut Correlator,
+    (netns, twaddr): (u32, u64),
+    ms: u64,
+    substate: TcpState,
+    action: TimerAction,
+    expires_ms: u64,
+) -> Vec<Teardown> {
     let mut out = Vec::new();
     c.on_timewait(
         &TimewaitTimer {
             ts_ns: ms * MS,
-            twaddr: 0xbeef,
+            twaddr,
             family: Family::Ipv4,
             local: CLIENT.parse().unwrap(),
             remote: SERVER.parse().unwrap(),
@@ -57,7 +79,7 @@ pub(super) fn timer(
             action,
             expires_ns: expires_ms * MS,
             jiffy_ns: 4 * MS,
-            netns: 0,
+            netns,
         },
         &mut out,
     );

@@ -226,7 +226,7 @@ impl Correlator {
             return false;
         };
         let cancel = self.cancelled.get(ev.twaddr);
-        let other_tuple = known.life.tuple != Tuple::new(&ev.local, &ev.remote);
+        let other_tuple = known.life.tuple != Tuple::new(&ev.local, &ev.remote, ev.netns);
         let late_arming = ev.action == TimerAction::Armed
             && cancel.is_some_and(|c| ev.ts_ns.saturating_sub(c.ts_ns) > MOVE_NS);
         let went_back = known.life.state == TcpState::TimeWait && ev.substate == TcpState::FinWait2;
@@ -243,7 +243,10 @@ impl Correlator {
     /// the new connection's own timewait socket, which the slab may place at the same address
     /// microseconds later, could pass for a timer move.
     pub(super) fn end_killed_by(&mut self, t: &Transition, out: &mut Vec<Teardown>) {
-        if let Some(twaddr) = self.cancelled.on_tuple(&Tuple::new(&t.local, &t.remote)) {
+        if let Some(twaddr) =
+            self.cancelled
+                .on_tuple(&Tuple::new(&t.local, &t.remote, t.placement.netns))
+        {
             self.end_unseen(twaddr, t.ts_ns, false, out);
         }
     }
@@ -458,6 +461,62 @@ mod tests {
         assert!(out.is_empty());
         assert!(c.is_empty());
         assert_eq!(c.losses(), Losses::default());
+    }
+
+    /// Containers reuse addresses: the same 4-tuple closes in two network namespaces at once,
+    /// and each timewait socket continues the full socket of its own namespace.
+    #[test]
+    fn the_same_tuple_in_two_namespaces_is_two_connections() {
+        const A: u32 = 4_026_531_840;
+        const B: u32 = 4_026_532_000;
+        let (tw_a, tw_b) = ((A, 0xa), (B, 0xb));
+        // B's FIN is acked 100 ms after A's. tcp_time_wait() arms each timewait socket's timer
+        // before tcp_done() reports its full socket's CLOSE.
+        let b_close = [
+            (100, Established, FinWait1),
+            (201, FinWait1, FinWait2),
+            (201, FinWait2, Close),
+        ];
+        for mut c in [Correlator::new(64), Correlator::new(64).in_kernel_order()] {
+            let c = &mut c;
+            feed_in(c, A, 1, &OPEN);
+            feed_in(c, B, 2, &OPEN);
+            feed_in(c, A, 1, &ORPHANED_CLOSE[..2]);
+            assert!(timer_in(c, tw_a, 101, FinWait2, TimerAction::Armed, 60_101).is_empty());
+            assert!(feed_in(c, A, 1, &ORPHANED_CLOSE[2..]).is_empty());
+            feed_in(c, B, 2, &b_close[..2]);
+            assert!(timer_in(c, tw_b, 201, FinWait2, TimerAction::Armed, 60_201).is_empty());
+            assert!(feed_in(c, B, 2, &b_close[2..]).is_empty());
+            // The peers' FINs: A's at 300 ms, B's at 700 ms.
+            assert!(timer_in(c, tw_a, 300, TimeWait, TimerAction::Armed, 60_300).is_empty());
+            assert!(timer_in(c, tw_b, 700, TimeWait, TimerAction::Armed, 60_700).is_empty());
+            let a = one(timer_in(
+                c,
+                tw_a,
+                60_300,
+                TimeWait,
+                TimerAction::Fired,
+                60_300,
+            ));
+            let b = one(timer_in(
+                c,
+                tw_b,
+                60_700,
+                TimeWait,
+                TimerAction::Fired,
+                60_700,
+            ));
+            assert_eq!(a.placement.netns, A);
+            assert_eq!(b.placement.netns, B);
+            assert_eq!(a.phases.get(Phase::FinWait1), Some(MS));
+            assert_eq!(b.phases.get(Phase::FinWait1), Some(101 * MS));
+            assert_eq!(a.phases.get(Phase::FinWait2), Some(199 * MS));
+            assert_eq!(b.phases.get(Phase::FinWait2), Some(499 * MS));
+            assert_eq!(a.phases.get(Phase::TimeWait), Some(60_000 * MS));
+            assert_eq!(b.phases.get(Phase::TimeWait), Some(60_000 * MS));
+            assert!(a.complete && b.complete, "{a:#?}\n{b:#?}");
+            assert!(c.is_empty());
+        }
     }
 
     #[test]

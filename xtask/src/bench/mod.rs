@@ -73,6 +73,8 @@ pub struct Options {
     pub pairs: usize,
     /// The parts to run (all when empty).
     pub only: Vec<Part>,
+    /// Another tcpclose binary, measured beside this one in the churn and stats parts.
+    pub baseline: Option<PathBuf>,
 }
 
 /// The parts of the bench, each measured once per round.
@@ -110,12 +112,15 @@ pub(crate) enum Mode {
     Teardowns,
     Events,
     Tcpstates,
+    /// `--baseline PATH --json`.
+    Baseline,
 }
 
 impl Mode {
-    const ALL: [Mode; 4] = [
+    const ALL: [Mode; 5] = [
         Mode::Untraced,
         Mode::Teardowns,
+        Mode::Baseline,
         Mode::Events,
         Mode::Tcpstates,
     ];
@@ -126,6 +131,7 @@ impl Mode {
             Mode::Teardowns => "tcpclose --json",
             Mode::Events => "tcpclose --events --json",
             Mode::Tcpstates => "tcpstates (libbpf-tools)",
+            Mode::Baseline => "baseline --json",
         }
     }
 }
@@ -148,6 +154,7 @@ enum Job {
 struct Bench {
     tcpclose: PathBuf,
     tcpstates: Option<PathBuf>,
+    baseline: Option<PathBuf>,
     /// Where the tracers' output goes.
     dir: TempDir,
     pairs: usize,
@@ -160,6 +167,7 @@ impl Bench {
         Mode::ALL
             .into_iter()
             .filter(|&m| m != Mode::Tcpstates || self.tcpstates.is_some())
+            .filter(|&m| m != Mode::Baseline || self.baseline.is_some())
             .collect()
     }
 
@@ -199,6 +207,7 @@ impl Bench {
             Mode::Teardowns => (&self.tcpclose, &["--json"]),
             Mode::Events => (&self.tcpclose, &["--events", "--json"]),
             Mode::Tcpstates => (self.tcpstates.as_deref()?, &[]),
+            Mode::Baseline => (self.baseline.as_deref()?, &["--json"]),
         };
         let mut cmd = Command::new(program);
         cmd.args(args);
@@ -263,6 +272,7 @@ pub fn bench(tcpclose: &Path, options: &Options) -> Result<()> {
     let bench = Bench {
         tcpclose: tcpclose.to_path_buf(),
         tcpstates: tracer::find_tcpstates(),
+        baseline: options.baseline.clone(),
         dir: TempDir::create("bench")?,
         pairs: options.pairs,
         period: Duration::from_secs(options.seconds),

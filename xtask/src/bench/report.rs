@@ -106,6 +106,9 @@ fn print_main_table(bench: &Bench, results: &Results) {
             );
             continue;
         }
+        if mode == Mode::Baseline && bench.baseline.is_none() {
+            continue;
+        }
         let (mode_rate, mode_cpu) = (
             median_of(samples, mode, rate),
             median_of(samples, mode, cpu),
@@ -555,6 +558,9 @@ fn print_notes(bench: &Bench, results: &Results) {
     }
     if bench.tcpstates.is_none() {
         println!("\ntcpstates was not found in {TCPSTATES_PATHS:?} or on PATH.");
+    }
+    if let Some(baseline) = &bench.baseline {
+        println!("\nbaseline: {} (`--json`)", baseline.display());
     }
 }
 
