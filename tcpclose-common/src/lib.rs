@@ -36,6 +36,19 @@ pub const TIMER_PROGRAMS: [(&str, &str); 3] = [
     ("tw_timer_cancel", "timer_cancel"),
 ];
 
+/// The typed (BTF) transition program: `tp_btf` on [`TRANSITION_TRACEPOINT`].
+pub const TYPED_TRANSITION_PROGRAM: &str = "btf_set_state";
+/// The typed programs that follow timewait sockets: fentry on the timewait socket's own
+/// functions, `(program, kernel function)`: arming and re-arming (`__inet_twsk_schedule`, since
+/// Linux 4.3), an early end (`inet_twsk_deschedule_put`, 4.3), the timer's expiry
+/// (`tw_timer_handler`, 2.6.x). Each is the same role as a [`TIMER_PROGRAMS`] entry: a
+/// [`timer_action`] START, CANCEL and EXPIRE.
+pub const TYPED_TIMEWAIT_PROGRAMS: [(&str, &str); 3] = [
+    ("tw_schedule", "__inet_twsk_schedule"),
+    ("tw_deschedule", "inet_twsk_deschedule_put"),
+    ("tw_expire", "tw_timer_handler"),
+];
+
 /// Default ring buffer size (bytes). At ~250k transitions/s (10 per connection at 25k
 /// connections/s) 96-byte records fill 2.4 MB per 100 ms; 8 MiB leaves room for a consumer that
 /// is descheduled for a few hundred milliseconds.

@@ -1,8 +1,17 @@
-//! tcpclose's kernel programs: one on the `sock:inet_sock_set_state` tracepoint, and three on the
-//! `timer:` tracepoints that follow timewait sockets, whose only visible activity is their timer.
-//! All four are raw tracepoints: the kernel calls them with the tracepoint's arguments instead
-//! of first building a trace record (`perf_trace_*()`, then `trace_call_bpf()`), and they read
-//! what they need from the socket themselves, at offsets the loader takes from the kernel's BTF.
+//! tcpclose's kernel programs, in two sets the loader chooses between (`--programs`).
+//!
+//! Raw: one on the `sock:inet_sock_set_state` tracepoint, and three on the `timer:` tracepoints
+//! that follow timewait sockets, whose only visible activity is their timer. Raw tracepoints
+//! load on every kernel tcpclose supports: the kernel calls them with the tracepoint's arguments
+//! instead of first building a trace record (`perf_trace_*()`, then `trace_call_bpf()`), and they
+//! read what they need from the socket themselves, at offsets the loader takes from the
+//! kernel's BTF.
+//!
+//! Typed (BTF): the same transition program as a `tp_btf` program, and fentry programs on the
+//! timewait socket's own functions (armed and re-armed: `__inet_twsk_schedule()`; killed:
+//! `inet_twsk_deschedule_put()`; expired: `tw_timer_handler()`), which run for timewait sockets
+//! only, where the timer programs see every timer of the kernel, and see every re-arm with its
+//! exact time. Kernels without BPF trampolines (or that refuse tracing programs) get the raw set.
 //!
 //! Per event each does the least it can: filter (timer function, protocol, family, ports),
 //! count, reserve a ring buffer record, fill it, submit it without waking the consumer. What it
@@ -13,14 +22,15 @@
 use core::ptr::addr_of_mut;
 
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::bpf_get_current_comm as bpf_get_current_comm_into,
     },
-    macros::{map, raw_tracepoint},
+    macros::{btf_tracepoint, fentry, map, raw_tracepoint},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::RawTracePointContext,
+    programs::{BtfTracePointContext, FEntryContext, RawTracePointContext},
 };
 use aya_log_ebpf::debug;
 use tcpclose_common::{
@@ -89,6 +99,18 @@ fn config() -> Config {
 /// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
+    on_transition(
+        &ctx,
+        ctx.arg::<u64>(0),
+        ctx.arg::<u64>(1) as i32,
+        ctx.arg::<u64>(2) as i32,
+    );
+    0
+}
+
+/// The same tracepoint, typed: the kernel checks the arguments against the tracepoint's BTF.
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn btf_set_state(ctx: BtfTracePointContext) -> u32 {
     on_transition(
         &ctx,
         ctx.arg::<u64>(0),
@@ -248,7 +270,7 @@ fn netns_passes(config: &Config, netns: u32) -> bool {
 // constant and removes the logging code, so it costs nothing per event.
 
 #[inline(always)]
-fn on_transition(ctx: &RawTracePointContext, sk: u64, oldstate: i32, newstate: i32) {
+fn on_transition<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32) {
     let config = config();
     // A handshake's end (tcp_finish_connect() for a client, tcp_rcv_state_process() for an
     // accepted child) is a fifth of all transitions and feeds no teardown record: when nothing
@@ -265,24 +287,40 @@ fn on_transition(ctx: &RawTracePointContext, sk: u64, oldstate: i32, newstate: i
         Some(IPPROTO_TCP) => {}
         Some(_) => return,
         None => {
-            debug!(ctx, "cannot read the protocol of the socket at {:x}", sk);
+            debug!(
+                ctx,
+                "cannot read the protocol of the socket at {:x}",
+                scalar(sk)
+            );
             return;
         }
     }
     let Some(mut ends) = ends(sk, layout) else {
-        debug!(ctx, "cannot read the addresses of the socket at {:x}", sk);
+        debug!(
+            ctx,
+            "cannot read the addresses of the socket at {:x}",
+            scalar(sk)
+        );
         return;
     };
     if ends.family != AF_INET && ends.family != AF_INET6 {
         // Delivered anyway: the loader counts it undecodable.
-        debug!(ctx, "socket at {:x}: unexpected family {}", sk, ends.family);
+        debug!(
+            ctx,
+            "socket at {:x}: unexpected family {}",
+            scalar(sk),
+            ends.family
+        );
     }
     if !(TCP_ESTABLISHED..=TCP_NEW_SYN_RECV).contains(&oldstate)
         || !(TCP_ESTABLISHED..=TCP_NEW_SYN_RECV).contains(&newstate)
     {
         debug!(
             ctx,
-            "socket at {:x}: unexpected state change {} -> {}", sk, oldstate, newstate
+            "socket at {:x}: unexpected state change {} -> {}",
+            scalar(sk),
+            oldstate,
+            newstate
         );
     }
     if config.family != 0 && ends.family != config.family {
@@ -400,6 +438,16 @@ pub fn tw_timer_cancel(ctx: RawTracePointContext) -> u32 {
     0
 }
 
+/// `address` as a plain number, for printing. In a typed program a socket's address is a typed
+/// pointer for the verifier, which forbids the shifts that formatting it takes ("pointer
+/// arithmetic with >>= operator prohibited"); copied through the stack by a helper it is a
+/// scalar. Only the diagnostics call it: with them off, the verifier removes the call.
+#[inline(always)]
+fn scalar(address: u64) -> u64 {
+    let on_stack = address;
+    read_kernel::<u64>(core::ptr::addr_of!(on_stack) as u64).unwrap_or(0)
+}
+
 /// Reads kernel memory; `None` when it cannot be read.
 #[inline(always)]
 fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
@@ -418,21 +466,90 @@ fn on_timer(ctx: &RawTracePointContext, timer: u64, action: u8) {
     if function != Some(layout.tw_timer_handler) {
         return;
     }
-    let tw = timer - u64::from(layout.tw_timer);
+    let expires = read_kernel::<u64>(timer + u64::from(layout.timer_expires)).unwrap_or(0);
+    on_timewait(
+        ctx,
+        &config,
+        timer - u64::from(layout.tw_timer),
+        action,
+        expires,
+    );
+}
+
+// The typed set: fentry programs on the timewait socket's functions, called for timewait sockets
+// only. Each arming and re-arming goes through __inet_twsk_schedule(tw, timeo, rearm)
+// (tcp_time_wait() through inet_twsk_schedule(), tcp_timewait_state_process() on the peer's FIN
+// through inet_twsk_reschedule()), which sets the timer to `jiffies + timeo`; every early end
+// (a SYN or connect() reusing the 4-tuple, `ss -K`, the namespace's deletion) through
+// inet_twsk_deschedule_put(); the timer's expiry calls tw_timer_handler().
+
+/// `__inet_twsk_schedule(struct inet_timewait_sock *tw, int timeo, bool rearm)`.
+#[fentry(function = "__inet_twsk_schedule")]
+pub fn tw_schedule(ctx: FEntryContext) -> u32 {
+    let config = config();
+    // The timer will expire `timeo` jiffies from now (mod_timer(&tw->tw_timer, jiffies + timeo)).
+    let timeo = ctx.arg::<u64>(1) as i32;
+    // SAFETY: a helper without preconditions.
+    let expires = unsafe { bpf_jiffies64() }.wrapping_add(timeo as i64 as u64);
+    on_timewait(
+        &ctx,
+        &config,
+        ctx.arg::<u64>(0),
+        timer_action::START,
+        expires,
+    );
+    0
+}
+
+/// `inet_twsk_deschedule_put(struct inet_timewait_sock *tw)`: the timewait socket is killed
+/// before its timer expires (unless the timer is already running, which kills it itself).
+#[fentry(function = "inet_twsk_deschedule_put")]
+pub fn tw_deschedule(ctx: FEntryContext) -> u32 {
+    let config = config();
+    let tw = ctx.arg::<u64>(0);
+    let expires = read_kernel::<u64>(
+        tw + u64::from(config.layout.tw_timer) + u64::from(config.layout.timer_expires),
+    )
+    .unwrap_or(0);
+    on_timewait(&ctx, &config, tw, timer_action::CANCEL, expires);
+    0
+}
+
+/// `tw_timer_handler(struct timer_list *t)`: the timewait socket's timer expired.
+#[fentry(function = "tw_timer_handler")]
+pub fn tw_expire(ctx: FEntryContext) -> u32 {
+    let config = config();
+    let timer = ctx.arg::<u64>(0);
+    let expires = read_kernel::<u64>(timer + u64::from(config.layout.timer_expires)).unwrap_or(0);
+    on_timewait(
+        &ctx,
+        &config,
+        timer - u64::from(config.layout.tw_timer),
+        timer_action::EXPIRE,
+        expires,
+    );
+    0
+}
+
+/// Delivers one event of the timewait socket at `tw` whose timer expires at `expires`
+/// (jiffies), if it passes the filters.
+#[inline(always)]
+fn on_timewait<C: EbpfContext>(ctx: &C, config: &Config, tw: u64, action: u8, expires: u64) {
+    let layout = &config.layout;
     let Some(ends) = ends(tw, layout) else {
-        debug!(ctx, "cannot read the timewait socket at {:x}", tw);
+        debug!(ctx, "cannot read the timewait socket at {:x}", scalar(tw));
         return;
     };
     if config.family != 0 && ends.family != config.family {
         return;
     }
-    if !ports_pass(&config, ends.sport, ends.dport) {
+    if !ports_pass(config, ends.sport, ends.dport) {
         return;
     }
     // A timewait socket has no cgroup (it is a `sock_common` only): the cgroup filter passes
     // it, and the loader keeps it only when it follows the full socket it came from.
     let netns = netns_of(tw, layout);
-    if !netns_passes(&config, netns) {
+    if !netns_passes(config, netns) {
         return;
     }
     count(Counter::TimewaitMatched);
@@ -454,11 +571,11 @@ fn on_timer(ctx: &RawTracePointContext, timer: u64, action: u8) {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         jiffies: unsafe { bpf_jiffies64() },
         twaddr: tw,
-        expires: read_kernel::<u64>(timer + u64::from(layout.timer_expires)).unwrap_or(0),
+        expires,
         saddr,
         daddr,
     });
-    entry.submit(submit_flags(&config));
+    entry.submit(submit_flags(config));
 }
 
 /// The bytes of four words as they lay in memory.

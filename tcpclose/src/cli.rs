@@ -45,9 +45,9 @@ Teardown records (the default):
             lost): phases it did not see whole are absent, never 0.
 
 Needs root, or CAP_BPF and CAP_PERFMON (Linux 5.8+), and the kernel's BTF
-(/sys/kernel/btf/vmlinux, or --btf). Following timewait sockets reads /proc/kallsyms
-(CAP_SYSLOG); naming the owners of hung sockets reads /proc/PID/fd (CAP_DAC_READ_SEARCH,
-CAP_SYS_PTRACE).
+(/sys/kernel/btf/vmlinux, or --btf). Following timewait sockets with raw programs reads
+/proc/kallsyms (CAP_SYSLOG; typed programs need not); naming the owners of hung sockets reads
+/proc/PID/fd (CAP_DAC_READ_SEARCH, CAP_SYS_PTRACE).
 PID and COMM are shown only for transitions a system call makes (connect, listen, close,
 shutdown): the others happen in softirq or timer context, where the current task is not
 the socket's owner.";
@@ -179,9 +179,40 @@ pub struct Cli {
     #[arg(long, value_name = "LEVEL", value_enum)]
     pub log_level: Option<LogLevel>,
 
+    /// Which kernel programs trace: btf (typed programs: tp_btf on the tracepoint, fentry on
+    /// the timewait socket's functions; less kernel time per connection, and TIME_WAIT's start
+    /// exact), raw (raw tracepoints, on every kernel tcpclose supports), or auto: btf where the
+    /// kernel accepts it, else raw, with a note saying why. The summary says which ran.
+    #[arg(
+        long,
+        value_name = "SET",
+        value_enum,
+        env = "TCPCLOSE_PROGRAMS",
+        default_value_t = ProgramsArg::Auto
+    )]
+    pub programs: ProgramsArg,
+
     /// Ring buffer size in bytes (a power of two, at least one page). For tests.
     #[arg(long, hide = true, value_parser = parse_ring_bytes, default_value_t = DEFAULT_RING_BYTES)]
     pub ring_bytes: u32,
+}
+
+/// `--programs` values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProgramsArg {
+    Auto,
+    Btf,
+    Raw,
+}
+
+impl From<ProgramsArg> for crate::tracer::ProgramChoice {
+    fn from(arg: ProgramsArg) -> Self {
+        match arg {
+            ProgramsArg::Auto => Self::Auto,
+            ProgramsArg::Btf => Self::Btf,
+            ProgramsArg::Raw => Self::Raw,
+        }
+    }
 }
 
 /// `--log-level` values, as aya-log numbers them (`Level`: error 1 to trace 5; 0 is off).
@@ -314,6 +345,7 @@ impl Cli {
             duration: self.duration,
             max_sockets: self.max_sockets,
             pids: self.pids.clone(),
+            programs: self.programs.into(),
         }
     }
 

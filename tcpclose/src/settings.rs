@@ -22,6 +22,8 @@ pub struct Settings {
     pub max_sockets: usize,
     /// The kernel programs' diagnostics from this level on (aya-log's numbering; 0: off).
     pub kernel_log: u8,
+    /// Typed or raw kernel programs (`--programs`).
+    pub programs: crate::tracer::ProgramChoice,
     /// Only sockets whose owner, as tcpclose knows it, is one of these processes (`--pid`);
     /// every socket when empty. Applied in userspace: the kernel does not know a socket's
     /// owner when a segment or a timer changes its state.

@@ -12,12 +12,13 @@ use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, RawTracePoint},
+    programs::{BtfTracePoint, FEntry, ProgramError, RawTracePoint},
 };
 use tcpclose_common::{
     AF_INET, AF_INET6, CGROUP_FILTER_MAP, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP,
     FILTER_ENTRIES, NETNS_FILTER_MAP, PORT_FILTER_MAP, PORT_LOCAL, PORT_REMOTE, SocketLayout,
-    TIMER_PROGRAMS, TRANSITION_PROGRAM, TRANSITION_TRACEPOINT,
+    TIMER_PROGRAMS, TRANSITION_PROGRAM, TRANSITION_TRACEPOINT, TYPED_TIMEWAIT_PROGRAMS,
+    TYPED_TRANSITION_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -122,6 +123,38 @@ fn write_set<K: aya::Pod>(ebpf: &mut Ebpf, map: &str, keys: &[K], option: &str) 
     Ok(())
 }
 
+/// Which set of kernel programs to run (`--programs`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ProgramChoice {
+    /// Typed where the kernel accepts them (found by loading them), raw otherwise.
+    #[default]
+    Auto,
+    /// Typed, or fail.
+    Btf,
+    /// Raw tracepoints.
+    Raw,
+}
+
+/// The set of kernel programs that runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Programs {
+    /// Typed (BTF): `tp_btf` on the transition tracepoint, fentry on the timewait socket's
+    /// functions.
+    Btf,
+    /// Raw tracepoints: the transition tracepoint and the `timer:` tracepoints.
+    Raw,
+}
+
+impl Programs {
+    /// As the summary record and the metrics name it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Btf => "btf",
+            Self::Raw => "raw",
+        }
+    }
+}
+
 /// Counters kept by the kernel program, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelCounters {
@@ -140,6 +173,7 @@ pub struct Tracer {
     timewait_jiffy_ns: Option<u64>,
     /// The programs' diagnostics (`--log-level`), when asked for.
     logger: Option<aya_log::EbpfLogger<KernelLog>>,
+    programs: Programs,
 }
 
 /// Prints the kernel programs' diagnostics on standard error, one line each.
@@ -169,12 +203,15 @@ impl Tracer {
     /// The kernel's types come from `btf_path` when given (for kernels without
     /// `/sys/kernel/btf/vmlinux`), else from the kernel itself.
     /// `kernel_log`: the level from which the programs' diagnostics are printed (0: off).
+    /// `choice`: typed or raw programs (see [`ProgramChoice`]); with `Auto`, a note on standard
+    /// error says why the typed ones did not load.
     pub fn attach(
         filter: &KernelFilter,
         ring_bytes: u32,
         follow_timewait: bool,
         btf_path: Option<&Path>,
         kernel_log: u8,
+        choice: ProgramChoice,
     ) -> Result<Self> {
         system::check_kernel_version()?;
         system::check_privileges()?;
@@ -209,23 +246,32 @@ impl Tracer {
                  kernel's BTF does not describe (see the warning above)"
             );
         }
+        // Where a timewait socket's fields are: both sets read them. The raw timer programs
+        // also need the timer tracepoints and the address of the timers' function, which only
+        // /proc/kallsyms gives (CAP_SYSLOG); the typed ones attach to that function by name.
         let timewait = if follow_timewait {
-            kernel_layout::check_timer_tracepoints(&btf)
-                .and_then(|()| system::kernel_symbol("tw_timer_handler"))
-                .and_then(|handler| {
-                    kernel_layout::add_timewait_layout(&btf, &mut config.layout, handler)
-                })
+            kernel_layout::add_timewait_layout(&btf, &mut config.layout, 0)
         } else {
             Err(anyhow!("not asked to"))
         };
+        let raw_timewait = match &timewait {
+            Ok(()) => kernel_layout::check_timer_tracepoints(&btf)
+                .and_then(|()| system::kernel_symbol("tw_timer_handler")),
+            Err(err) => Err(anyhow!("{err:#}")),
+        };
+        if let Ok(handler) = raw_timewait {
+            config.layout.tw_timer_handler = handler;
+        }
         drop(btf);
         // The programs need no relocation (they read at the offsets in `config`), but when the
-        // types come from a file aya is given the same, rather than the missing sysfs file.
+        // types come from a file aya is given the same, rather than the missing sysfs file. The
+        // typed programs are checked against these types by the kernel.
         let aya_btf = match btf_path {
             Some(_) => Some(
                 aya::Btf::parse(&btf_bytes, aya::Endianness::default())
                     .with_context(|| format!("reading {}", btf_source.display()))?,
             ),
+            None if choice != ProgramChoice::Raw => aya::Btf::from_sys_fs().ok(),
             None => None,
         };
         drop(btf_bytes);
@@ -256,29 +302,45 @@ impl Tracer {
         write_set(&mut ebpf, NETNS_FILTER_MAP, &filter.netns, "--netns")?;
         write_set(&mut ebpf, CGROUP_FILTER_MAP, &filter.cgroups, "--cgroup")?;
 
-        let program: &mut RawTracePoint = ebpf
-            .program_mut(TRANSITION_PROGRAM)
-            .context("the eBPF object has no inet_sock_set_state program")?
-            .try_into()?;
-        program.load().map_err(explain_program_error)?;
-        program
-            .attach(TRANSITION_TRACEPOINT)
-            .map_err(explain_program_error)
-            .context("attaching to the sock:inet_sock_set_state tracepoint")?;
-
-        let timewait_jiffy_ns = match timewait.and_then(|_| system::jiffy_ns()) {
+        let typed = match (choice, &aya_btf) {
+            (ProgramChoice::Raw, _) => Err(anyhow!("not asked to")),
+            (_, None) => Err(anyhow!("no kernel BTF for them")),
+            (_, Some(btf)) => load_typed(&mut ebpf, btf, timewait.is_ok()),
+        };
+        let programs = match typed {
+            Ok(()) => Programs::Btf,
+            Err(err) if choice == ProgramChoice::Btf => {
+                return Err(err.context(
+                    "--programs btf: this kernel does not run tcpclose's typed programs (use \
+                     --programs raw, or auto to fall back by itself)",
+                ));
+            }
+            Err(err) => {
+                if choice == ProgramChoice::Auto {
+                    // The reason in one line: the verifier's log is for `--programs btf`.
+                    eprintln!(
+                        "tcpclose: note: raw tracepoint programs: {}",
+                        err.root_cause()
+                    );
+                }
+                Programs::Raw
+            }
+        };
+        let timewait_ok = match programs {
+            Programs::Btf => {
+                attach_typed(&mut ebpf, timewait.is_ok())?;
+                timewait
+            }
+            Programs::Raw => {
+                attach_raw(&mut ebpf)?;
+                raw_timewait.map(|_| ())
+            }
+        };
+        let timewait_jiffy_ns = match timewait_ok.and_then(|()| system::jiffy_ns()) {
             Err(_) if !follow_timewait => None,
             Ok(jiffy_ns) => {
-                for (name, event) in TIMER_PROGRAMS {
-                    let program: &mut RawTracePoint = ebpf
-                        .program_mut(name)
-                        .with_context(|| format!("the eBPF object has no {name} program"))?
-                        .try_into()?;
-                    program.load().map_err(explain_program_error)?;
-                    program
-                        .attach(event)
-                        .map_err(explain_program_error)
-                        .with_context(|| format!("attaching to the timer:{event} tracepoint"))?;
+                if programs == Programs::Raw {
+                    attach_timers(&mut ebpf)?;
                 }
                 Some(jiffy_ns)
             }
@@ -318,7 +380,13 @@ impl Tracer {
             counters,
             timewait_jiffy_ns,
             logger,
+            programs,
         })
+    }
+
+    /// Which set of kernel programs runs.
+    pub fn programs(&self) -> Programs {
+        self.programs
     }
 
     /// Prints the kernel programs' diagnostics waiting, when they are asked for.
@@ -446,6 +514,139 @@ fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
+/// Loads the typed programs (the transition program, and the timewait ones when `timewait`),
+/// without attaching them: whether the kernel accepts them is known only from loading. On the
+/// first refusal, unloads those it loaded and says which one the kernel refused, and why.
+fn load_typed(ebpf: &mut Ebpf, btf: &aya::Btf, timewait: bool) -> Result<()> {
+    let mut loaded: Vec<&str> = Vec::new();
+    let mut load = |ebpf: &mut Ebpf, name: &'static str, function: &str| -> Result<()> {
+        let program = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no {name} program"))?;
+        let result = if name == TYPED_TRANSITION_PROGRAM {
+            let program: &mut BtfTracePoint = program.try_into()?;
+            program.load(function, btf)
+        } else {
+            let program: &mut FEntry = program.try_into()?;
+            program.load(function, btf)
+        };
+        result.map_err(|err| {
+            let why = anyhow!("{}", refusal(&err, function));
+            match err {
+                // The verifier's reasons, for `--programs btf` (the note of `auto` shows the
+                // first line only).
+                ProgramError::LoadError { verifier_log, .. }
+                    if !verifier_log.to_string().is_empty() =>
+                {
+                    why.context(format!("the verifier said:\n{}", log_tail(&verifier_log)))
+                }
+                _ => why,
+            }
+        })?;
+        loaded.push(name);
+        Ok(())
+    };
+    let mut result = load(ebpf, TYPED_TRANSITION_PROGRAM, TRANSITION_TRACEPOINT);
+    if timewait {
+        for (name, function) in TYPED_TIMEWAIT_PROGRAMS {
+            result = result.and_then(|()| load(ebpf, name, function));
+        }
+    }
+    if result.is_err() {
+        for name in loaded {
+            let Some(program) = ebpf.program_mut(name) else {
+                continue;
+            };
+            // Whatever fails here leaves a loaded program unattached until exit: harmless.
+            if name == TYPED_TRANSITION_PROGRAM {
+                if let Ok(program) = <&mut BtfTracePoint>::try_from(program) {
+                    let _ = program.unload();
+                }
+            } else if let Ok(program) = <&mut FEntry>::try_from(program) {
+                let _ = program.unload();
+            }
+        }
+    }
+    result
+}
+
+/// The end of a verifier log, where its reason is.
+fn log_tail(log: &impl std::fmt::Display) -> String {
+    let text = log.to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// Why the kernel refused a typed program for `function`, in a few words (no error code
+/// dump: with `--programs auto` this is a note, not an error).
+fn refusal(err: &ProgramError, function: &str) -> String {
+    if is_permission_error(err) {
+        return "this kernel refuses typed BTF programs (tp_btf, fentry)".to_owned();
+    }
+    match err {
+        ProgramError::LoadError { io_error, .. } => {
+            format!("the kernel refused the typed program on {function} ({io_error})")
+        }
+        ProgramError::Btf(_) => format!("{function} is not in this kernel's BTF"),
+        other => format!("the typed program on {function}: {other}"),
+    }
+}
+
+/// Attaches the typed programs [`load_typed`] loaded.
+fn attach_typed(ebpf: &mut Ebpf, timewait: bool) -> Result<()> {
+    let program: &mut BtfTracePoint = ebpf
+        .program_mut(TYPED_TRANSITION_PROGRAM)
+        .context("the eBPF object has no typed transition program")?
+        .try_into()?;
+    program
+        .attach()
+        .map_err(explain_program_error)
+        .context("attaching to the sock:inet_sock_set_state tracepoint (tp_btf)")?;
+    if timewait {
+        for (name, function) in TYPED_TIMEWAIT_PROGRAMS {
+            let program: &mut FEntry = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no {name} program"))?
+                .try_into()?;
+            program
+                .attach()
+                .map_err(explain_program_error)
+                .with_context(|| format!("attaching to {function} (fentry)"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Loads and attaches the raw transition program.
+fn attach_raw(ebpf: &mut Ebpf) -> Result<()> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(TRANSITION_PROGRAM)
+        .context("the eBPF object has no inet_sock_set_state program")?
+        .try_into()?;
+    program.load().map_err(explain_program_error)?;
+    program
+        .attach(TRANSITION_TRACEPOINT)
+        .map_err(explain_program_error)
+        .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+    Ok(())
+}
+
+/// Loads and attaches the raw timer programs.
+fn attach_timers(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, event) in TIMER_PROGRAMS {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no {name} program"))?
+            .try_into()?;
+        program.load().map_err(explain_program_error)?;
+        program
+            .attach(event)
+            .map_err(explain_program_error)
+            .with_context(|| format!("attaching to the timer:{event} tracepoint"))?;
+    }
+    Ok(())
+}
+
 fn explain_load_error(err: EbpfError) -> anyhow::Error {
     if is_permission_error(&err) {
         return anyhow!("{PRIVILEGE_HINT} (the kernel refused: {err})");
@@ -523,6 +724,19 @@ mod tests {
             assert!(
                 in_section(program, &tracepoint),
                 "no program {program} in {tracepoint}"
+            );
+        }
+        // The typed set: the kernel function each attaches to is in its section's name.
+        let tp_btf = format!("tp_btf/{TRANSITION_TRACEPOINT}");
+        assert!(
+            in_section(TYPED_TRANSITION_PROGRAM, &tp_btf),
+            "no program {TYPED_TRANSITION_PROGRAM} in {tp_btf}"
+        );
+        for (program, function) in TYPED_TIMEWAIT_PROGRAMS {
+            let section = format!("fentry/{function}");
+            assert!(
+                in_section(program, &section),
+                "no program {program} in {section}"
             );
         }
     }

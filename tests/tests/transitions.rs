@@ -8,6 +8,26 @@ use std::{
 
 use tcpclose_tests::{Run, Tracer, churn};
 
+/// Tracepoint hits the kernel skipped for a run's programs (summary `missed`): BPF's recursion
+/// protection skips a program's nested run when an interrupt changes a socket's state while it
+/// runs on that CPU, which an emulated guest makes frequent. Each run with its own programs may
+/// miss a different few.
+fn missed(runs: &[&Run]) -> usize {
+    runs.iter()
+        .map(|run| run.summary()["missed"].as_u64().expect("missed") as usize)
+        .sum()
+}
+
+/// `a` and `b`, counts of the same transitions seen by different runs, differ by no more than
+/// those runs missed.
+fn same_but_missed(a: usize, b: usize, runs: &[&Run], what: &str) {
+    let missed = missed(runs);
+    assert!(
+        a.abs_diff(b) <= missed,
+        "{what}: {a} against {b}, {missed} missed by the kernel"
+    );
+}
+
 fn ports_of(run: &Run) -> Vec<(u64, u64)> {
     run.transitions()
         .iter()
@@ -56,10 +76,11 @@ fn port_filters_show_only_their_sockets() {
         remote_ports.iter().all(|&(_, r)| r == wp),
         "{remote_ports:?}"
     );
-    assert_eq!(
+    same_but_missed(
         local_ports.len() + remote_ports.len(),
         any_ports.len(),
-        "every watched transition is on exactly one side"
+        &[&any, &local, &remote],
+        "every watched transition is on exactly one side",
     );
 }
 
@@ -91,7 +112,12 @@ fn family_filters() {
     let f6 = families(&only6);
     assert!(!f4.is_empty() && f4.iter().all(|f| f == "ipv4"), "{f4:?}");
     assert!(!f6.is_empty() && f6.iter().all(|f| f == "ipv6"), "{f6:?}");
-    assert_eq!(families(&both).len(), f4.len() + f6.len());
+    same_but_missed(
+        families(&both).len(),
+        f4.len() + f6.len(),
+        &[&only4, &only6, &both],
+        "every transition is of one family",
+    );
 }
 
 #[test]

@@ -35,6 +35,23 @@ pub const HOST_ONLY: &[(&str, &str)] = &[(
      timing figure that a guest emulated by TCG, ten times slower than the host, cannot give",
 )];
 
+/// One run of a test binary in the guest, with `TCPCLOSE_PROGRAMS` set to `programs` (the set of
+/// kernel programs every tcpclose it starts uses) or, with none, unset (`auto`).
+struct GuestRun<'a> {
+    binary: &'a TestBinary,
+    programs: Option<&'a str>,
+}
+
+impl GuestRun<'_> {
+    /// Its name in the guest's marks and result files: the binary's, and the program set.
+    fn key(&self) -> String {
+        match self.programs {
+            Some(programs) => format!("{}.{programs}", self.binary.name),
+            None => self.binary.name.clone(),
+        }
+    }
+}
+
 /// A test binary of the integration-test package, as cargo built it.
 struct TestBinary {
     /// The cargo target's name (`teardown` for tests/teardown.rs).
@@ -48,7 +65,18 @@ struct TestBinary {
 /// `tcpclose` is the loader they test. `args` are those of `cargo test`: a test-name filter and
 /// `--test NAME` (to pick test binaries), then after `--` the test binaries' own options.
 /// Prints what ran and fails unless every binary passed.
-pub fn run(vng: &Path, kernel: &Kernel, tcpclose: &Path, args: &[OsString]) -> Result<()> {
+///
+/// `programs`: the suite runs once per program set listed (`TCPCLOSE_PROGRAMS`), or once with
+/// tcpclose's own choice when none is; `auto_picks`: what tcpclose's `auto` must pick on this
+/// kernel, for the test that checks it (`TCPCLOSE_EXPECT_AUTO`).
+pub fn run(
+    vng: &Path,
+    kernel: &Kernel,
+    tcpclose: &Path,
+    args: &[OsString],
+    programs: &[&str],
+    auto_picks: Option<&str>,
+) -> Result<()> {
     let (cargo_args, binary_args) = split_args(args)?;
     let mut binaries = build(&cargo_args)?;
     // Asked for by name, a host-only binary runs in the guest too.
@@ -70,31 +98,48 @@ pub fn run(vng: &Path, kernel: &Kernel, tcpclose: &Path, args: &[OsString]) -> R
         !binaries.is_empty(),
         "cargo built no test binary for tcpclose-tests"
     );
-    let dir = Path::new("target/guest").join(&kernel.release);
-    if dir.exists() {
-        fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir
-        .canonicalize()
-        .with_context(|| format!("resolving {}", dir.display()))?;
+    let dir = fresh_dir(&Path::new("target/guest").join(&kernel.release))?;
+    let runs: Vec<GuestRun> = if programs.is_empty() {
+        binaries
+            .iter()
+            .map(|binary| GuestRun {
+                binary,
+                programs: None,
+            })
+            .collect()
+    } else {
+        programs
+            .iter()
+            .flat_map(|&set| {
+                binaries.iter().map(move |binary| GuestRun {
+                    binary,
+                    programs: Some(set),
+                })
+            })
+            .collect()
+    };
     let script = dir.join("run.sh");
     fs::write(
         &script,
-        script_text(&dir, tcpclose, &binaries, &binary_args)?,
+        script_text(&dir, tcpclose, &runs, &binary_args, auto_picks)?,
     )
     .with_context(|| format!("writing {}", script.display()))?;
 
     eprintln!(
-        "guest: booting {} ({} test binaries; console in {})",
+        "guest: booting {} ({} test binaries{}; console in {})",
         kernel.vmlinuz.display(),
         binaries.len(),
+        if programs.is_empty() {
+            String::new()
+        } else {
+            format!(", with --programs {}", programs.join(", then "))
+        },
         dir.join("console.log").display()
     );
     let started = Instant::now();
     let outcome = boot(vng, kernel, &dir, &script)?;
     let elapsed = started.elapsed();
-    report(&dir, &binaries, &outcome, elapsed)
+    report(&dir, &runs, &outcome, elapsed)
 }
 
 /// Splits `cargo test` arguments into those for building (`--test NAME`) and the test binaries'
@@ -185,8 +230,9 @@ fn build(cargo_args: &[OsString]) -> Result<Vec<TestBinary>> {
 fn script_text(
     dir: &Path,
     tcpclose: &Path,
-    binaries: &[TestBinary],
+    runs: &[GuestRun],
     binary_args: &[String],
+    auto_picks: Option<&str>,
 ) -> Result<String> {
     let dir = quote(dir)?;
     let mut s = format!(
@@ -204,14 +250,25 @@ fn script_text(
     if let Ok(ci) = std::env::var("CI") {
         s += &format!("export CI={}\n", quote(Path::new(&ci))?);
     }
+    if let Some(expected) = auto_picks {
+        s += &format!(
+            "export TCPCLOSE_EXPECT_AUTO={}\n",
+            quote(Path::new(expected))?
+        );
+    }
     let args: Vec<String> = binary_args
         .iter()
         .map(|a| quote(Path::new(a)))
         .collect::<Result<_>>()?;
     let args = args.join(" ");
     let seconds = BINARY_DEADLINE.as_secs();
-    for b in binaries {
-        let name = &b.name;
+    for run in runs {
+        let b = run.binary;
+        let name = run.key();
+        s += &match run.programs {
+            Some(programs) => format!("export TCPCLOSE_PROGRAMS={}\n", quote(Path::new(programs))?),
+            None => "unset TCPCLOSE_PROGRAMS\n".to_owned(),
+        };
         s += &format!(
             "echo '{MARK} start {name}'\n\
              (cd {cwd} && exec timeout -k 10 {seconds} {exe} {args}) > \"$out/{name}.out\" 2>&1\n\
@@ -224,6 +281,92 @@ fn script_text(
     }
     s += &format!("echo done > \"$out/done\"\necho '{MARK} done'\n");
     Ok(s)
+}
+
+/// Runs `cargo xtask bench` (this very binary, `bench_args`) in a guest booted on `kernel`, with
+/// the tracer built on the host: the typed programs (`TCPCLOSE_PROGRAMS=btf`) as the tracer
+/// under test and the raw ones as the baseline, side by side in one run. Prints the bench's
+/// report; fails unless it ran to the end.
+pub fn bench(vng: &Path, kernel: &Kernel, tcpclose: &Path, bench_args: &[String]) -> Result<()> {
+    let dir = fresh_dir(&Path::new("target/guest-bench").join(&kernel.release))?;
+    let raw = dir.join("tcpclose-raw");
+    fs::write(
+        &raw,
+        format!(
+            "#!/bin/sh
+exec {} --programs raw \"$@\"\n",
+            quote(tcpclose)?
+        ),
+    )
+    .with_context(|| format!("writing {}", raw.display()))?;
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::set_permissions(&raw, fs::Permissions::from_mode(0o755))
+            .with_context(|| format!("making {} executable", raw.display()))?;
+    }
+    let xtask = std::env::current_exe().context("finding xtask's own executable")?;
+    let args: Vec<String> = bench_args
+        .iter()
+        .map(|a| quote(Path::new(a)))
+        .collect::<Result<_>>()?;
+    let out = quote(&dir)?;
+    let script = dir.join("run.sh");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh
+\
+             # Written by `cargo xtask bench --kernel`; runs inside the guest.\n\
+             export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n\
+             export TCPCLOSE_PROGRAMS=btf\n\
+             out={out}\n\
+             timeout 30 ip link set lo up || echo '{MARK} could not bring lo up'\n\
+             timeout 10 uname -r > \"$out/uname\"\n\
+             echo \"{MARK} booted $(cat \"$out/uname\")\"\n\
+             echo '{MARK} start bench'\n\
+             cd {cwd} && timeout -k 10 {seconds} {xtask} bench --prebuilt --baseline {raw} {args} \
+             > \"$out/bench.out\" 2>&1\n\
+             echo $? > \"$out/bench.status\"\n\
+             echo '{MARK} end bench'\n\
+             echo done > \"$out/done\"\n",
+            cwd = quote(&std::env::current_dir().context("the current directory")?)?,
+            seconds = BINARY_DEADLINE.as_secs() * 3,
+            xtask = quote(&xtask)?,
+            raw = quote(&raw)?,
+            args = args.join(" "),
+        ),
+    )
+    .with_context(|| format!("writing {}", script.display()))?;
+    eprintln!(
+        "guest: booting {} for the bench (console in {})",
+        kernel.vmlinuz.display(),
+        dir.join("console.log").display()
+    );
+    let outcome = boot(vng, kernel, &dir, &script)?;
+    let uname = fs::read_to_string(dir.join("uname")).unwrap_or_default();
+    let report = fs::read_to_string(dir.join("bench.out")).unwrap_or_default();
+    println!("guest kernel: {}\n{report}", uname.trim());
+    let status = fs::read_to_string(dir.join("bench.status")).unwrap_or_default();
+    if let Some(why) = outcome.killed {
+        bail!("the guest was stopped: {why}");
+    }
+    ensure!(
+        status.trim() == "0",
+        "the bench did not finish in the guest (status {:?}): see {}",
+        status.trim(),
+        dir.join("console.log").display()
+    );
+    Ok(())
+}
+
+/// `dir`, emptied (made if missing), as an absolute path: the guest shares it read-write.
+fn fresh_dir(dir: &Path) -> Result<PathBuf> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    dir.canonicalize()
+        .with_context(|| format!("resolving {}", dir.display()))
 }
 
 /// Single-quotes a path for the shell.
@@ -436,7 +579,7 @@ fn kill_tree(pid: u32) {
 
 /// Prints the guest's kernel, each binary's results and failures, and fails unless the guest
 /// booted and every binary ran and passed.
-fn report(dir: &Path, binaries: &[TestBinary], outcome: &Outcome, elapsed: Duration) -> Result<()> {
+fn report(dir: &Path, runs: &[GuestRun], outcome: &Outcome, elapsed: Duration) -> Result<()> {
     let uname = fs::read_to_string(dir.join("uname")).unwrap_or_default();
     let uname = uname.trim();
     let console = dir.join("console.log");
@@ -463,8 +606,8 @@ fn report(dir: &Path, binaries: &[TestBinary], outcome: &Outcome, elapsed: Durat
         elapsed.as_secs_f64()
     );
     let mut failed = Vec::new();
-    for b in binaries {
-        let name = &b.name;
+    for run in runs {
+        let name = &run.key();
         let status = fs::read_to_string(dir.join(format!("{name}.status")))
             .ok()
             .and_then(|s| s.trim().parse::<i32>().ok());
@@ -506,14 +649,14 @@ fn report(dir: &Path, binaries: &[TestBinary], outcome: &Outcome, elapsed: Durat
                 }
             }
             println!("    output: {}", out_path.display());
-            failed.push(name.as_str());
+            failed.push(name.clone());
         }
     }
     if let Some(why) = &outcome.killed {
-        failed.push("(the whole run)");
+        failed.push("(the whole run)".to_owned());
         println!("guest: {why}");
     } else if !dir.join("done").is_file() {
-        failed.push("(the whole run)");
+        failed.push("(the whole run)".to_owned());
         let vng = outcome
             .vng
             .map_or_else(|| "?".to_owned(), |s| s.to_string());

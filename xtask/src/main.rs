@@ -67,6 +67,14 @@ enum Task {
         /// costs, side by side in one run.
         #[arg(long, value_name = "PATH")]
         baseline: Option<PathBuf>,
+        /// Measure in a QEMU guest booted on this kernel instead of the host (`debian-6.1` or a
+        /// bzImage, as for `test --kernel`): the typed programs against the raw ones (as the
+        /// baseline), side by side. TCG emulates the guest: compare ratios only.
+        #[arg(long, value_name = "debian-6.1|PATH")]
+        kernel: Option<KernelChoice>,
+        /// Use the tracer already built (inside a guest, which cannot build).
+        #[arg(long, hide = true)]
+        prebuilt: bool,
     },
     /// Build, then run `tcpclose --json` under full churn for minutes, sampling its RSS every
     /// 10 s; fails unless it stops cleanly, its summary reconciles and its RSS stays flat after
@@ -139,8 +147,49 @@ fn main() -> Result<()> {
             pairs,
             only,
             baseline,
+            kernel,
+            prebuilt,
         } => {
-            build()?;
+            if let Some(choice) = kernel.filter(|k| !matches!(k, KernelChoice::Host)) {
+                if baseline.is_some() {
+                    bail!("--baseline with --kernel: in a guest the baseline is the raw programs");
+                }
+                build()?;
+                let vng = setup::guest_tools(&root.join(GUEST_TOOLS))?;
+                let guest_kernel = match &choice {
+                    KernelChoice::File(path) => kernel::from_file(path)?,
+                    _ => kernel::debian_6_1(&root.join("target/kernels"))?,
+                };
+                let mut args = vec![
+                    "--rounds".to_owned(),
+                    rounds.to_string(),
+                    "--seconds".to_owned(),
+                    seconds.to_string(),
+                    "--pairs".to_owned(),
+                    pairs.to_string(),
+                ];
+                // Churn and the programs' time only, unless asked: the stress parts measure
+                // the host's reader, not the programs.
+                let parts: Vec<String> = if only.is_empty() {
+                    vec!["churn".to_owned(), "stats".to_owned()]
+                } else {
+                    use clap::ValueEnum as _;
+                    only.iter()
+                        .filter_map(|p| p.to_possible_value())
+                        .map(|v| v.get_name().to_owned())
+                        .collect()
+                };
+                args.extend(["--only".to_owned(), parts.join(",")]);
+                return guest::bench(
+                    &vng,
+                    &guest_kernel,
+                    &root.join("target/release/tcpclose"),
+                    &args,
+                );
+            }
+            if !prebuilt {
+                build()?;
+            }
             if !is_root() {
                 bail!("the benchmark loads eBPF programs: run `cargo xtask bench` as root");
             }
@@ -233,10 +282,12 @@ fn test(root: &Path, kernels: Vec<KernelChoice>, args: &[OsString]) -> Result<()
     for choice in &kernels {
         let result = match (choice, &vng) {
             (KernelChoice::Host, _) => host_suite(&binary, args),
+            // Debian's 6.1 runs typed programs: the suite runs with each set, and `auto` must
+            // pick the typed one.
             (KernelChoice::Debian61, Some(vng)) => kernel::debian_6_1(&root.join("target/kernels"))
-                .and_then(|k| guest::run(vng, &k, &binary, args)),
+                .and_then(|k| guest::run(vng, &k, &binary, args, &["btf", "raw"], Some("btf"))),
             (KernelChoice::File(path), Some(vng)) => {
-                kernel::from_file(path).and_then(|k| guest::run(vng, &k, &binary, args))
+                kernel::from_file(path).and_then(|k| guest::run(vng, &k, &binary, args, &[], None))
             }
             // Not reached: vng is set up above whenever a guest kernel is listed.
             (_, None) => Err(anyhow::anyhow!("no vng to boot a guest with")),

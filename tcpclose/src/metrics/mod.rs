@@ -65,6 +65,8 @@ struct StateLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
+    /// The kernel programs that run: `btf` or `raw` (`--programs`); empty until known.
+    programs: &'static str,
 }
 
 /// Buckets of `tcpclose_teardown_phase_seconds`: 100 us to ~105 s, doubling (TIME_WAIT's 60 s
@@ -115,6 +117,7 @@ pub struct Metrics {
     missed: Counter,
     missed_seen: u64,
     tracked: Gauge,
+    build_info: Family<BuildLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -142,6 +145,18 @@ impl Metrics {
         self.phase_seconds.clear();
         touch_all(&self);
         self.update(&[], HungNow::ByLabel(&[]), 0, EventTotals::default());
+        self
+    }
+
+    /// Says which kernel programs run (`btf` or `raw`) in `tcpclose_build_info`.
+    pub fn ran(self, programs: &'static str) -> Self {
+        self.build_info.clear();
+        self.build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+                programs,
+            })
+            .set(1);
         self
     }
 
@@ -223,12 +238,14 @@ impl Metrics {
         build_info
             .get_or_create(&BuildLabels {
                 version: env!("CARGO_PKG_VERSION"),
+                programs: "",
             })
             .set(1);
         registry.register(
             "tcpclose_build_info",
-            "tcpclose's version, as a label of a gauge set to 1",
-            build_info,
+            "tcpclose's version and the kernel programs that run (btf or raw), as labels of a \
+             gauge set to 1",
+            build_info.clone(),
         );
         Self {
             registry,
@@ -249,6 +266,7 @@ impl Metrics {
             missed,
             missed_seen: 0,
             tracked,
+            build_info,
         }
     }
 

@@ -226,6 +226,8 @@ fn write_ms(out: &mut String, ns: u64) {
 /// What a run saw and what it could not deliver; printed when tracing ends.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Summary {
+    /// The kernel programs that ran: `btf` (typed) or `raw` (`--programs`).
+    pub programs: &'static str,
     /// Transitions received and decoded.
     pub transitions: u64,
     /// Transitions the kernel program dropped because the ring buffer was full.
@@ -313,8 +315,9 @@ impl Summary {
                 }
                 write!(
                     out,
-                    " in {:.1}s, {} lost (ring buffer full)",
+                    " in {:.1}s ({} programs), {} lost (ring buffer full)",
                     self.duration_ns as f64 / 1e9,
+                    self.programs,
                     self.lost + self.timewait_lost
                 )?;
                 let notes = [

@@ -50,6 +50,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.follows_timewait(),
         settings.btf.as_deref(),
         settings.kernel_log,
+        settings.programs,
     )?;
     match &settings.mode {
         Mode::Events => {
@@ -62,7 +63,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             // The run loop refreshes the exposition every second; scrapes read the last one.
             let metrics = match teardown.metrics {
                 Some(addr) => {
-                    let mut m = Metrics::at_start();
+                    let mut m = Metrics::at_start().ran(tracer.programs().name());
                     if let Some((by, top)) = teardown.metrics_label {
                         m = m.labelled(by, top);
                     }
@@ -210,6 +211,7 @@ async fn drive<P: Pipeline>(
     session.flush()?;
     let counters = tracer.counters()?;
     let mut summary = Summary {
+        programs: tracer.programs().name(),
         transitions: session.transitions,
         lost: counters.lost,
         matched: counters.matched,

@@ -140,11 +140,18 @@ fn print_main_table(bench: &Bench, results: &Results) {
 fn print_stats_table(bench: &Bench, results: &Results) {
     let rate = |s: &Sample| Some(s.connections_per_s);
     let bpf = |s: &Sample| s.traced.as_ref()?.bpf_ns_per_event;
+    // The programs' time per connection: per event times events per connection (the typed and
+    // the raw programs deliver different numbers of timewait events per connection).
+    let bpf_per_connection = |s: &Sample| {
+        let t = s.traced.as_ref()?;
+        let per_event = t.bpf_ns_per_event?;
+        (s.connections_per_s > 0.0).then(|| per_event * t.events_per_s / s.connections_per_s)
+    };
     println!(
         "| mode | conn/s, bpf_stats on (min-max) | vs same mode, bpf_stats off (per round) | lost \
-         (all runs) | BPF ns/event (min-max) |"
+         (all runs) | BPF ns/event (min-max) | BPF ns/connection |"
     );
-    println!("|---|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|");
     for mode in bench.modes().into_iter().filter(|&m| m != Mode::Untraced) {
         // Per round (the two runs are next to each other), then the median: steadier than the
         // ratio of the medians on a machine whose load drifts.
@@ -154,7 +161,7 @@ fn print_stats_table(bench: &Bench, results: &Results) {
             .map(|(on, off)| on.connections_per_s / off.connections_per_s)
             .collect();
         println!(
-            "| {} | {} ({}) | {} | {} | {} ({}) |",
+            "| {} | {} ({}) | {} | {} | {} ({}) | {} |",
             mode.name(),
             number(median_of(&results.stats, mode, rate)),
             spread(&results.stats, mode, rate),
@@ -162,6 +169,7 @@ fn print_stats_table(bench: &Bench, results: &Results) {
             lost(&results.stats, mode),
             number(median_of(&results.stats, mode, bpf)),
             spread(&results.stats, mode, bpf),
+            number(median_of(&results.stats, mode, bpf_per_connection)),
         );
     }
 }
