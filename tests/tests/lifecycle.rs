@@ -10,13 +10,19 @@ use std::{
 
 use tcpclose_tests::{Tracer, require_root};
 
-/// tcpclose's programs and maps, as the kernel names them (15 characters at most).
-const PROGRAMS: [&str; 4] = [
-    "inet_sock_set_s",
-    "tw_timer_start",
-    "tw_timer_expire",
-    "tw_timer_cancel",
-];
+/// tcpclose's programs, raw and typed, as the kernel names them (15 characters at most,
+/// BPF_OBJ_NAME_LEN): a run loads four of one set or the other (`--programs`).
+fn programs() -> Vec<String> {
+    use tcpclose_common::{
+        TIMER_PROGRAMS, TRANSITION_PROGRAM, TYPED_TIMEWAIT_PROGRAMS, TYPED_TRANSITION_PROGRAM,
+    };
+    [TRANSITION_PROGRAM, TYPED_TRANSITION_PROGRAM]
+        .into_iter()
+        .chain(TIMER_PROGRAMS.map(|(name, _)| name))
+        .chain(TYPED_TIMEWAIT_PROGRAMS.map(|(name, _)| name))
+        .map(|name| name.chars().take(15).collect())
+        .collect()
+}
 const MAPS: [&str; 3] = ["EVENTS", "COUNTERS", "PORT_FILTER"];
 
 /// The tests count what is loaded: one at a time.
@@ -24,6 +30,7 @@ static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Ids of the loaded programs and maps named like tcpclose's.
 fn ours() -> BTreeSet<(char, u32)> {
+    let programs = programs();
     let mut ids = BTreeSet::new();
     // Another tracer of the test may unload between the kernel listing an id and opening it
     // (ENOENT): that one is gone, not an error.
@@ -33,7 +40,10 @@ fn ours() -> BTreeSet<(char, u32)> {
             Err(aya::programs::ProgramError::SyscallError(e)) if vanished(&e) => continue,
             Err(e) => panic!("listing BPF programs: {e}"),
         };
-        if info.name_as_str().is_some_and(|n| PROGRAMS.contains(&n)) {
+        if info
+            .name_as_str()
+            .is_some_and(|n| programs.iter().any(|p| p == n))
+        {
             ids.insert(('p', info.id()));
         }
     }

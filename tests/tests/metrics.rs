@@ -405,7 +405,7 @@ fn exposition_parses_and_labels_are_bounded() {
         ("tcpclose_kernel_events_total", &[]),
         ("tcpclose_received_events_total", &[]),
         ("tcpclose_tracked_sockets", &[]),
-        ("tcpclose_build_info", &["version"]),
+        ("tcpclose_build_info", &["version", "programs"]),
     ]
     .into_iter()
     .collect();
@@ -429,6 +429,8 @@ fn exposition_parses_and_labels_are_bounded() {
                 "state" if s.name == "tcpclose_hung_sockets" => PHASES.contains(&value.as_str()),
                 "state" => STATES.contains(&value.as_str()),
                 "version" => *value == version,
+                // The set of kernel programs that runs (--programs).
+                "programs" => ["btf", "raw"].contains(&value.as_str()),
                 "le" => bounds.contains(value),
                 _ => false,
             };
