@@ -11,7 +11,9 @@
 //! timewait socket's own functions (armed and re-armed: `__inet_twsk_schedule()`; killed:
 //! `inet_twsk_deschedule_put()`; expired: `tw_timer_handler()`), which run for timewait sockets
 //! only, where the timer programs see every timer of the kernel, and see every re-arm with its
-//! exact time. Kernels without BPF trampolines (or that refuse tracing programs) get the raw set.
+//! exact time. They read the socket through its typed pointer with plain loads ([`Typed`]) where
+//! the raw set calls bpf_probe_read_kernel() ([`Probed`]). Kernels without BPF trampolines (or
+//! that refuse tracing programs) get the raw set.
 //!
 //! Per event each does the least it can: filter (timer function, protocol, family, ports),
 //! count, reserve a ring buffer record, fill it, submit it without waking the consumer. What it
@@ -96,10 +98,113 @@ fn config() -> Config {
     unsafe { core::ptr::read_volatile(&CONFIG) }
 }
 
+/// One field of the socket layout, read from the read-only data where it is used. The verifier
+/// knows a value loaded from a frozen read-only map at a constant offset as a constant
+/// (bpf_map_direct_read()), which a typed program's direct loads need: it checks `sk + offset`
+/// against the socket's BTF type, and refuses a variable offset. A copy of the whole
+/// configuration goes through the stack in pieces, where the verifier loses the constants.
+macro_rules! layout {
+    ($field:ident) => {
+        // SAFETY: plain read of a global the loader initialised.
+        unsafe { core::ptr::read_volatile(core::ptr::addr_of!(CONFIG.layout.$field)) }
+    };
+}
+
+/// The offset `layout!($field)` as an address increment.
+macro_rules! offset {
+    ($field:ident) => {
+        u64::from(layout!($field))
+    };
+}
+
+/// How a program reads kernel memory.
+trait Memory {
+    /// Reads a `T` at `addr`; `None` when it cannot be read.
+    fn read<T: Copy>(addr: u64) -> Option<T>;
+    /// Reads the [`Ends`] of the socket at `sk` (full or timewait).
+    fn ends(sk: u64) -> Option<Ends>;
+    /// Reads `skc_v6_daddr` and `skc_v6_rcv_saddr`, from `addr`, the first.
+    fn v6(addr: u64) -> Option<[u64; skc::V6_BLOCK / 8]>;
+}
+
+/// Raw tracepoints get plain numbers: every read goes through bpf_probe_read_kernel(), which
+/// checks the address and fails instead of faulting.
+struct Probed;
+
+impl Memory for Probed {
+    #[inline(always)]
+    fn read<T: Copy>(addr: u64) -> Option<T> {
+        read_kernel(addr)
+    }
+
+    /// One read for the whole block: a helper call costs more than the bytes it copies.
+    #[inline(always)]
+    fn ends(sk: u64) -> Option<Ends> {
+        let block = read_kernel::<[u32; skc::BLOCK / 4]>(sk + offset!(skc_daddr))?;
+        let word = |offset: usize| block[offset / 4];
+        let half = |offset: usize| (word(offset) >> (8 * (offset % 4))) as u16;
+        Some(Ends {
+            family: half(skc::FAMILY),
+            sport: half(skc::NUM),
+            dport: u16::from_be(half(skc::DPORT)),
+            saddr: word(skc::RCV_SADDR),
+            daddr: word(skc::DADDR),
+        })
+    }
+
+    #[inline(always)]
+    fn v6(addr: u64) -> Option<[u64; skc::V6_BLOCK / 8]> {
+        read_kernel(addr)
+    }
+}
+
+/// Typed programs get pointers the verifier knows the BTF type of, and load from them directly:
+/// each load is checked against the type (it must fall within one member: btf_struct_access()),
+/// compiled as a plain load, and a fault reads zero instead of crashing (BPF_PROBE_MEM, through
+/// the exception table). No helper call.
+struct Typed;
+
+impl Memory for Typed {
+    #[inline(always)]
+    fn read<T: Copy>(addr: u64) -> Option<T> {
+        // SAFETY: the verifier checked the access against the pointer's BTF type, and the
+        // kernel turns a fault into a zero.
+        Some(unsafe { core::ptr::read_volatile(addr as *const T) })
+    }
+
+    /// Member by member: `skc_addrpair` (both IPv4 addresses), `skc_portpair` (both ports),
+    /// `skc_family`; a load across two members is refused.
+    #[inline(always)]
+    fn ends(sk: u64) -> Option<Ends> {
+        let base = sk + offset!(skc_daddr);
+        let addresses = Self::read::<u64>(base + skc::DADDR as u64)?;
+        let ports = Self::read::<u32>(base + skc::DPORT as u64)?;
+        let family = Self::read::<u16>(base + skc::FAMILY as u64)?;
+        Some(Ends {
+            family,
+            sport: (ports >> (8 * (skc::NUM - skc::DPORT))) as u16,
+            dport: u16::from_be(ports as u16),
+            saddr: (addresses >> (8 * (skc::RCV_SADDR - skc::DADDR))) as u32,
+            daddr: addresses as u32,
+        })
+    }
+
+    /// Eight bytes at a time, within each `struct in6_addr`.
+    #[inline(always)]
+    fn v6(addr: u64) -> Option<[u64; skc::V6_BLOCK / 8]> {
+        Some([
+            Self::read(addr)?,
+            Self::read(addr + 8)?,
+            Self::read(addr + 16)?,
+            Self::read(addr + 24)?,
+        ])
+    }
+}
+
 /// `inet_sock_set_state(const struct sock *sk, int oldstate, int newstate)`.
 #[raw_tracepoint(tracepoint = "inet_sock_set_state")]
 pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
-    on_transition(
+    on_transition::<_, Probed>(
         &ctx,
         ctx.arg::<u64>(0),
         ctx.arg::<u64>(1) as i32,
@@ -111,7 +216,7 @@ pub fn inet_sock_set_state(ctx: RawTracePointContext) -> u32 {
 /// The same tracepoint, typed: the kernel checks the arguments against the tracepoint's BTF.
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn btf_set_state(ctx: BtfTracePointContext) -> u32 {
-    on_transition(
+    on_transition::<_, Typed>(
         &ctx,
         ctx.arg::<u64>(0),
         ctx.arg::<u64>(1) as i32,
@@ -153,29 +258,12 @@ struct Ends {
     daddr: u32,
 }
 
-/// Reads the [`Ends`] of the socket at `sk` (full or timewait) in one read; `None` if it cannot
-/// be read.
-#[inline(always)]
-fn ends(sk: u64, layout: &SocketLayout) -> Option<Ends> {
-    let block = read_kernel::<[u32; skc::BLOCK / 4]>(sk + u64::from(layout.skc_daddr))?;
-    let word = |offset: usize| block[offset / 4];
-    let half = |offset: usize| (word(offset) >> (8 * (offset % 4))) as u16;
-    Some(Ends {
-        family: half(skc::FAMILY),
-        sport: half(skc::NUM),
-        dport: u16::from_be(half(skc::DPORT)),
-        saddr: word(skc::RCV_SADDR),
-        daddr: word(skc::DADDR),
-    })
-}
-
 /// The local and remote addresses as the records carry them: an IPv4 address in the first 4
 /// bytes, IPv6 addresses read from `skc_v6_*`.
 #[inline(always)]
-fn addresses(sk: u64, ends: &Ends, layout: &SocketLayout) -> ([u8; 16], [u8; 16]) {
+fn addresses<M: Memory>(sk: u64, ends: &Ends) -> ([u8; 16], [u8; 16]) {
     if ends.family == AF_INET6 {
-        let v6 = read_kernel::<[u64; skc::V6_BLOCK / 8]>(sk + u64::from(layout.skc_v6_daddr))
-            .unwrap_or_default();
+        let v6 = M::v6(sk + offset!(skc_v6_daddr)).unwrap_or_default();
         const SADDR: usize = skc::V6_RCV_SADDR / 8;
         (words64([v6[SADDR], v6[SADDR + 1]]), words64([v6[0], v6[1]]))
     } else {
@@ -189,12 +277,12 @@ fn addresses(sk: u64, ends: &Ends, layout: &SocketLayout) -> ([u8; 16], [u8; 16]
 /// Inode number of the network namespace of the socket at `sk` (full or timewait: both start
 /// with a `struct sock_common`): `sk->__sk_common.skc_net.net->ns.inum`. 0 when not read.
 #[inline(always)]
-fn netns_of(sk: u64, layout: &SocketLayout) -> u32 {
-    if layout.net_ns_inum == 0 {
+fn netns_of<M: Memory>(sk: u64) -> u32 {
+    if layout!(net_ns_inum) == 0 {
         return 0;
     }
-    read_kernel::<u64>(sk + u64::from(layout.skc_net))
-        .and_then(|net| read_kernel::<u32>(net + u64::from(layout.net_ns_inum)))
+    M::read::<u64>(sk + offset!(skc_net))
+        .and_then(|net| M::read::<u32>(net + offset!(net_ns_inum)))
         .unwrap_or(0)
 }
 
@@ -202,19 +290,26 @@ fn netns_of(sk: u64, layout: &SocketLayout) -> u32 {
 /// `sk->sk_cgrp_data` (set by cgroup_sk_alloc() when the socket was made; an accepted socket
 /// gets its listener's in sk_clone_lock()). 0 when not read.
 #[inline(always)]
-fn cgroup_node(sk: u64, layout: &SocketLayout) -> u64 {
-    if layout.cgroup_kn == 0 {
+fn cgroup_node<M: Memory>(sk: u64) -> u64 {
+    if layout!(cgroup_kn) == 0 {
         return 0;
     }
-    let Some(cgroup) = read_kernel::<u64>(sk + u64::from(layout.sk_cgroup)) else {
-        return 0;
-    };
-    // Before 5.15 the word is tagged: low bits set (a net_cls/net_prio value) or 0 mean the
-    // root cgroup (sock_cgroup_ptr()), whose id the loader knows: reported as 1.
-    if cgroup == 0 || (layout.cgroup_tagged != 0 && cgroup & 3 != 0) {
-        return ROOT_CGROUP_NODE;
+    if layout!(cgroup_tagged) != 0 {
+        // Before 5.15 the word is tagged: low bits set (a net_cls/net_prio value) or 0 mean
+        // the root cgroup (sock_cgroup_ptr()), whose id the loader knows: reported as 1. The
+        // word is a number for the verifier (`u64 val`), read probed in both sets.
+        return match Probed::read::<u64>(sk + offset!(sk_cgroup)) {
+            None => 0,
+            Some(word) if word == 0 || word & 3 != 0 => ROOT_CGROUP_NODE,
+            Some(cgroup) => Probed::read::<u64>(cgroup + offset!(cgroup_kn)).unwrap_or(0),
+        };
     }
-    read_kernel::<u64>(cgroup + u64::from(layout.cgroup_kn)).unwrap_or(0)
+    match M::read::<u64>(sk + offset!(sk_cgroup)) {
+        None => 0,
+        // Not set (cgroup_sk_alloc() found no cgroup2 cgroup to charge): the root cgroup.
+        Some(0) => ROOT_CGROUP_NODE,
+        Some(cgroup) => M::read::<u64>(cgroup + offset!(cgroup_kn)).unwrap_or(0),
+    }
 }
 
 /// Stands for the root cgroup's kernfs node where the socket holds no pointer to it.
@@ -224,18 +319,18 @@ const ROOT_CGROUP_ID: u64 = 1;
 
 /// The id of the cgroup whose kernfs node is `node`; 0 when unknown.
 #[inline(always)]
-fn cgroup_id(node: u64, layout: &SocketLayout) -> u64 {
+fn cgroup_id<M: Memory>(node: u64) -> u64 {
     match node {
         0 => 0,
         ROOT_CGROUP_NODE => ROOT_CGROUP_ID,
-        node => read_kernel::<u64>(node + u64::from(layout.kernfs_id)).unwrap_or(0),
+        node => M::read::<u64>(node + offset!(kernfs_id)).unwrap_or(0),
     }
 }
 
 /// Whether the cgroup at kernfs node `node` (id `id`), or one of the cgroups above it, is in
 /// `CGROUP_FILTER`. Walks `kernfs_node.parent` up to [`CGROUP_FILTER_DEPTH`] levels.
 #[inline(always)]
-fn cgroup_passes(mut node: u64, id: u64, layout: &SocketLayout) -> bool {
+fn cgroup_passes<M: Memory>(mut node: u64, id: u64) -> bool {
     if id == 0 {
         return false;
     }
@@ -246,11 +341,11 @@ fn cgroup_passes(mut node: u64, id: u64, layout: &SocketLayout) -> bool {
         return false;
     }
     for _ in 0..CGROUP_FILTER_DEPTH {
-        node = match read_kernel::<u64>(node + u64::from(layout.kernfs_parent)) {
+        node = match M::read::<u64>(node + offset!(kernfs_parent)) {
             Some(parent) if parent != 0 => parent,
             _ => return false,
         };
-        let Some(id) = read_kernel::<u64>(node + u64::from(layout.kernfs_id)) else {
+        let Some(id) = M::read::<u64>(node + offset!(kernfs_id)) else {
             return false;
         };
         if CGROUP_FILTER.get_ptr(id).is_some() {
@@ -270,7 +365,7 @@ fn netns_passes(config: &Config, netns: u32) -> bool {
 // constant and removes the logging code, so it costs nothing per event.
 
 #[inline(always)]
-fn on_transition<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32) {
+fn on_transition<C: EbpfContext, M: Memory>(ctx: &C, sk: u64, oldstate: i32, newstate: i32) {
     let config = config();
     // A handshake's end (tcp_finish_connect() for a client, tcp_rcv_state_process() for an
     // accepted child) is a fifth of all transitions and feeds no teardown record: when nothing
@@ -281,9 +376,8 @@ fn on_transition<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32)
     {
         return;
     }
-    let layout = &config.layout;
     // The tracepoint also fires for SCTP and MPTCP sockets.
-    match read_kernel::<u16>(sk + u64::from(layout.sk_protocol)) {
+    match M::read::<u16>(sk + offset!(sk_protocol)) {
         Some(IPPROTO_TCP) => {}
         Some(_) => return,
         None => {
@@ -295,7 +389,7 @@ fn on_transition<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32)
             return;
         }
     }
-    let Some(mut ends) = ends(sk, layout) else {
+    let Some(mut ends) = M::ends(sk) else {
         debug!(
             ctx,
             "cannot read the addresses of the socket at {:x}",
@@ -330,20 +424,21 @@ fn on_transition<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32)
     // the port (inet_put_port() zeroes `skc_num`) when it reports the change. At any other
     // change `skc_num` holds it: connect() sets both together (__inet_hash_connect()), a child
     // copies its listener's; both are 0 at `CLOSE -> SYN_SENT`, before a port is picked.
+    // `struct inet_sock` lies beyond the `struct sock` a typed program's pointer is known as,
+    // so this one read is probed in both sets.
     if newstate == TCP_CLOSE {
-        ends.sport =
-            u16::from_be(read_kernel::<u16>(sk + u64::from(layout.inet_sport)).unwrap_or(0));
+        ends.sport = u16::from_be(Probed::read::<u16>(sk + offset!(inet_sport)).unwrap_or(0));
     }
     if !ports_pass(&config, ends.sport, ends.dport) {
         return;
     }
-    let netns = netns_of(sk, layout);
+    let netns = netns_of::<M>(sk);
     if !netns_passes(&config, netns) {
         return;
     }
-    let node = cgroup_node(sk, layout);
-    let cgroup = cgroup_id(node, layout);
-    if config.cgroup_filter != 0 && !cgroup_passes(node, cgroup, layout) {
+    let node = cgroup_node::<M>(sk);
+    let cgroup = cgroup_id::<M>(node);
+    if config.cgroup_filter != 0 && !cgroup_passes::<M>(node, cgroup) {
         return;
     }
     count(Counter::Matched);
@@ -352,7 +447,7 @@ fn on_transition<C: EbpfContext>(ctx: &C, sk: u64, oldstate: i32, newstate: i32)
         count(Counter::Lost);
         return;
     };
-    let (saddr, daddr) = addresses(sk, &ends, layout);
+    let (saddr, daddr) = addresses::<M>(sk, &ends);
     let pid_tgid = bpf_get_current_pid_tgid();
     let ev = entry.as_mut_ptr();
     // SAFETY: `ev` points to the reserved record, which is written whole before submission;
@@ -458,22 +553,15 @@ fn read_kernel<T: Copy>(addr: u64) -> Option<T> {
 #[inline(always)]
 fn on_timer(ctx: &RawTracePointContext, timer: u64, action: u8) {
     let config = config();
-    let layout = &config.layout;
-    if layout.tw_timer_handler == 0 {
+    let handler = layout!(tw_timer_handler);
+    if handler == 0 {
         return;
     }
-    let function = read_kernel::<u64>(timer + u64::from(layout.timer_function));
-    if function != Some(layout.tw_timer_handler) {
+    if Probed::read::<u64>(timer + offset!(timer_function)) != Some(handler) {
         return;
     }
-    let expires = read_kernel::<u64>(timer + u64::from(layout.timer_expires)).unwrap_or(0);
-    on_timewait(
-        ctx,
-        &config,
-        timer - u64::from(layout.tw_timer),
-        action,
-        expires,
-    );
+    let expires = Probed::read::<u64>(timer + offset!(timer_expires)).unwrap_or(0);
+    on_timewait::<_, Probed>(ctx, &config, timer - offset!(tw_timer), action, expires);
 }
 
 // The typed set: fentry programs on the timewait socket's functions, called for timewait sockets
@@ -491,7 +579,7 @@ pub fn tw_schedule(ctx: FEntryContext) -> u32 {
     let timeo = ctx.arg::<u64>(1) as i32;
     // SAFETY: a helper without preconditions.
     let expires = unsafe { bpf_jiffies64() }.wrapping_add(timeo as i64 as u64);
-    on_timewait(
+    on_timewait::<_, Typed>(
         &ctx,
         &config,
         ctx.arg::<u64>(0),
@@ -507,24 +595,23 @@ pub fn tw_schedule(ctx: FEntryContext) -> u32 {
 pub fn tw_deschedule(ctx: FEntryContext) -> u32 {
     let config = config();
     let tw = ctx.arg::<u64>(0);
-    let expires = read_kernel::<u64>(
-        tw + u64::from(config.layout.tw_timer) + u64::from(config.layout.timer_expires),
-    )
-    .unwrap_or(0);
-    on_timewait(&ctx, &config, tw, timer_action::CANCEL, expires);
+    let expires = Typed::read::<u64>(tw + offset!(tw_timer) + offset!(timer_expires)).unwrap_or(0);
+    on_timewait::<_, Typed>(&ctx, &config, tw, timer_action::CANCEL, expires);
     0
 }
 
-/// `tw_timer_handler(struct timer_list *t)`: the timewait socket's timer expired.
+/// `tw_timer_handler(struct timer_list *t)`: the timewait socket's timer expired. The timer lies
+/// within the timewait socket: the socket is reached by going back from it, which a typed
+/// pointer cannot do (the verifier refuses a negative offset), so this one reads probed.
 #[fentry(function = "tw_timer_handler")]
 pub fn tw_expire(ctx: FEntryContext) -> u32 {
     let config = config();
     let timer = ctx.arg::<u64>(0);
-    let expires = read_kernel::<u64>(timer + u64::from(config.layout.timer_expires)).unwrap_or(0);
-    on_timewait(
+    let expires = Probed::read::<u64>(timer + offset!(timer_expires)).unwrap_or(0);
+    on_timewait::<_, Probed>(
         &ctx,
         &config,
-        timer - u64::from(config.layout.tw_timer),
+        timer - offset!(tw_timer),
         timer_action::EXPIRE,
         expires,
     );
@@ -534,9 +621,14 @@ pub fn tw_expire(ctx: FEntryContext) -> u32 {
 /// Delivers one event of the timewait socket at `tw` whose timer expires at `expires`
 /// (jiffies), if it passes the filters.
 #[inline(always)]
-fn on_timewait<C: EbpfContext>(ctx: &C, config: &Config, tw: u64, action: u8, expires: u64) {
-    let layout = &config.layout;
-    let Some(ends) = ends(tw, layout) else {
+fn on_timewait<C: EbpfContext, M: Memory>(
+    ctx: &C,
+    config: &Config,
+    tw: u64,
+    action: u8,
+    expires: u64,
+) {
+    let Some(ends) = M::ends(tw) else {
         debug!(ctx, "cannot read the timewait socket at {:x}", scalar(tw));
         return;
     };
@@ -548,7 +640,7 @@ fn on_timewait<C: EbpfContext>(ctx: &C, config: &Config, tw: u64, action: u8, ex
     }
     // A timewait socket has no cgroup (it is a `sock_common` only): the cgroup filter passes
     // it, and the loader keeps it only when it follows the full socket it came from.
-    let netns = netns_of(tw, layout);
+    let netns = netns_of::<M>(tw);
     if !netns_passes(config, netns) {
         return;
     }
@@ -557,14 +649,14 @@ fn on_timewait<C: EbpfContext>(ctx: &C, config: &Config, tw: u64, action: u8, ex
         count(Counter::TimewaitLost);
         return;
     };
-    let (saddr, daddr) = addresses(tw, &ends, layout);
+    let (saddr, daddr) = addresses::<M>(tw, &ends);
     entry.write(TimewaitEvent {
         kind: record_kind::TIMEWAIT,
         action,
         family: ends.family,
         sport: ends.sport,
         dport: ends.dport,
-        substate: read_kernel::<u8>(tw + u64::from(layout.tw_substate)).unwrap_or(0),
+        substate: M::read::<u8>(tw + offset!(tw_substate)).unwrap_or(0),
         _pad: [0; 3],
         netns,
         // SAFETY: helpers without preconditions.
