@@ -5,8 +5,8 @@
 //! directory's inode number on the cgroup2 mount). Ids are 64-bit and never reused, so an id
 //! resolved once stays right; a cgroup created after start is resolved when first seen.
 
+use foldhash::{HashMap, HashMapExt as _, HashSet, HashSetExt as _};
 use std::{
-    collections::{HashMap, HashSet},
     ffi::CString,
     fs,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},

@@ -217,6 +217,15 @@ impl Tracer {
         system::check_privileges()?;
         system::raise_memlock_limit();
 
+        // The raw timer programs need the address of the timers' function, which only
+        // /proc/kallsyms gives (CAP_SYSLOG); the typed ones attach to it by name. Reading it is
+        // the kernel's work (it formats every symbol: a tenth of a second here, seconds in an
+        // emulated guest), so it happens beside the parsing of the BTF, on a thread.
+        let timer_handler = (follow_timewait && choice != ProgramChoice::Btf).then(|| {
+            std::thread::Builder::new()
+                .name("tcpclose-kallsyms".into())
+                .spawn(|| system::kernel_symbol("tw_timer_handler"))
+        });
         let (btf_bytes, btf_source) = kernel_btf(btf_path)?;
         let btf = Btf::parse(&btf_bytes).with_context(|| {
             format!(
@@ -247,16 +256,22 @@ impl Tracer {
             );
         }
         // Where a timewait socket's fields are: both sets read them. The raw timer programs
-        // also need the timer tracepoints and the address of the timers' function, which only
-        // /proc/kallsyms gives (CAP_SYSLOG); the typed ones attach to that function by name.
+        // also need the timer tracepoints and the timers' function.
         let timewait = if follow_timewait {
             kernel_layout::add_timewait_layout(&btf, &mut config.layout, 0)
         } else {
             Err(anyhow!("not asked to"))
         };
+        let timer_handler = match timer_handler {
+            None => Err(anyhow!("not needed with typed programs")),
+            Some(Err(err)) => Err(anyhow!(err).context("starting a thread to read /proc/kallsyms")),
+            Some(Ok(thread)) => thread
+                .join()
+                .map_err(|_| anyhow!("the thread reading /proc/kallsyms panicked"))
+                .and_then(|address| address),
+        };
         let raw_timewait = match &timewait {
-            Ok(()) => kernel_layout::check_timer_tracepoints(&btf)
-                .and_then(|()| system::kernel_symbol("tw_timer_handler")),
+            Ok(()) => kernel_layout::check_timer_tracepoints(&btf).and(timer_handler),
             Err(err) => Err(anyhow!("{err:#}")),
         };
         if let Ok(handler) = raw_timewait {

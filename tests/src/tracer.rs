@@ -32,8 +32,11 @@ const POLL: Duration = Duration::from_millis(20);
 /// After a tracer exited before it was seen ready: how long what it printed last may take to be
 /// read.
 const LAST_WORDS: Duration = Duration::from_secs(1);
-/// How long [`Tracer`] gives tcpclose to attach, and to exit after a signal.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long [`Tracer`] gives tcpclose to attach, and to exit after a signal. A start takes a
+/// fraction of a second on the host, 5-8 s alone in the emulated 6.1 guest (each parse of the
+/// kernel's BTF takes 2 s there) and over 20 s with three others starting beside it: these
+/// catch a tracer that hangs, not a slow one.
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Whether a line of tcpclose's standard error says it has attached.

@@ -21,7 +21,7 @@ pub struct Events {
     pids: Vec<u32>,
     /// With `--pid`, the owner of each socket whose system-call transition named it, until it
     /// closes (bounded like the state table).
-    owners: std::collections::HashMap<u64, u32>,
+    owners: foldhash::HashMap<u64, u32>,
     max_sockets: usize,
 }
 
@@ -32,7 +32,7 @@ impl Events {
             printer: EventPrinter::new(format, WallClock::now()),
             accepted: AcceptedEnds::default(),
             pids: Vec::new(),
-            owners: std::collections::HashMap::new(),
+            owners: foldhash::HashMap::default(),
             max_sockets,
         }
     }
