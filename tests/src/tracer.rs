@@ -36,7 +36,11 @@ const LAST_WORDS: Duration = Duration::from_secs(1);
 /// fraction of a second on the host, 5-8 s alone in the emulated 6.1 guest (each parse of the
 /// kernel's BTF takes 2 s there) and over 20 s with three others starting beside it: these
 /// catch a tracer that hangs, not a slow one.
-const ATTACH_TIMEOUT: Duration = Duration::from_secs(60);
+const ATTACH_TIMEOUT: Duration = Duration::from_secs(180);
+/// A tracer not ready after this long has its threads' kernel stacks printed to the test's
+/// standard error, once, and is given the rest of its timeout: a slow start is then explained
+/// whether or not it ends in time.
+const SLOW_START: Duration = Duration::from_secs(30);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// Whether a line of tcpclose's standard error says it has attached.
@@ -49,13 +53,39 @@ pub struct Process {
     child: Child,
 }
 
+/// Each thread of `pid`, with its state and kernel stack: where a process that does not get
+/// ready waits.
+fn threads_of(pid: u32) -> String {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return format!("(no /proc/{pid}/task)\n");
+    };
+    let mut said = String::new();
+    for task in tasks.flatten() {
+        let read = |name: &str| std::fs::read_to_string(task.path().join(name)).unwrap_or_default();
+        let state = read("status")
+            .lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .unwrap_or("?")
+            .trim()
+            .to_string();
+        said.push_str(&format!(
+            "{} {} ({state}), in {}\n{}",
+            task.file_name().to_string_lossy(),
+            read("comm").trim(),
+            read("wchan").trim(),
+            read("stack")
+        ));
+    }
+    said
+}
+
 /// Why a tracer was not seen ready. Either way it no longer runs.
 #[derive(Debug)]
 pub enum NotReady {
     /// It exited first, with this status.
     Exited(ExitStatus),
-    /// Not within this long: it was killed.
-    TimedOut(Duration),
+    /// Not within this long: it was killed. `stuck`: where its threads were then.
+    TimedOut { timeout: Duration, stuck: String },
 }
 
 impl NotReady {
@@ -63,7 +93,7 @@ impl NotReady {
     pub fn status(&self) -> Option<ExitStatus> {
         match self {
             NotReady::Exited(status) => Some(*status),
-            NotReady::TimedOut(_) => None,
+            NotReady::TimedOut { .. } => None,
         }
     }
 }
@@ -72,7 +102,12 @@ impl fmt::Display for NotReady {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             NotReady::Exited(status) => write!(f, "ended before it was ready ({status})"),
-            NotReady::TimedOut(timeout) => write!(f, "not ready after {timeout:?} (killed)"),
+            NotReady::TimedOut { timeout, stuck } => {
+                write!(
+                    f,
+                    "not ready after {timeout:?} (killed); its threads then:\n{stuck}"
+                )
+            }
         }
     }
 }
@@ -109,11 +144,21 @@ impl Process {
         timeout: Duration,
         mut ready: impl FnMut(Duration) -> bool,
     ) -> Result<(), NotReady> {
-        let deadline = Instant::now() + timeout;
+        let start = Instant::now();
+        let deadline = start + timeout;
+        let mut said_slow = timeout <= SLOW_START;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if ready(left.min(POLL)) {
                 return Ok(());
+            }
+            if !said_slow && start.elapsed() >= SLOW_START {
+                said_slow = true;
+                eprintln!(
+                    "tcpclose (pid {}) not ready after {SLOW_START:?}; its threads:\n{}",
+                    self.child.id(),
+                    threads_of(self.child.id())
+                );
             }
             match self.child.try_wait() {
                 // What it said just before it ended may still be on its way: it counts.
@@ -126,8 +171,9 @@ impl Process {
                 }
                 Ok(None) if !left.is_zero() => {}
                 _ => {
+                    let stuck = threads_of(self.child.id());
                     self.kill();
-                    return Err(NotReady::TimedOut(timeout));
+                    return Err(NotReady::TimedOut { timeout, stuck });
                 }
             }
         }
@@ -404,8 +450,7 @@ impl Tracer {
             .wait_attached(&mut tracer.process, ATTACH_TIMEOUT)
         {
             panic!(
-                "tcpclose did not attach ({:?}); stderr:\n{}",
-                not_ready.status(),
+                "tcpclose did not attach: {not_ready}; stderr:\n{}",
                 tracer.stderr.seen()
             );
         }

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 
-use foldhash::HashMap;
+use foldhash::{HashMap, HashSet};
 
 use super::{
     Correlator, Phase, Phases, Teardown,
@@ -89,20 +89,31 @@ impl Correlator {
     /// socket passing through a state must not be mistaken for one stuck there. Its age counts
     /// from the first. Returns how many sockets changed.
     pub fn reconcile(&mut self, found: &[ExistingSocket]) -> usize {
-        let lives_by_tuple: HashMap<Tuple, u64> = self
-            .lives
+        let last = std::mem::take(&mut self.census_candidates);
+        // A census lists the few sockets in a watched state; the engine may follow a hundred
+        // thousand (timewait sockets under churn). So one pass over what it follows looks each
+        // up among the census's, rather than indexing everything it follows: the census is
+        // applied on the thread that drains the ring.
+        let listed: HashMap<Tuple, &ExistingSocket> = found
             .iter()
-            .map(|(skaddr, life)| (life.tuple, *skaddr))
+            .filter(|s| self.watched.threshold(s.state).is_some())
+            .map(|s| (Tuple::new(&s.local, &s.remote, s.placement.netns), s))
             .collect();
-        let followed: std::collections::HashSet<Tuple> = self
+        if listed.is_empty() {
+            return 0;
+        }
+        let mut lives_by_tuple: HashMap<Tuple, u64> = HashMap::default();
+        for (skaddr, life) in self.lives.iter() {
+            if listed.contains_key(&life.tuple) {
+                lives_by_tuple.insert(life.tuple, *skaddr);
+            }
+        }
+        let timewait: HashSet<Tuple> = self
             .timewait
             .values()
             .map(|handoff| handoff.life.tuple)
-            .chain(self.handoffs.keys().copied())
-            .chain(self.unclaimed.keys().copied())
-            .chain(self.existing.keys().copied())
+            .filter(|tuple| listed.contains_key(tuple))
             .collect();
-        let last = std::mem::take(&mut self.census_candidates);
         let mut changed = 0;
         for socket in found {
             if self.watched.threshold(socket.state).is_none() {
@@ -112,7 +123,12 @@ impl Correlator {
             let life = lives_by_tuple.get(&tuple).copied();
             let differs = match life.and_then(|skaddr| self.lives.get(&skaddr)) {
                 Some(life) => life.state != socket.state,
-                None => !followed.contains(&tuple),
+                None => {
+                    !(timewait.contains(&tuple)
+                        || self.handoffs.contains_key(&tuple)
+                        || self.unclaimed.contains_key(&tuple)
+                        || self.existing.contains_key(&tuple))
+                }
             };
             if !differs {
                 continue;
@@ -285,6 +301,86 @@ mod tests {
         assert_eq!(hung.len(), 1, "{hung:?}");
         assert!(!hung[0].since_is_lower_bound);
         assert_eq!(hung[0].since_ns, 5 * MS);
+    }
+
+    #[test]
+    fn a_census_adopts_an_unfollowed_hang_once_the_next_one_confirms_it() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 1_000)]));
+        // Not a watched state: never adopted.
+        let unwatched = ExistingSocket {
+            local: "10.0.0.1:1".parse().unwrap(),
+            ..existing(FinWait1, 10)
+        };
+        assert_eq!(c.reconcile(&[existing(CloseWait, 10), unwatched]), 0);
+        assert!(c.census_pending());
+        assert!(
+            c.is_empty(),
+            "one census may catch a socket passing through"
+        );
+        assert_eq!(c.reconcile(&[existing(CloseWait, 5_010), unwatched]), 1);
+        assert!(!c.census_pending());
+        assert_eq!(c.len(), 1);
+        let hung = poll(&mut c, 5_011);
+        assert_eq!(hung.len(), 1, "{hung:?}");
+        assert!(hung[0].since_is_lower_bound);
+        assert_eq!(
+            hung[0].since_ns,
+            10 * MS,
+            "its age counts from the first census"
+        );
+        assert_eq!(
+            c.reconcile(&[existing(CloseWait, 10_010)]),
+            0,
+            "followed now"
+        );
+    }
+
+    #[test]
+    fn a_census_moves_a_socket_that_missed_a_transition_unless_it_moved_since() {
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        // The kernel has it in CLOSE_WAIT; the engine, which missed the FIN, in ESTABLISHED.
+        assert_eq!(c.reconcile(&[existing(CloseWait, 100)]), 0);
+        assert_eq!(c.reconcile(&[existing(CloseWait, 5_100)]), 1);
+        assert_eq!(c.len(), 1, "the same socket, moved on");
+        let hung = poll(&mut c, 5_101);
+        assert_eq!(hung.len(), 1, "{hung:?}");
+        assert_eq!(hung[0].since_ns, 100 * MS);
+        let t = one(feed(
+            &mut c,
+            1,
+            &[(6_000, CloseWait, LastAck), (6_001, LastAck, Close)],
+        ));
+        assert!(!t.complete, "a transition was missed");
+
+        // Seen in CLOSE_WAIT by the first census, but its event came after it: not behind.
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::CloseWait, 1_000)]));
+        feed(&mut c, 2, &OPEN);
+        assert_eq!(c.reconcile(&[existing(CloseWait, 100)]), 0);
+        feed(&mut c, 2, &[(150, Established, FinWait1)]);
+        assert_eq!(c.reconcile(&[existing(CloseWait, 5_100)]), 0);
+    }
+
+    #[test]
+    fn a_census_leaves_alone_what_the_engine_follows_as_the_kernel_has_it() {
+        let mut c = Correlator::watching(
+            64,
+            thresholds(&[(Phase::CloseWait, 1_000), (Phase::FinWait2, 1_000)]),
+        );
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &[(50, Established, CloseWait)]);
+        for seen_ms in [100, 5_100] {
+            assert_eq!(c.reconcile(&[existing(CloseWait, seen_ms)]), 0);
+        }
+        // A timewait socket in FIN_WAIT2, followed as such.
+        let mut c = Correlator::watching(64, thresholds(&[(Phase::FinWait2, 1_000)]));
+        feed(&mut c, 1, &OPEN);
+        feed(&mut c, 1, &ORPHANED_CLOSE);
+        timer(&mut c, 101, FinWait2, TimerAction::Armed, 60_101);
+        for seen_ms in [200, 5_200] {
+            assert_eq!(c.reconcile(&[existing(FinWait2, seen_ms)]), 0);
+        }
+        assert_eq!(c.len(), 1);
     }
 
     #[test]
