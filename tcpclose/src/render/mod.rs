@@ -25,6 +25,8 @@ mod teardown;
 
 mod alert;
 
+#[cfg(test)]
+mod contract;
 mod histogram;
 
 pub use alert::{AlertPrinter, OwnedAlert, PlacementRecord};

@@ -1,0 +1,380 @@
+//! The JSON contract: the fields of every record type, pinned once here, checked against what the
+//! printers write and against every example in the README, so that neither the output nor its
+//! documentation can drift without this failing. Fields may be added (here, in the printers and
+//! in the README together), never renamed.
+
+use std::collections::BTreeSet;
+
+use serde_json::Value;
+
+use super::{AlertPrinter, EventPrinter, Format, Summary, TeardownPrinter, WallClock};
+use crate::{
+    event::{Family, Placement, Task, TcpState, Transition},
+    hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
+    render::{OwnedAlert, print_distributions},
+    stats::Distributions,
+    teardown::{CloseKind, Phase, Teardown},
+};
+
+/// Where a socket lives: on every record about one socket, and on each line of the leak view.
+const PLACEMENT: &[&str] = &["netns", "cgroup", "container_id", "pod_uid"];
+/// A socket's two ends.
+const ENDS: &[&str] = &["family", "laddr", "lport", "raddr", "rport"];
+
+/// Each record type's own fields; [`fields`] adds the shared ones. A field ending in `?` appears
+/// only in some modes (`group_by` and `group` with `--group-by`).
+const OWN_FIELDS: &[(&str, &[&str])] = &[
+    (
+        "teardown",
+        &[
+            "time",
+            "ts_ns",
+            "side",
+            "close",
+            "phases",
+            "teardown_ns",
+            "lifetime_ns",
+            "complete",
+            "pid",
+            "comm",
+            "resolution_ns",
+            "timewait_end",
+        ],
+    ),
+    (
+        "transition",
+        &[
+            "ts_ns",
+            "time",
+            "skaddr",
+            "old",
+            "new",
+            "in_old_ns",
+            "pid",
+            "comm",
+        ],
+    ),
+    (
+        "hung",
+        &[
+            "time",
+            "ts_ns",
+            "state",
+            "since",
+            "since_ns",
+            "age_ns",
+            "age_is_lower_bound",
+            "again",
+            "pid",
+            "comm",
+            "holders",
+        ],
+    ),
+    (
+        "resolved",
+        &[
+            "time",
+            "ts_ns",
+            "state",
+            "since",
+            "since_ns",
+            "stuck_ns",
+            "age_is_lower_bound",
+            "pid",
+            "comm",
+            "holders",
+        ],
+    ),
+    (
+        "evicted",
+        &[
+            "time",
+            "ts_ns",
+            "state",
+            "since",
+            "since_ns",
+            "age_ns",
+            "age_is_lower_bound",
+            "pid",
+            "comm",
+            "holders",
+        ],
+    ),
+    (
+        "leaks",
+        &["time", "ts_ns", "interval_ns", "group_by?", "leaks"],
+    ),
+    (
+        "histogram",
+        &[
+            "time", "ts_ns", "group_by", "group", "phase", "close", "count", "p50_ns", "p90_ns",
+            "p99_ns", "p999_ns", "max_ns", "log2_us",
+        ],
+    ),
+    (
+        "summary",
+        &[
+            "programs",
+            "transitions",
+            "lost",
+            "matched",
+            "missed",
+            "undecodable",
+            "untracked",
+            "teardowns",
+            "hung_alerts",
+            "hung_deferred",
+            "census_corrected",
+            "timewait_matched",
+            "timewait_events",
+            "timewait_lost",
+            "evicted",
+            "unfinished",
+            "timewait_unseen",
+            "output_lost",
+            "in_progress",
+            "duration_ns",
+            "delay_p50_ns",
+            "delay_p99_ns",
+            "delay_max_ns",
+            "largest_backlog_events",
+            "largest_backlog_drain_ns",
+        ],
+    ),
+];
+
+/// The fields of a line of the leak view (`leaks[]`): a process's line says where its sockets
+/// live, a group's line (`--group-by`) names its group.
+const LEAK_FIELDS: &[&str] = &[
+    "state",
+    "pid",
+    "comm",
+    "group?",
+    "hung_now",
+    "new",
+    "netns?",
+    "cgroup?",
+    "container_id?",
+    "pod_uid?",
+];
+/// The fields of a holder of a hung socket (`holders[]`).
+const HOLDER_FIELDS: &[&str] = &["pid", "comm"];
+
+/// The fields a record of type `kind` has: always, and in some modes.
+fn fields(kind: &str) -> Fields {
+    let (_, own) = OWN_FIELDS
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .unwrap_or_else(|| panic!("no record type {kind:?} in the contract"));
+    let mut all = own.to_vec();
+    all.push("type");
+    if !matches!(kind, "leaks" | "histogram" | "summary") {
+        all.extend(ENDS);
+        all.extend(PLACEMENT);
+    }
+    Fields::of(&all)
+}
+
+/// A set of fields: those always present, and those present only in some modes.
+#[derive(Debug)]
+struct Fields {
+    always: BTreeSet<&'static str>,
+    sometimes: BTreeSet<&'static str>,
+}
+
+impl Fields {
+    fn of(names: &[&'static str]) -> Self {
+        let (sometimes, always): (BTreeSet<_>, BTreeSet<_>) =
+            names.iter().partition(|name| name.ends_with('?'));
+        Self {
+            always,
+            sometimes: sometimes
+                .into_iter()
+                .map(|name| name.trim_end_matches('?'))
+                .collect(),
+        }
+    }
+
+    /// `v`, an object, has exactly these fields.
+    fn check(&self, v: &Value, what: &str) {
+        let keys: BTreeSet<&str> = v
+            .as_object()
+            .unwrap_or_else(|| panic!("{what}: not an object: {v}"))
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let missing: Vec<_> = self.always.difference(&keys).collect();
+        let unknown: Vec<_> = keys
+            .iter()
+            .filter(|k| !self.always.contains(*k) && !self.sometimes.contains(*k))
+            .collect();
+        assert!(
+            missing.is_empty() && unknown.is_empty(),
+            "{what}: missing {missing:?}, not in the contract {unknown:?}: {v}"
+        );
+    }
+}
+
+/// `v`, a record, has exactly the contract's fields, and so have the objects nested in it.
+fn check(v: &Value, what: &str) {
+    let kind = v["type"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no type: {v}"));
+    fields(kind).check(v, &format!("{what}: a {kind} record"));
+    for (name, nested) in [
+        ("holders", HOLDER_FIELDS),
+        ("leaks", LEAK_FIELDS),
+        ("log2_us", &["low_us", "high_us", "count"][..]),
+    ] {
+        for item in v[name].as_array().into_iter().flatten() {
+            Fields::of(nested).check(item, &format!("{what}: {kind}.{name}[]"));
+        }
+    }
+}
+
+fn records(out: &[u8]) -> Vec<Value> {
+    out.split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            serde_json::from_slice(l)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(l)))
+        })
+        .collect()
+}
+
+const MS: u64 = 1_000_000;
+
+/// One record of each type, as tcpclose prints it.
+fn printed() -> Vec<Value> {
+    let clock = || WallClock::with_offset(0);
+    let mut out = Vec::new();
+
+    let teardown = Teardown::sample(CloseKind::Passive, &[(Phase::CloseWait, 3 * MS)]);
+    TeardownPrinter::new(Format::Json, clock(), false)
+        .print(&mut out, &teardown)
+        .unwrap();
+
+    let transition = Transition {
+        ts_ns: 2 * MS,
+        skaddr: 0xffff_8880_1234_5678,
+        family: Family::Ipv6,
+        local: "[::1]:40000".parse().unwrap(),
+        remote: "[::1]:8080".parse().unwrap(),
+        old: TcpState::CloseWait,
+        new: TcpState::LastAck,
+        task: Task::new(42, 43, "server"),
+        placement: Placement::default(),
+    };
+    EventPrinter::new(Format::Json, clock())
+        .print(&mut out, &transition, Some(MS))
+        .unwrap();
+
+    let alert = |kind| OwnedAlert {
+        alert: Alert {
+            kind,
+            phase: Phase::CloseWait,
+            ts_ns: 5_000 * MS,
+            since_ns: 1_000 * MS,
+            since_is_lower_bound: false,
+            family: Family::Ipv4,
+            local: "127.0.0.1:8080".parse().unwrap(),
+            remote: "127.0.0.1:40000".parse().unwrap(),
+            owner: None,
+            key: SocketKey::Full(1),
+            placement: Placement::default(),
+        },
+        holders: vec![Holder {
+            pid: 42,
+            comm: "leaky".into(),
+        }],
+    };
+    let alerts = AlertPrinter::new(Format::Json, clock(), false);
+    let hung = alert(AlertKind::Hung {
+        age_ns: 4_000 * MS,
+        again: false,
+    });
+    for a in [
+        &hung,
+        &alert(AlertKind::Resolved { stuck_ns: 9 * MS }),
+        &alert(AlertKind::Evicted { age_ns: 7 * MS }),
+    ] {
+        alerts.print(&mut out, a).unwrap();
+    }
+    let mut view = LeakView::default();
+    view.observe(&hung.alert, hung.holder().as_ref());
+    alerts
+        .print_leaks(&mut out, &view.report(10), None, 10 * MS, 10 * MS)
+        .unwrap();
+
+    let mut distributions = Distributions::new(None, 4);
+    distributions.record(&teardown);
+    print_distributions(
+        &mut out,
+        Format::Json,
+        &clock(),
+        5,
+        None,
+        &distributions.report(10),
+    )
+    .unwrap();
+
+    Summary::default().print(Format::Json, &mut out).unwrap();
+    records(&out)
+}
+
+#[test]
+fn every_record_type_has_the_contracts_fields() {
+    let printed = printed();
+    let kinds: BTreeSet<_> = printed.iter().filter_map(|v| v["type"].as_str()).collect();
+    let contract: BTreeSet<_> = OWN_FIELDS.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, contract, "one record of each type was printed");
+    for v in &printed {
+        check(v, "printed");
+    }
+}
+
+/// The JSON records in the README's code blocks, each folded over several lines for reading: a
+/// record starts on a line beginning with `{"type":`.
+fn readme_records() -> Vec<(usize, Value)> {
+    let readme = include_str!("../../../README.md");
+    let mut found = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    let mut in_block = false;
+    for (n, line) in readme.lines().enumerate() {
+        if line.starts_with("```") {
+            in_block = !in_block;
+        }
+        let starts = in_block && line.starts_with("{\"type\":");
+        if starts || !in_block || line.starts_with("```") {
+            found.extend(current.take());
+        }
+        if starts {
+            current = Some((n + 1, String::new()));
+        }
+        if let Some((_, text)) = &mut current {
+            text.push_str(line.trim());
+        }
+    }
+    found
+        .into_iter()
+        .map(|(n, text)| {
+            let v = serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("README.md:{n}: not JSON ({e}): {text}"));
+            (n, v)
+        })
+        .collect()
+}
+
+#[test]
+fn the_readme_examples_have_the_contracts_fields() {
+    let examples = readme_records();
+    let kinds: BTreeSet<_> = examples
+        .iter()
+        .filter_map(|(_, v)| v["type"].as_str())
+        .collect();
+    let contract: BTreeSet<_> = OWN_FIELDS.iter().map(|(k, _)| *k).collect();
+    assert_eq!(kinds, contract, "the README shows a record of each type");
+    for (line, v) in &examples {
+        check(v, &format!("README.md:{line}"));
+    }
+}
