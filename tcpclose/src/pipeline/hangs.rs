@@ -268,6 +268,11 @@ impl Hangs {
         result
     }
 
+    /// Hung, resolved and evicted alerts printed so far.
+    pub(super) fn reported(&self) -> u64 {
+        self.reported
+    }
+
     pub(super) fn fill_summary(&self, summary: &mut Summary) {
         summary.hung_alerts = self.reported;
         summary.hung_deferred = self.deferred;

@@ -42,6 +42,11 @@ pub trait Pipeline {
         Ok(())
     }
 
+    /// The aggregates at exit: skipped when an `--interval` tick just showed the same.
+    fn show_final_aggregates(&mut self, now_ns: u64, out: &mut Vec<u8>) -> io::Result<()> {
+        self.show_aggregates(now_ns, out)
+    }
+
     /// Brings the metrics up to date, when they are served.
     fn refresh_metrics(&mut self, _events: EventTotals) {}
 

@@ -38,6 +38,8 @@ pub struct Teardowns {
     done: Vec<Teardown>,
     /// Records printed.
     printed: u64,
+    /// What the aggregates had counted when last shown (see [`Teardowns::counted`]).
+    shown: Option<(u64, u64)>,
     hangs: Hangs,
     distributions: Distributions,
     group_by: Option<&'static str>,
@@ -62,14 +64,17 @@ impl Teardowns {
         cgroups: Cgroups,
         now_ns: u64,
     ) -> Self {
-        let alerts = AlertPrinter::new(format, WallClock::now(), colour);
+        let printer =
+            TeardownPrinter::new(format, WallClock::now(), colour).with_cgroups(cgroups.clone());
+        let alerts =
+            AlertPrinter::new(format, WallClock::now(), colour).among(printer.alert_columns());
         let labelled_by = metrics.as_ref().and_then(|m| m.metrics.labelled_by());
         let mut teardowns = Self {
             correlator,
-            printer: TeardownPrinter::new(format, WallClock::now(), colour)
-                .with_cgroups(cgroups.clone()),
+            printer,
             done: Vec::new(),
             printed: 0,
+            shown: None,
             hangs: Hangs::new(
                 alerts.with_cgroups(cgroups.clone()),
                 settings
@@ -100,6 +105,12 @@ impl Teardowns {
         self.hangs.owned_by(pids.clone());
         self.pids = pids;
         self
+    }
+
+    /// What the aggregates count: the teardowns in the distributions, the alerts in the leak
+    /// view. Unchanged, they would print as they did last time.
+    fn counted(&self) -> (u64, u64) {
+        (self.printed, self.hangs.reported())
     }
 
     /// Prints the records completed since the last call, and counts them in the distributions
@@ -177,7 +188,16 @@ impl Pipeline for Teardowns {
             self.group_by,
             &groups,
         )?;
+        self.shown = Some(self.counted());
         self.hangs.show_leaks(now_ns, out)
+    }
+
+    /// An `--interval` tick that fell just before the exit showed the same: not again.
+    fn show_final_aggregates(&mut self, now_ns: u64, out: &mut Vec<u8>) -> io::Result<()> {
+        if self.shown == Some(self.counted()) {
+            return Ok(());
+        }
+        self.show_aggregates(now_ns, out)
     }
 
     /// Brings the gauges up to date and encodes the exposition for the next scrapes.
@@ -258,5 +278,62 @@ impl Pipeline for Teardowns {
         summary.unfinished = losses.unfinished;
         summary.timewait_unseen = losses.timewait_unseen;
         summary.in_progress = self.correlator.in_progress() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        hung::Thresholds,
+        teardown::{CloseKind, Phase},
+    };
+
+    /// The distributions at exit are not printed a second time when an `--interval` tick showed
+    /// them just before and nothing was counted since; they are when something was.
+    #[test]
+    fn a_tick_right_before_exit_does_not_print_the_aggregates_twice() {
+        let settings = TeardownSettings {
+            thresholds: Thresholds::NONE,
+            interval: Some(std::time::Duration::from_secs(1)),
+            group_by: None,
+            metrics: None,
+            metrics_label: None,
+        };
+        let mut teardowns = Teardowns::new(
+            Correlator::new(16),
+            &settings,
+            Format::Text,
+            false,
+            None,
+            Cgroups::none(),
+            0,
+        );
+        teardowns.done.push(Teardown::sample(
+            CloseKind::Passive,
+            &[(Phase::CloseWait, 1_000_000)],
+        ));
+        let mut out = Vec::new();
+        teardowns.print_done(&mut out).unwrap();
+        let shown = |f: &mut dyn FnMut(&mut Vec<u8>) -> io::Result<()>| {
+            let mut out = Vec::new();
+            f(&mut out).unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let tick = shown(&mut |out| teardowns.show_aggregates(1, out));
+        assert!(tick.contains("CLOSE_WAIT"), "{tick}");
+        let exit = shown(&mut |out| teardowns.show_final_aggregates(2, out));
+        assert_eq!(exit, "", "nothing counted since the tick");
+
+        teardowns.done.push(Teardown::sample(
+            CloseKind::Passive,
+            &[(Phase::CloseWait, 1_000_000)],
+        ));
+        teardowns.print_done(&mut out).unwrap();
+        let exit = shown(&mut |out| teardowns.show_final_aggregates(3, out));
+        assert!(
+            exit.contains("2 teardowns"),
+            "one more since the tick: {exit}"
+        );
     }
 }

@@ -11,7 +11,7 @@ use jiff::{Timestamp, tz::TimeZone};
 use serde::Serialize;
 
 use super::{
-    Format, WallClock,
+    AddressColumns, Format, SharedColumns, WallClock,
     ansi::{BOLD_RED, GREEN, RESET, YELLOW},
     human,
 };
@@ -111,6 +111,8 @@ pub struct AlertPrinter {
     clock: WallClock,
     zone: TimeZone,
     cgroups: Cgroups,
+    /// The address columns, shared with the teardown lines printed among the alerts.
+    columns: AddressColumns,
 }
 
 impl AlertPrinter {
@@ -121,7 +123,14 @@ impl AlertPrinter {
             clock,
             zone: TimeZone::system(),
             cgroups: Cgroups::none(),
+            columns: AddressColumns::new(None),
         }
+    }
+
+    /// Prints its lines among another printer's, in its columns and under its header.
+    pub fn among(mut self, columns: SharedColumns) -> Self {
+        self.columns = columns.0;
+        self
     }
 
     /// Names the sockets' cgroups, containers and pods with `cgroups`.
@@ -193,7 +202,7 @@ impl AlertPrinter {
                 let by = group_by.unwrap_or_default();
                 writeln!(
                     out,
-                    "-- hung sockets by {by}: now, and new in the last {} --",
+                    "\n-- hung sockets by {by}: now, and new in the last {} --",
                     human(interval_ns)
                 )?;
                 let width = leaks
@@ -225,7 +234,7 @@ impl AlertPrinter {
             Format::Text => {
                 writeln!(
                     out,
-                    "-- hung sockets by process: now, and new in the last {} --",
+                    "\n-- hung sockets by process: now, and new in the last {} --",
                     human(interval_ns)
                 )?;
                 // A CONTAINER column only when a line's sockets are in a container or pod.
@@ -351,10 +360,11 @@ impl AlertPrinter {
                 if let Some(container) = info.as_deref().and_then(CgroupInfo::container_name) {
                     others.push_str(&format!("  [{container}]"));
                 }
+                let (local, remote) = (alert.local.to_string(), alert.remote.to_string());
+                let w = self.columns.start_line(out, &local, &remote)?;
                 writeln!(
                     out,
-                    "{time:<12} {pid:>7} {comm:<15} {} -> {}  {label} {what}{others}",
-                    alert.local, alert.remote
+                    "{time:<12} {pid:>7} {comm:<15} {local:<w$} -> {remote:<w$}  {label} {what}{others}"
                 )
             }
         }
@@ -419,7 +429,9 @@ mod tests {
             .print_leaks(&mut text, &leaks, None, 10 * MS, 10 * MS)
             .unwrap();
         let text = String::from_utf8(text).unwrap();
-        let lines: Vec<&str> = text.lines().collect();
+        // Set apart from what came before by an empty line, as the distributions are.
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(text.lines().next(), Some(""), "{text}");
         assert!(lines[1].ends_with("NEW  CONTAINER"), "{text}");
         assert!(
             lines[2].contains(" 42 ") && lines[2].ends_with("  0123456789ab"),
@@ -522,5 +534,63 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    /// A HUNG line's addresses line up with the teardown lines printed among them, however wide
+    /// an earlier line (IPv6) made the columns, and the header comes first when a HUNG line does.
+    #[test]
+    fn alert_lines_share_the_teardown_lines_address_columns() {
+        use crate::{
+            render::TeardownPrinter,
+            teardown::{CloseKind, Teardown},
+        };
+        let mut teardowns = TeardownPrinter::new(Format::Text, WallClock::with_offset(0), false);
+        let alerts = AlertPrinter::new(Format::Text, WallClock::with_offset(0), false)
+            .among(teardowns.alert_columns());
+        let columns = |line: &str| {
+            let arrow = line
+                .find(" -> ")
+                .unwrap_or_else(|| panic!("no arrow: {line:?}"));
+            let after_remote = arrow + 4 + line[arrow + 4..].find(' ').unwrap_or(0);
+            let next = after_remote + line[after_remote..].find(|c| c != ' ').unwrap_or(0);
+            (arrow, next)
+        };
+        let mut out = Vec::new();
+        alerts
+            .print(
+                &mut out,
+                &alert(AlertKind::Hung {
+                    age_ns: MS,
+                    again: false,
+                }),
+            )
+            .unwrap();
+        let mut teardown = Teardown::sample(CloseKind::Passive, &[(Phase::CloseWait, MS)]);
+        teardowns.print(&mut out, &teardown).unwrap();
+        teardown.local = "[2001:db8::1234:5678:9abc]:8080".parse().unwrap();
+        teardowns.print(&mut out, &teardown).unwrap();
+        alerts
+            .print(&mut out, &alert(AlertKind::Resolved { stuck_ns: MS }))
+            .unwrap();
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.starts_with("TIME "),
+            "the header first, above the HUNG line:\n{text}"
+        );
+        let lines: Vec<&str> = text.lines().skip(1).collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        // The HUNG line and the teardown line under it; the wider IPv6 line and the RESOLVED
+        // line under it.
+        for pair in [&lines[..2], &lines[2..]] {
+            let (alerts, teardowns): (Vec<&str>, Vec<&str>) =
+                pair.iter().partition(|l| !l.contains("passive"));
+            let (teardown, alert) = (columns(teardowns[0]), columns(alerts[0]));
+            assert_eq!(teardown.0, alert.0, "the arrows line up:\n{text}");
+            assert_eq!(
+                teardown.1,
+                alert.1 - 1,
+                "the remote columns end together:\n{text}"
+            );
+        }
     }
 }

@@ -4,6 +4,10 @@
 use std::{
     borrow::Cow,
     io::{self, Write},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
 };
 
 use jiff::{Timestamp, tz::TimeZone};
@@ -77,36 +81,63 @@ pub enum Format {
     Json,
 }
 
-/// The address columns of a text printer, and its header line.
-struct AddressColumns {
-    /// As wide as the widest address so far (an IPv6 one widens them): they never narrow, so
-    /// that the lines stay aligned with the header and one another.
-    width: usize,
-    header_done: bool,
-}
+/// The address columns of a text output and its header line, shared by the printers whose lines
+/// go to one output: a HUNG line lines up with the teardown lines around it, and the header comes
+/// first whichever of them prints first. The columns are as wide as the widest address so far (an
+/// IPv6 one widens them); they never narrow, so that the lines stay aligned with the header and
+/// one another.
+#[derive(Clone, Debug)]
+struct AddressColumns(Arc<ColumnsState>);
 
-impl Default for AddressColumns {
-    fn default() -> Self {
-        Self {
-            // 255.255.255.255:65535
-            width: 21,
-            header_done: false,
-        }
-    }
+#[derive(Debug)]
+struct ColumnsState {
+    width: AtomicUsize,
+    header_done: AtomicBool,
+    /// The header for columns this wide; `None`: no header.
+    header: Option<fn(usize) -> String>,
 }
 
 impl AddressColumns {
+    fn new(header: Option<fn(usize) -> String>) -> Self {
+        Self(Arc::new(ColumnsState {
+            // 255.255.255.255:65535
+            width: AtomicUsize::new(21),
+            header_done: AtomicBool::new(false),
+            header,
+        }))
+    }
+
     /// Widens the columns to fit `local` and `remote`; returns their width.
-    fn fit(&mut self, local: &str, remote: &str) -> usize {
-        self.width = self.width.max(local.len()).max(remote.len());
-        self.width
+    fn fit(&self, local: &str, remote: &str) -> usize {
+        let needed = local.len().max(remote.len());
+        // The printers sharing them run on one thread: no ordering needed.
+        self.0
+            .width
+            .fetch_max(needed, Ordering::Relaxed)
+            .max(needed)
     }
 
     /// Whether the header is due: once, before the first line.
-    fn header_due(&mut self) -> bool {
-        !std::mem::replace(&mut self.header_done, true)
+    fn header_due(&self) -> bool {
+        !self.0.header_done.swap(true, Ordering::Relaxed)
+    }
+
+    /// Starts a line about `local` and `remote`: widens the columns to fit them and writes the
+    /// header first if no line came before. Returns the columns' width.
+    fn start_line(&self, out: &mut impl Write, local: &str, remote: &str) -> io::Result<usize> {
+        let width = self.fit(local, remote);
+        if let Some(header) = self.0.header
+            && self.header_due()
+        {
+            writeln!(out, "{}", header(width))?;
+        }
+        Ok(width)
     }
 }
+
+/// The columns of an output that belongs to one printer: alert lines take the teardown lines'
+/// (see [`TeardownPrinter::alert_columns`]).
+pub struct SharedColumns(AddressColumns);
 
 /// Writes one line per transition (`--events`).
 pub struct EventPrinter {
@@ -131,7 +162,12 @@ impl EventPrinter {
             format,
             clock,
             zone: TimeZone::system(),
-            columns: AddressColumns::default(),
+            columns: AddressColumns::new(Some(|w| {
+                format!(
+                    "{:<12} {:>7} {:<15} {:<w$} {:<w$} {:>11}    {:<12} {:>10}",
+                    "TIME", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "OLD", "NEW", "MS"
+                )
+            })),
             local: String::new(),
             remote: String::new(),
             pid: String::new(),
@@ -179,14 +215,7 @@ impl EventPrinter {
                 // Writing into a String cannot fail.
                 let _ = write!(local, "{}", t.local);
                 let _ = write!(remote, "{}", t.remote);
-                let w = self.columns.fit(local, remote);
-                if self.columns.header_due() {
-                    writeln!(
-                        out,
-                        "{:<12} {:>7} {:<15} {:<w$} {:<w$} {:>11}    {:<12} {:>10}",
-                        "TIME", "PID", "COMM", "LADDR:LPORT", "RADDR:RPORT", "OLD", "NEW", "MS"
-                    )?;
-                }
+                let w = self.columns.start_line(out, local, remote)?;
                 let time = self
                     .clock
                     .timestamp(t.ts_ns)
@@ -414,7 +443,7 @@ mod tests {
 
     #[test]
     fn address_columns_widen_for_ipv6_and_never_narrow() {
-        let mut c = AddressColumns::default();
+        let c = AddressColumns::new(None);
         assert!(c.header_due());
         assert!(!c.header_due(), "once");
         assert_eq!(c.fit("10.0.0.1:80", "10.0.0.2:5000"), 21);

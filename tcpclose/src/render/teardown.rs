@@ -9,7 +9,7 @@ use std::{
 use jiff::{Timestamp, tz::TimeZone};
 
 use super::{
-    AddressColumns, Format, WallClock,
+    AddressColumns, Format, SharedColumns, WallClock,
     ansi::{CYAN, DIM, RED, RESET, YELLOW},
     json::{TimeText, json_ends, json_escaped, json_placement, json_str, json_u64},
 };
@@ -41,7 +41,12 @@ impl TeardownPrinter {
             colour,
             clock,
             zone: TimeZone::system(),
-            columns: AddressColumns::default(),
+            columns: AddressColumns::new(Some(|w| {
+                format!(
+                    "{:<12} {:>7} {:<15} {:<w$}    {:<w$} {:<6} {:<12} {:>8}  PHASES",
+                    "TIME", "PID", "COMM", "LOCAL", "REMOTE", "SIDE", "CLOSE", "TEARDOWN"
+                )
+            })),
             line: String::new(),
             json: Vec::new(),
             time: TimeText::default(),
@@ -53,6 +58,12 @@ impl TeardownPrinter {
     pub fn with_cgroups(mut self, cgroups: Cgroups) -> Self {
         self.cgroups = cgroups;
         self
+    }
+
+    /// Its columns, for the alerts printed among its lines (see
+    /// [`AlertPrinter::among`](super::AlertPrinter::among)).
+    pub fn alert_columns(&self) -> SharedColumns {
+        SharedColumns(self.columns.clone())
     }
 
     pub fn print(&mut self, out: &mut impl Write, t: &Teardown) -> io::Result<()> {
@@ -71,14 +82,7 @@ impl TeardownPrinter {
     fn print_text(&mut self, out: &mut impl Write, t: &Teardown) -> io::Result<()> {
         let local = t.local.to_string();
         let remote = t.remote.to_string();
-        let w = self.columns.fit(&local, &remote);
-        if self.columns.header_due() {
-            writeln!(
-                out,
-                "{:<12} {:>7} {:<15} {:<w$}    {:<w$} {:<6} {:<12} {:>8}  PHASES",
-                "TIME", "PID", "COMM", "LOCAL", "REMOTE", "SIDE", "CLOSE", "TEARDOWN"
-            )?;
-        }
+        let w = self.columns.start_line(out, &local, &remote)?;
         let line = &mut self.line;
         line.clear();
         let time = self

@@ -207,7 +207,10 @@ async fn drive<P: Pipeline>(
     }
     let result = session.pipeline.finish(&mut session.out.buf);
     session.keep_error(result);
-    session.show_aggregates();
+    let result = session
+        .pipeline
+        .show_final_aggregates(now_ns(), &mut session.out.buf);
+    session.keep_error(result);
     session.flush()?;
     let counters = tracer.counters()?;
     let mut summary = Summary {
