@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use tcpclose::{cli::Cli, run};
+use tcpclose::{cli::Cli, metrics, run};
 
 fn main() -> ExitCode {
     let settings = Cli::parse().settings();
@@ -21,7 +21,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("tcpclose: error: {err:#}");
-            ExitCode::FAILURE
+            // A mistake on the command line found once running: the status of clap's own.
+            if err.downcast_ref::<metrics::UnusableAddress>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

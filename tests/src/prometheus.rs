@@ -64,17 +64,25 @@ pub struct Prometheus {
 
 impl Prometheus {
     pub fn start(target: SocketAddr) -> Self {
+        Self::start_with_rules(target, None)
+    }
+
+    /// [`Prometheus::start`], evaluating the alerting rules `rules` (a rule file's text) every
+    /// second.
+    pub fn start_with_rules(target: SocketAddr, rules: Option<&str>) -> Self {
         let dir = TempDir::new("prometheus");
         let config = dir.0.join("prometheus.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
-                 scrape_configs:\n  - job_name: tcpclose\n    static_configs:\n      \
-                 - targets: ['{target}']\n"
-            ),
-        )
-        .expect("writing prometheus.yml");
+        let mut text = format!(
+            "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
+             scrape_configs:\n  - job_name: tcpclose\n    static_configs:\n      \
+             - targets: ['{target}']\n"
+        );
+        if let Some(rules) = rules {
+            let path = dir.0.join("rules.yml");
+            std::fs::write(&path, rules).expect("writing rules.yml");
+            text.push_str(&format!("rule_files:\n  - {}\n", path.display()));
+        }
+        std::fs::write(&config, text).expect("writing prometheus.yml");
         let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("prometheus.log");
         let addr = SocketAddr::new(LOOPBACK, free_port());
         let child = spawn(

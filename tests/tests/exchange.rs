@@ -14,7 +14,7 @@ use std::{
 };
 
 use serde_json::Value;
-use tcpclose_tests::{BoundSocket, Run, Tracer, arrow, churn, thread_comm};
+use tcpclose_tests::{BoundSocket, Run, Tracer, arrow, churn, thread_comm, timing::Moment};
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -48,8 +48,9 @@ struct Exchange {
     run: Run,
     server_port: u16,
     client_port: u16,
-    /// Test clock between the client's close and the server's close.
-    close_wait: Duration,
+    /// The server's CLOSE_WAIT by the test's clock, shortest and longest: from the client's close
+    /// (or, at the latest, the server reading its EOF) to the server's close.
+    close_wait: (u64, u64),
     comm: String,
 }
 
@@ -64,13 +65,18 @@ fn client_closes_first(ip: IpAddr) -> Exchange {
     let client_port = client.local_addr().unwrap().port();
     let (mut server, _) = listener.accept().expect("accept");
 
-    drop(client);
-    let closed = Instant::now();
+    let (closed, ()) = Moment::of(|| drop(client));
     let mut buf = [0u8; 16];
-    assert_eq!(server.read(&mut buf).expect("read EOF"), 0);
+    let (eof, read) = Moment::of(|| server.read(&mut buf).expect("read EOF"));
+    assert_eq!(read, 0);
     thread::sleep(PEER_CLOSE_DELAY);
-    let close_wait = closed.elapsed();
-    drop(server);
+    let (server_closed, ()) = Moment::of(|| drop(server));
+    // CLOSE_WAIT starts as the client's FIN is processed: after the client's close began, before
+    // the server read its EOF; it ends inside the server's close.
+    let close_wait = (
+        server_closed.lo.saturating_sub(eof.hi),
+        server_closed.hi - closed.lo,
+    );
     drop(listener);
     // Let the last ACK arrive before stopping.
     thread::sleep(Duration::from_millis(100));
@@ -166,10 +172,10 @@ fn check_exchange(ip: IpAddr, family: &str) {
         .find(|t| arrow(t) == "CLOSE_WAIT->LAST_ACK")
         .and_then(|t| t["in_old_ns"].as_u64())
         .expect("CLOSE_WAIT duration");
-    let expected = x.close_wait.as_nanos() as i128;
+    let (lo, hi) = x.close_wait;
     assert!(
-        (close_wait as i128 - expected).abs() <= 5_000_000,
-        "CLOSE_WAIT lasted {close_wait} ns by the kernel, {expected} ns by the test"
+        close_wait + 5_000_000 >= lo && close_wait <= hi + 5_000_000,
+        "CLOSE_WAIT lasted {close_wait} ns by the kernel, {lo} to {hi} ns by the test"
     );
     // Timestamps are the kernel's, in order.
     for pair in server.windows(2) {

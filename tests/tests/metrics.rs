@@ -490,12 +490,17 @@ fn exposition_parses_and_labels_are_bounded() {
 struct OffLoopback {
     ip: Ipv4Addr,
     added: bool,
+    /// The tests that use it run one at a time: one would delete the address the other uses.
+    _alone: std::sync::MutexGuard<'static, ()>,
 }
+
+static OFF_LOOPBACK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 impl OffLoopback {
     const ADDED: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
 
     fn get() -> Self {
+        let alone = OFF_LOOPBACK.lock().unwrap_or_else(|e| e.into_inner());
         let out =
             run_ok(Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global", "up"]));
         let text = String::from_utf8_lossy(&out.stdout);
@@ -505,7 +510,11 @@ impl OffLoopback {
             fields.next()?.split('/').next()?.parse::<Ipv4Addr>().ok()
         });
         if let Some(ip) = existing.filter(|ip| !ip.is_loopback()) {
-            return Self { ip, added: false };
+            return Self {
+                ip,
+                added: false,
+                _alone: alone,
+            };
         }
         run_ok(Command::new("ip").args([
             "addr",
@@ -517,6 +526,7 @@ impl OffLoopback {
         Self {
             ip: Self::ADDED,
             added: true,
+            _alone: alone,
         }
     }
 }
@@ -631,4 +641,198 @@ fn stuck_scrapers_do_not_stall_the_tracer() {
     let run = tracer.stop();
     assert!(run.status.success(), "{run:?}");
     assert_eq!(run.summary()["lost"], 0, "{}", run.summary());
+}
+
+/// The value of the sample `name` whose labels include `labels` (0 when absent: a series not yet
+/// created has counted nothing).
+fn sample_value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(v)))
+        .map(|s| s.value)
+        .sum()
+}
+
+/// Scrapes `addr` until `done` holds for the samples, for up to 15 s (the exposition is
+/// refreshed every second); returns them.
+fn scrape_until(addr: SocketAddr, what: &str, done: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = http_get(addr, "/metrics", HTTP_TIMEOUT)
+            .unwrap_or_else(|e| panic!("GET /metrics on {addr}: {e}"));
+        assert_eq!(r.status, 200, "{r:?}");
+        let samples = parse_exposition(&r.body);
+        if done(&samples) {
+            return samples;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 15 s:\n{}",
+            r.body
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The alerting rules as shipped, each `for:` cut to 0s: how long a condition must last is the
+/// rules' unit tests' business (`promtool test rules`, in deploy.rs); here they must fire on what
+/// a real tcpclose exports about a real leak, and stop when it ends.
+fn rules_firing_at_once() -> String {
+    include_str!("../../deploy/prometheus/tcpclose-rules.yaml")
+        .lines()
+        .map(|line| match line.trim_start().strip_prefix("for:") {
+            Some(_) => format!("{}for: 0s", &line[..line.len() - line.trim_start().len()]),
+            None => line.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Live values on a real CLOSE_WAIT leak in a namespace, served on `0.0.0.0:PORT` and
+/// scraped from off loopback by a real Prometheus evaluating the shipped alerting rules: the hung
+/// gauge goes to 1 while the leak lasts and back to 0 when it is closed, and the CLOSE_WAIT alert
+/// fires and resolves with it; `tcpclose_sockets` counts the two sockets in their states; and
+/// `tcpclose_transitions_total` counts each state change of the connection and its listener once.
+#[test]
+fn live_values_follow_a_real_leak_and_its_alert_fires() {
+    require_tool("prometheus");
+    let off = OffLoopback::get();
+    let place = tcpclose_tests::netns::Place::new("live");
+    let port = free_port();
+    let tracer = Running::start(&[
+        "--port",
+        &place.port(),
+        "--hung",
+        "CLOSE_WAIT=1s",
+        "--metrics",
+        &format!("0.0.0.0:{port}"),
+    ]);
+    let outside = SocketAddr::new(off.ip.into(), port);
+    let prometheus = Prometheus::start_with_rules(outside, Some(&rules_firing_at_once()));
+    let hung = |s: &[Sample]| sample_value(s, "tcpclose_hung_sockets", &[("state", "CLOSE_WAIT")]);
+    let before = scrape_until(outside, "a first scrape from off loopback", |_| true);
+    assert_eq!(hung(&before), 0.0);
+
+    let (client, server) = place.connections(1).pop().expect("a connection");
+    let leaked = (
+        client.local_addr().expect("client"),
+        client.peer_addr().expect("server"),
+    );
+    drop(server);
+    place.wait_for_state(
+        leaked,
+        Some(tcpclose_tests::tcp_state::CLOSE_WAIT),
+        0,
+        Duration::from_secs(2),
+        Duration::from_millis(20),
+    );
+    let during = scrape_until(outside, "the hung gauge at 1", |s| hung(s) == 1.0);
+    for (state, n) in [
+        ("CLOSE_WAIT", 1.0),
+        ("FIN_WAIT2", 1.0),
+        ("ESTABLISHED", 0.0),
+    ] {
+        assert_eq!(
+            sample_value(&during, "tcpclose_sockets", &[("state", state)]),
+            n,
+            "tcpclose_sockets{{state={state:?}}} during the leak"
+        );
+    }
+    let alert = "ALERTS{alertname=\"TcpcloseCloseWaitLeak\",alertstate=\"firing\"}";
+    let firing = |want: bool| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = prometheus.query(alert, None);
+            if now.is_empty() != want {
+                return now;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{alert} {} within 30 s; prometheus log:\n{}",
+                if want { "not firing" } else { "still firing" },
+                prometheus.log()
+            );
+            thread::sleep(Duration::from_millis(250));
+        }
+    };
+    let fired = firing(true);
+    assert_eq!(fired.len(), 1, "{fired:?}");
+    assert_eq!(
+        fired[0].0.get("state").map(String::as_str),
+        Some("CLOSE_WAIT")
+    );
+    assert_eq!(
+        fired[0].0.get("instance"),
+        Some(&outside.to_string()),
+        "{fired:?}"
+    );
+
+    drop(client);
+    scrape_until(outside, "the hung gauge back at 0", |s| hung(s) == 0.0);
+    firing(false);
+    place.kill_time_wait();
+
+    // The listener, the client and the accepted socket, each state change once; the timewait
+    // socket's own changes are not state changes of a socket (no tracepoint).
+    let expected: BTreeSet<(&str, &str)> = [
+        ("CLOSE", "LISTEN"),
+        ("LISTEN", "CLOSE"),
+        ("CLOSE", "SYN_SENT"),
+        ("SYN_SENT", "ESTABLISHED"),
+        ("ESTABLISHED", "CLOSE_WAIT"),
+        ("CLOSE_WAIT", "LAST_ACK"),
+        ("LAST_ACK", "CLOSE"),
+        ("LISTEN", "SYN_RECV"),
+        ("SYN_RECV", "ESTABLISHED"),
+        ("ESTABLISHED", "FIN_WAIT1"),
+        ("FIN_WAIT1", "FIN_WAIT2"),
+        ("FIN_WAIT2", "CLOSE"),
+    ]
+    .into();
+    let counted = |s: &[Sample]| -> BTreeMap<(String, String), f64> {
+        s.iter()
+            .filter(|s| s.name == "tcpclose_transitions_total" && s.value > 0.0)
+            .map(|s| {
+                let label = |k| s.label(k).unwrap_or_default().to_owned();
+                ((label("from"), label("to")), s.value)
+            })
+            .collect()
+    };
+    let want: BTreeMap<(String, String), f64> = expected
+        .iter()
+        .map(|(from, to)| ((from.to_string(), to.to_string()), 1.0))
+        .collect();
+    // Once the timewait socket is killed, tcpclose follows none of them.
+    scrape_until(
+        outside,
+        "every transition counted, no socket followed",
+        |s| counted(s) == want && sample_value(s, "tcpclose_sockets", &[]) == 0.0,
+    );
+    tracer.stop();
+}
+
+/// A `--metrics` port already in use is a mistake on the command line: a clear error, exit
+/// status 2, found before anything is loaded into the kernel.
+#[test]
+fn a_metrics_port_in_use_is_refused_with_status_2() {
+    let taken = TcpListener::bind((LOOPBACK, 0)).expect("binding a port");
+    let port = taken.local_addr().expect("its address").port();
+    let (status, _, stderr) = tcpclose_tests::run_binary(Command::new(binary()).args([
+        "--metrics",
+        &port.to_string(),
+        "--duration",
+        "5s",
+    ]));
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "cannot serve metrics on 127.0.0.1:{port}: Address already in use"
+        )) && stderr.contains("choose another address with --metrics"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("Tracing"),
+        "refused before attaching: {stderr}"
+    );
+    drop(taken);
 }

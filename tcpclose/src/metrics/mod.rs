@@ -500,14 +500,42 @@ pub fn parse_listen(s: &str) -> Result<SocketAddr, String> {
 const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Binds `addr` now (so that a busy port is an error at start-up) and returns the serving task.
-pub async fn serve(
-    addr: SocketAddr,
+/// The metrics address given cannot be listened on (in use, not an address of this host, a
+/// privileged port): a mistake on the command line, reported before anything is loaded into the
+/// kernel, with the exit status of the command line's other mistakes (2).
+#[derive(Debug)]
+pub struct UnusableAddress {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+impl std::fmt::Display for UnusableAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cannot serve metrics on {}: {}: choose another address with --metrics",
+            self.addr, self.source
+        )
+    }
+}
+
+impl std::error::Error for UnusableAddress {}
+
+/// Binds `addr` for the metrics: at start-up, before the programs are loaded, so that a busy port
+/// is a quick error. [`serve`] then serves on it.
+pub fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, UnusableAddress> {
+    let listener = std::net::TcpListener::bind(addr)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|source| UnusableAddress { addr, source })?;
+    Ok(listener)
+}
+
+/// The serving task on `listener` (from [`bind`]); needs the runtime.
+pub fn serve(
+    listener: std::net::TcpListener,
     exposition: Arc<std::sync::Mutex<String>>,
 ) -> Result<impl std::future::Future<Output = ()>> {
-    let listener = TcpListener::bind(addr).await.with_context(|| {
-        format!("cannot serve metrics on {addr}: choose another address with --metrics")
-    })?;
+    let listener = TcpListener::from_std(listener).context("serving metrics on the event loop")?;
     Ok(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {

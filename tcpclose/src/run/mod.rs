@@ -20,7 +20,7 @@ use crate::{
     output::Output,
     pipeline::{AnswerInbox, Events, Exported, Pipeline, Teardowns},
     render::{Format, Summary},
-    settings::{Mode, Settings},
+    settings::{Mode, Settings, TeardownSettings},
     sockets, system,
     teardown::{Correlator, ExistingSocket},
     tracer::{KernelFilter, Tracer},
@@ -44,6 +44,14 @@ const BATCH: usize = 4096;
 /// Runs tcpclose as `settings` say, until the duration ends, SIGINT or SIGTERM, or standard
 /// output is closed.
 pub async fn run(settings: Settings) -> Result<()> {
+    // The metrics address first: a busy port is a mistake to report before loading anything.
+    let metrics_listener = match &settings.mode {
+        Mode::Teardowns(TeardownSettings {
+            metrics: Some(addr),
+            ..
+        }) => Some(metrics::bind(*addr)?),
+        _ => None,
+    };
     let tracer = Tracer::attach(
         &settings.filter,
         settings.ring_bytes,
@@ -61,8 +69,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
         Mode::Teardowns(teardown) => {
             // The run loop refreshes the exposition every second; scrapes read the last one.
-            let metrics = match teardown.metrics {
-                Some(addr) => {
+            let metrics = match metrics_listener {
+                Some(listener) => {
                     let mut m = Metrics::at_start().ran(tracer.programs().name());
                     if let Some((by, top)) = teardown.metrics_label {
                         m = m.labelled(by, top);
@@ -70,7 +78,7 @@ pub async fn run(settings: Settings) -> Result<()> {
                     // Every metric, at zero, from the first scrape on: a scrape may come before
                     // the run loop's first refresh.
                     let exposition = Arc::new(Mutex::new(m.encode()));
-                    let server = metrics::serve(addr, exposition.clone()).await?;
+                    let server = metrics::serve(listener, exposition.clone())?;
                     tokio::spawn(server);
                     Some(Exported {
                         metrics: m,
