@@ -17,7 +17,7 @@
 use std::{
     fs::File,
     io,
-    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsRawFd,
     process::Command,
     sync::atomic::{AtomicU32, Ordering},
@@ -152,22 +152,48 @@ impl Drop for Netns {
     }
 }
 
+/// The addresses a [`Place`]'s connections use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Addresses {
+    /// 127.0.0.1, IPv4 sockets.
+    V4,
+    /// ::1, IPv6 sockets.
+    V6,
+    /// ::ffff:127.0.0.1: IPv6 sockets carrying IPv4 (the kernel's `ipv6_mapped` sockets, as a
+    /// dual-stack server accepts IPv4 clients).
+    V4Mapped,
+}
+
 /// A namespace of the test's own and a port for it, held on the host.
 pub struct Place {
     pub ns: Netns,
-    /// 127.0.0.1 at the reserved port.
+    /// The loopback address of [`Addresses`] at the reserved port.
     pub server_addr: SocketAddr,
     _reserved: BoundSocket,
 }
 
 impl Place {
-    /// A fresh [`Netns`] named after `tag`, and a port held on the host.
+    /// A fresh [`Netns`] named after `tag`, and a port held on the host; IPv4.
     pub fn new(tag: &str) -> Self {
+        Self::with(tag, Addresses::V4)
+    }
+
+    /// [`Place::new`], its connections on `addresses`.
+    pub fn with(tag: &str, addresses: Addresses) -> Self {
         crate::require_root();
-        let reserved = BoundSocket::new(Ipv4Addr::LOCALHOST.into());
+        let (held, server): (IpAddr, IpAddr) = match addresses {
+            Addresses::V4 => (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::LOCALHOST.into()),
+            Addresses::V6 => (Ipv6Addr::LOCALHOST.into(), Ipv6Addr::LOCALHOST.into()),
+            // IPv4's port space: hold the port there.
+            Addresses::V4Mapped => (
+                Ipv4Addr::LOCALHOST.into(),
+                Ipv4Addr::LOCALHOST.to_ipv6_mapped().into(),
+            ),
+        };
+        let reserved = BoundSocket::new(held);
         Self {
             ns: Netns::new(tag),
-            server_addr: SocketAddr::new(Ipv4Addr::LOCALHOST.into(), reserved.port),
+            server_addr: SocketAddr::new(server, reserved.port),
             _reserved: reserved,
         }
     }

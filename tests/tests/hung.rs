@@ -28,7 +28,7 @@ use std::{
 use serde_json::Value;
 use tcpclose_tests::{
     Run, Tracing, about, mono_ns,
-    netns::Place,
+    netns::{Addresses, Place},
     process_comm, require_root, spawn_holding, tcp_state,
     tcp_state::*,
     thread_comm, timed,
@@ -162,7 +162,9 @@ fn check_alert(
 ) {
     assert!(about(r, tuple), "about {} -> {}: {r}", tuple.0, tuple.1);
     assert_eq!(r["state"], state, "{r}");
-    assert_eq!(r["family"], "ipv4", "{r}");
+    // An IPv6 socket's, IPv4 on one (`::ffff:127.0.0.1`) included.
+    let family = if tuple.0.is_ipv6() { "ipv6" } else { "ipv4" };
+    assert_eq!(r["family"], family, "{r}");
     assert!(r["time"].is_string() && r["since"].is_string(), "{r}");
     assert_eq!(r["age_is_lower_bound"], lower_bound, "{r}");
     assert_eq!(r["pid"], owner.pid, "{r}");
@@ -488,6 +490,56 @@ fn close_wait_leak_is_reported_with_the_process_that_holds_it() {
             .all(|l| l["hung_now"] == 0),
         "nothing hung at the end: {last}"
     );
+}
+
+/// The leak of [`close_wait_leak_is_reported_with_the_process_that_holds_it`] in a namespace, on
+/// `addresses`: each socket reported hung while stuck, with the process that holds it (found by
+/// sock_diag in that family), then resolved.
+fn check_leak_on(tag: &str, addresses: Addresses) {
+    const LEAKED: usize = 3;
+    const THRESHOLD: u64 = 2 * SECOND;
+    let place = Place::with(tag, addresses);
+    let tracer = Tracing::start(&["--port", &place.port(), "--hung", "CLOSE_WAIT=2s"]);
+    let mut leak = Leak::make(Some(&place), place.connections(LEAKED));
+    wait_for_hung(
+        &tracer,
+        "every leaked socket reported hung",
+        THRESHOLD,
+        &leak.tuples,
+    );
+    assert!(leak.stuck(), "still in CLOSE_WAIT when reported");
+    let killed = leak.end();
+    thread::sleep(Duration::from_millis(300));
+    let run = tracer.stop();
+    run.check_clean();
+
+    let owner = Owner {
+        pid: leak.holder.pid,
+        comm: "sleep",
+        holders: Holders::Exactly(vec![leak.holder.pid]),
+    };
+    let hang = Hang {
+        state: "CLOSE_WAIT",
+        threshold: THRESHOLD,
+        found_at_start_up: false,
+        unstuck: killed.lo,
+        left: killed,
+    };
+    for &tuple in &leak.tuples {
+        hang.check(&run.records, tuple, &owner, leak.fin);
+    }
+    check_alert_counts(&run, LEAKED);
+}
+
+#[test]
+fn close_wait_leak_on_ipv6_is_reported_with_its_owner() {
+    check_leak_on("leak6", Addresses::V6);
+}
+
+/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
+#[test]
+fn close_wait_leak_on_v4_mapped_sockets_is_reported_with_its_owner() {
+    check_leak_on("leakm", Addresses::V4Mapped);
 }
 
 /// The leak of [`close_wait_leak_is_reported_with_the_process_that_holds_it`], made before

@@ -26,7 +26,7 @@ use std::{
 use serde_json::Value;
 use tcpclose_tests::{
     PHASES, Run, Tracing, about, connect_with, mono_ns,
-    netns::Place,
+    netns::{Addresses, Place},
     set_linger_zero, tcp_state,
     tcp_state::*,
     thread_comm, timed,
@@ -108,7 +108,10 @@ fn check_run(run: &Run) {
 /// What every record must hold, and its side, kind of close and exact set of phases.
 fn check_record(r: &Value, side: Option<&str>, close: &str, phases: &[&str]) {
     assert_eq!(r["type"], "teardown", "{r}");
-    assert_eq!(r["family"], "ipv4", "{r}");
+    // The socket's family: IPv6 for `::1` and for IPv4 on an IPv6 socket (`::ffff:127.0.0.1`,
+    // as `ss` shows it too). The records are found by their addresses (`about`).
+    let ipv6 = r["laddr"].as_str().is_some_and(|a| a.contains(':'));
+    assert_eq!(r["family"], if ipv6 { "ipv6" } else { "ipv4" }, "{r}");
     assert_eq!(r["side"], side.map_or(Value::Null, Value::from), "{r}");
     assert_eq!(r["close"], close, "{r}");
     assert_eq!(r["complete"], true, "seen from birth to end: {r}");
@@ -372,15 +375,58 @@ fn active_close_record_comes_at_the_real_end_of_time_wait() {
     assert!(s["resolution_ns"].is_null(), "{s}");
 }
 
+/// The client closes first and lets go of its socket; the server reads EOF and closes 250 ms
+/// after the client reached FIN_WAIT2. The orphaned client was handed to a timewait socket in
+/// FIN_WAIT2, which the server's FIN moves to TIME_WAIT; `ss -K` kills it 200 ms later. Both
+/// timewait phases are timed from the timewait socket's events.
+fn client_closes_first(tag: &str, addresses: Addresses) {
+    let (conn, client, server) = connection_in(Place::with(tag, addresses), false);
+    let comm = thread_comm();
+
+    let close = orderly_close(
+        &conn.place,
+        conn.client_side,
+        || drop(client),
+        server,
+        SecondClose::AfterFinWait2(250 * MS),
+    );
+    sleep_until(close.second.hi + 200 * MS);
+    let killed = conn.place.kill_time_wait();
+    thread::sleep(Duration::from_millis(200));
+    let run = conn.tracer.stop();
+    check_run(&run);
+
+    let c = record_of(&run, conn.client_side);
+    let tw_tolerance = TOLERANCE + resolution(c);
+    check_active_close(c, "client", &close, (killed, "killed"), tw_tolerance, &comm);
+    let s = record_of(&run, conn.server_side);
+    check_passive_close(s, "server", &close, &comm);
+}
+
+#[test]
+fn client_first_close_times_both_timewait_phases() {
+    client_closes_first("clientfirst", Addresses::V4);
+}
+
+#[test]
+fn client_first_close_times_both_timewait_phases_ipv6() {
+    client_closes_first("clientfirst6", Addresses::V6);
+}
+
+/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
+#[test]
+fn client_first_close_times_both_timewait_phases_v4_mapped() {
+    client_closes_first("clientfirstm", Addresses::V4Mapped);
+}
+
 /// Half close: the client shuts down its sending side and keeps the socket; the server reads EOF
 /// and closes 250 ms after the client reached FIN_WAIT2, on its full socket this time. Then the
 /// client reconnects from the same port (SO_REUSEADDR, bound; no listener left): connect() kills
 /// the timewait socket of the same 4-tuple (tcp_twsk_unique allows it at once for a socket bound
 /// by the application, when the connection had timestamps), which ends the record there
 /// ("killed"); the attempt itself, refused, is a new life on the same 4-tuple.
-#[test]
-fn half_close_times_fin_wait2_on_the_full_socket() {
-    let (conn, mut client, server) = connection("halfclose", true);
+fn half_close(tag: &str, addresses: Addresses) {
+    let (conn, mut client, server) = connection_in(Place::with(tag, addresses), true);
     let comm = thread_comm();
 
     let close = orderly_close(
@@ -439,11 +485,26 @@ fn half_close_times_fin_wait2_on_the_full_socket() {
     assert_ours(s, &comm);
 }
 
+#[test]
+fn half_close_times_fin_wait2_on_the_full_socket() {
+    half_close("halfclose", Addresses::V4);
+}
+
+#[test]
+fn half_close_times_fin_wait2_on_the_full_socket_ipv6() {
+    half_close("halfclose6", Addresses::V6);
+}
+
+/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
+#[test]
+fn half_close_times_fin_wait2_on_the_full_socket_v4_mapped() {
+    half_close("halfclosem", Addresses::V4Mapped);
+}
+
 /// The server closes first; the client reads EOF and closes 200 ms later. The server's TIME_WAIT
 /// is killed with `ss -K` 100 ms after that, which ends its record.
-#[test]
-fn passive_close_of_the_client_when_the_server_closes_first() {
-    let (conn, client, server) = connection("passive", false);
+fn server_closes_first(tag: &str, addresses: Addresses) {
+    let (conn, client, server) = connection_in(Place::with(tag, addresses), false);
     let comm = thread_comm();
 
     let close = orderly_close(
@@ -468,11 +529,26 @@ fn passive_close_of_the_client_when_the_server_closes_first() {
     check_active_close(s, "server", &close, (killed, "killed"), tw_tolerance, &comm);
 }
 
+#[test]
+fn passive_close_of_the_client_when_the_server_closes_first() {
+    server_closes_first("passive", Addresses::V4);
+}
+
+#[test]
+fn passive_close_of_the_client_when_the_server_closes_first_ipv6() {
+    server_closes_first("passive6", Addresses::V6);
+}
+
+/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
+#[test]
+fn passive_close_of_the_client_when_the_server_closes_first_v4_mapped() {
+    server_closes_first("passivem", Addresses::V4Mapped);
+}
+
 /// SO_LINGER {on, 0}: close() sends an RST (ESTABLISHED -> CLOSE); the server goes
 /// ESTABLISHED -> CLOSE on receiving it. Neither goes through any phase.
-#[test]
-fn linger_zero_close_resets_both_sides() {
-    let (conn, client, mut server) = connection("linger", false);
+fn linger_zero_close(tag: &str, addresses: Addresses) {
+    let (conn, client, mut server) = connection_in(Place::with(tag, addresses), false);
     let comm = thread_comm();
 
     set_linger_zero(&client);
@@ -497,6 +573,22 @@ fn linger_zero_close_resets_both_sides() {
     assert_eq!(s["teardown_ns"], 0, "{s}");
     assert!(s["timewait_end"].is_null(), "{s}");
     assert_ends(s, closed, TOLERANCE);
+}
+
+#[test]
+fn linger_zero_close_resets_both_sides() {
+    linger_zero_close("linger", Addresses::V4);
+}
+
+#[test]
+fn linger_zero_close_resets_both_sides_ipv6() {
+    linger_zero_close("linger6", Addresses::V6);
+}
+
+/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
+#[test]
+fn linger_zero_close_resets_both_sides_v4_mapped() {
+    linger_zero_close("lingerm", Addresses::V4Mapped);
 }
 
 /// The two transitions that end a handshake (`SYN_SENT -> ESTABLISHED`, `SYN_RECV ->
