@@ -113,6 +113,10 @@ fn check_exchange(ip: IpAddr, family: &str) {
     let _serial = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let x = client_closes_first(ip);
     assert!(x.run.status.success(), "{:?}", x.run);
+    for r in &x.run.records {
+        // Transition and summary records as the JSON contract has them.
+        tcpclose::render::contract::check(r).unwrap_or_else(|e| panic!("{e}"));
+    }
     let ip_s = ip.to_string();
 
     let client = socket_with(&x.run, ("SYN_SENT->ESTABLISHED", x.client_port));

@@ -271,6 +271,10 @@ fn a_hung_socket_evicted_anyway_is_reported_and_let_go() {
     let run = tracer.stop();
     drop((client, servers));
     assert!(run.status.success(), "{run:?}");
+    for r in &run.records {
+        // Every record as the JSON contract has it (its fields), the evicted one among them.
+        tcpclose::render::contract::check(r).unwrap_or_else(|e| panic!("{e}"));
+    }
     let evicted: Vec<_> = run.of_type("evicted").collect();
     assert_eq!(evicted.len(), 1, "{evicted:#?}");
     let e = evicted[0];

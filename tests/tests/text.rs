@@ -231,6 +231,30 @@ fn text_lines_say_what_the_json_records_say() {
 
     let run = json.stop();
     run.check_clean();
+    // The JSON run's records, as the JSON contract has them: teardown, hung, resolved, leaks,
+    // histogram and summary records, each with its fields.
+    let kinds: std::collections::BTreeSet<&str> = run
+        .records
+        .iter()
+        .filter_map(|r| r["type"].as_str())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "hung",
+            "histogram",
+            "leaks",
+            "resolved",
+            "summary",
+            "teardown"
+        ]
+        .into(),
+        "{:#?}",
+        run.records
+    );
+    for r in &run.records {
+        tcpclose::render::contract::check(r).unwrap_or_else(|e| panic!("{e}"));
+    }
     text.stop(Duration::from_secs(20)).expect("the text tracer");
     let stdout = std::fs::read_to_string(&text.stdout).expect("the text output");
     let stderr = text.errors();

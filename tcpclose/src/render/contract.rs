@@ -1,20 +1,12 @@
 //! The JSON contract: the fields of every record type, pinned once here, checked against what the
-//! printers write and against every example in the README, so that neither the output nor its
-//! documentation can drift without this failing. Fields may be added (here, in the printers and
-//! in the README together), never renamed.
+//! printers write, against every example in the README, and against live runs on the real kernel
+//! (the integration tests call [`check`]), so that neither the output nor its documentation can
+//! drift without this failing. Fields may be added (here, in the printers and in the README
+//! together), never renamed.
 
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-
-use super::{AlertPrinter, EventPrinter, Format, Summary, TeardownPrinter, WallClock};
-use crate::{
-    event::{Family, Placement, Task, TcpState, Transition},
-    hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
-    render::{OwnedAlert, print_distributions},
-    stats::Distributions,
-    teardown::{CloseKind, Phase, Teardown},
-};
 
 /// Where a socket lives: on every record about one socket, and on each line of the leak view.
 const PLACEMENT: &[&str] = &["netns", "cgroup", "container_id", "pod_uid"];
@@ -160,19 +152,24 @@ const LEAK_FIELDS: &[&str] = &[
 /// The fields of a holder of a hung socket (`holders[]`).
 const HOLDER_FIELDS: &[&str] = &["pid", "comm"];
 
+/// The record types, as their `type` field names them.
+pub fn record_types() -> impl Iterator<Item = &'static str> {
+    OWN_FIELDS.iter().map(|(kind, _)| *kind)
+}
+
 /// The fields a record of type `kind` has: always, and in some modes.
-fn fields(kind: &str) -> Fields {
+fn fields(kind: &str) -> Result<Fields, String> {
     let (_, own) = OWN_FIELDS
         .iter()
         .find(|(k, _)| *k == kind)
-        .unwrap_or_else(|| panic!("no record type {kind:?} in the contract"));
+        .ok_or_else(|| format!("no record type {kind:?} in the contract"))?;
     let mut all = own.to_vec();
     all.push("type");
     if !matches!(kind, "leaks" | "histogram" | "summary") {
         all.extend(ENDS);
         all.extend(PLACEMENT);
     }
-    Fields::of(&all)
+    Ok(Fields::of(&all))
 }
 
 /// A set of fields: those always present, and those present only in some modes.
@@ -196,10 +193,10 @@ impl Fields {
     }
 
     /// `v`, an object, has exactly these fields.
-    fn check(&self, v: &Value, what: &str) {
+    fn check(&self, v: &Value, what: &str) -> Result<(), String> {
         let keys: BTreeSet<&str> = v
             .as_object()
-            .unwrap_or_else(|| panic!("{what}: not an object: {v}"))
+            .ok_or_else(|| format!("{what}: not an object: {v}"))?
             .keys()
             .map(String::as_str)
             .collect();
@@ -208,173 +205,193 @@ impl Fields {
             .iter()
             .filter(|k| !self.always.contains(*k) && !self.sometimes.contains(*k))
             .collect();
-        assert!(
-            missing.is_empty() && unknown.is_empty(),
-            "{what}: missing {missing:?}, not in the contract {unknown:?}: {v}"
-        );
+        if missing.is_empty() && unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{what}: missing {missing:?}, not in the contract {unknown:?}: {v}"
+            ))
+        }
     }
 }
 
-/// `v`, a record, has exactly the contract's fields, and so have the objects nested in it.
-fn check(v: &Value, what: &str) {
+/// Whether `v`, a record, has exactly the contract's fields for its type, and the objects nested
+/// in it theirs; the error says what differs.
+pub fn check(v: &Value) -> Result<(), String> {
     let kind = v["type"]
         .as_str()
-        .unwrap_or_else(|| panic!("{what}: no type: {v}"));
-    fields(kind).check(v, &format!("{what}: a {kind} record"));
+        .ok_or_else(|| format!("a record without a type: {v}"))?;
+    fields(kind)?.check(v, &format!("a {kind} record"))?;
     for (name, nested) in [
         ("holders", HOLDER_FIELDS),
         ("leaks", LEAK_FIELDS),
         ("log2_us", &["low_us", "high_us", "count"][..]),
     ] {
         for item in v[name].as_array().into_iter().flatten() {
-            Fields::of(nested).check(item, &format!("{what}: {kind}.{name}[]"));
+            Fields::of(nested).check(item, &format!("{kind}.{name}[]"))?;
         }
     }
+    Ok(())
 }
 
-fn records(out: &[u8]) -> Vec<Value> {
-    out.split(|&b| b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            serde_json::from_slice(l)
-                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(l)))
-        })
-        .collect()
-}
-
-const MS: u64 = 1_000_000;
-
-/// One record of each type, as tcpclose prints it.
-fn printed() -> Vec<Value> {
-    let clock = || WallClock::with_offset(0);
-    let mut out = Vec::new();
-
-    let teardown = Teardown::sample(CloseKind::Passive, &[(Phase::CloseWait, 3 * MS)]);
-    TeardownPrinter::new(Format::Json, clock(), false)
-        .print(&mut out, &teardown)
-        .unwrap();
-
-    let transition = Transition {
-        ts_ns: 2 * MS,
-        skaddr: 0xffff_8880_1234_5678,
-        family: Family::Ipv6,
-        local: "[::1]:40000".parse().unwrap(),
-        remote: "[::1]:8080".parse().unwrap(),
-        old: TcpState::CloseWait,
-        new: TcpState::LastAck,
-        task: Task::new(42, 43, "server"),
-        placement: Placement::default(),
-    };
-    EventPrinter::new(Format::Json, clock())
-        .print(&mut out, &transition, Some(MS))
-        .unwrap();
-
-    let alert = |kind| OwnedAlert {
-        alert: Alert {
-            kind,
-            phase: Phase::CloseWait,
-            ts_ns: 5_000 * MS,
-            since_ns: 1_000 * MS,
-            since_is_lower_bound: false,
-            family: Family::Ipv4,
-            local: "127.0.0.1:8080".parse().unwrap(),
-            remote: "127.0.0.1:40000".parse().unwrap(),
-            owner: None,
-            key: SocketKey::Full(1),
-            placement: Placement::default(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        event::{Family, Placement, Task, TcpState, Transition},
+        hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
+        render::{
+            AlertPrinter, EventPrinter, Format, OwnedAlert, Summary, TeardownPrinter, WallClock,
+            print_distributions,
         },
-        holders: vec![Holder {
-            pid: 42,
-            comm: "leaky".into(),
-        }],
+        stats::Distributions,
+        teardown::{CloseKind, Phase, Teardown},
     };
-    let alerts = AlertPrinter::new(Format::Json, clock(), false);
-    let hung = alert(AlertKind::Hung {
-        age_ns: 4_000 * MS,
-        again: false,
-    });
-    for a in [
-        &hung,
-        &alert(AlertKind::Resolved { stuck_ns: 9 * MS }),
-        &alert(AlertKind::Evicted { age_ns: 7 * MS }),
-    ] {
-        alerts.print(&mut out, a).unwrap();
+
+    fn records(out: &[u8]) -> Vec<Value> {
+        out.split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice(l)
+                    .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(l)))
+            })
+            .collect()
     }
-    let mut view = LeakView::default();
-    view.observe(&hung.alert, hung.holder().as_ref());
-    alerts
-        .print_leaks(&mut out, &view.report(10), None, 10 * MS, 10 * MS)
+
+    const MS: u64 = 1_000_000;
+
+    /// One record of each type, as tcpclose prints it.
+    fn printed() -> Vec<Value> {
+        let clock = || WallClock::with_offset(0);
+        let mut out = Vec::new();
+
+        let teardown = Teardown::sample(CloseKind::Passive, &[(Phase::CloseWait, 3 * MS)]);
+        TeardownPrinter::new(Format::Json, clock(), false)
+            .print(&mut out, &teardown)
+            .unwrap();
+
+        let transition = Transition {
+            ts_ns: 2 * MS,
+            skaddr: 0xffff_8880_1234_5678,
+            family: Family::Ipv6,
+            local: "[::1]:40000".parse().unwrap(),
+            remote: "[::1]:8080".parse().unwrap(),
+            old: TcpState::CloseWait,
+            new: TcpState::LastAck,
+            task: Task::new(42, 43, "server"),
+            placement: Placement::default(),
+        };
+        EventPrinter::new(Format::Json, clock())
+            .print(&mut out, &transition, Some(MS))
+            .unwrap();
+
+        let alert = |kind| OwnedAlert {
+            alert: Alert {
+                kind,
+                phase: Phase::CloseWait,
+                ts_ns: 5_000 * MS,
+                since_ns: 1_000 * MS,
+                since_is_lower_bound: false,
+                family: Family::Ipv4,
+                local: "127.0.0.1:8080".parse().unwrap(),
+                remote: "127.0.0.1:40000".parse().unwrap(),
+                owner: None,
+                key: SocketKey::Full(1),
+                placement: Placement::default(),
+            },
+            holders: vec![Holder {
+                pid: 42,
+                comm: "leaky".into(),
+            }],
+        };
+        let alerts = AlertPrinter::new(Format::Json, clock(), false);
+        let hung = alert(AlertKind::Hung {
+            age_ns: 4_000 * MS,
+            again: false,
+        });
+        for a in [
+            &hung,
+            &alert(AlertKind::Resolved { stuck_ns: 9 * MS }),
+            &alert(AlertKind::Evicted { age_ns: 7 * MS }),
+        ] {
+            alerts.print(&mut out, a).unwrap();
+        }
+        let mut view = LeakView::default();
+        view.observe(&hung.alert, hung.holder().as_ref());
+        alerts
+            .print_leaks(&mut out, &view.report(10), None, 10 * MS, 10 * MS)
+            .unwrap();
+
+        let mut distributions = Distributions::new(None, 4);
+        distributions.record(&teardown);
+        print_distributions(
+            &mut out,
+            Format::Json,
+            &clock(),
+            5,
+            None,
+            &distributions.report(10),
+        )
         .unwrap();
 
-    let mut distributions = Distributions::new(None, 4);
-    distributions.record(&teardown);
-    print_distributions(
-        &mut out,
-        Format::Json,
-        &clock(),
-        5,
-        None,
-        &distributions.report(10),
-    )
-    .unwrap();
-
-    Summary::default().print(Format::Json, &mut out).unwrap();
-    records(&out)
-}
-
-#[test]
-fn every_record_type_has_the_contracts_fields() {
-    let printed = printed();
-    let kinds: BTreeSet<_> = printed.iter().filter_map(|v| v["type"].as_str()).collect();
-    let contract: BTreeSet<_> = OWN_FIELDS.iter().map(|(k, _)| *k).collect();
-    assert_eq!(kinds, contract, "one record of each type was printed");
-    for v in &printed {
-        check(v, "printed");
+        Summary::default().print(Format::Json, &mut out).unwrap();
+        records(&out)
     }
-}
 
-/// The JSON records in the README's code blocks, each folded over several lines for reading: a
-/// record starts on a line beginning with `{"type":`.
-fn readme_records() -> Vec<(usize, Value)> {
-    let readme = include_str!("../../../README.md");
-    let mut found = Vec::new();
-    let mut current: Option<(usize, String)> = None;
-    let mut in_block = false;
-    for (n, line) in readme.lines().enumerate() {
-        if line.starts_with("```") {
-            in_block = !in_block;
-        }
-        let starts = in_block && line.starts_with("{\"type\":");
-        if starts || !in_block || line.starts_with("```") {
-            found.extend(current.take());
-        }
-        if starts {
-            current = Some((n + 1, String::new()));
-        }
-        if let Some((_, text)) = &mut current {
-            text.push_str(line.trim());
+    #[test]
+    fn every_record_type_has_the_contracts_fields() {
+        let printed = printed();
+        let kinds: BTreeSet<_> = printed.iter().filter_map(|v| v["type"].as_str()).collect();
+        let contract: BTreeSet<_> = record_types().collect();
+        assert_eq!(kinds, contract, "one record of each type was printed");
+        for v in &printed {
+            check(v).unwrap_or_else(|e| panic!("printed: {e}"));
         }
     }
-    found
-        .into_iter()
-        .map(|(n, text)| {
-            let v = serde_json::from_str(&text)
-                .unwrap_or_else(|e| panic!("README.md:{n}: not JSON ({e}): {text}"));
-            (n, v)
-        })
-        .collect()
-}
 
-#[test]
-fn the_readme_examples_have_the_contracts_fields() {
-    let examples = readme_records();
-    let kinds: BTreeSet<_> = examples
-        .iter()
-        .filter_map(|(_, v)| v["type"].as_str())
-        .collect();
-    let contract: BTreeSet<_> = OWN_FIELDS.iter().map(|(k, _)| *k).collect();
-    assert_eq!(kinds, contract, "the README shows a record of each type");
-    for (line, v) in &examples {
-        check(v, &format!("README.md:{line}"));
+    /// The JSON records in the README's code blocks, each folded over several lines for reading: a
+    /// record starts on a line beginning with `{"type":`.
+    fn readme_records() -> Vec<(usize, Value)> {
+        let readme = include_str!("../../../README.md");
+        let mut found = Vec::new();
+        let mut current: Option<(usize, String)> = None;
+        let mut in_block = false;
+        for (n, line) in readme.lines().enumerate() {
+            if line.starts_with("```") {
+                in_block = !in_block;
+            }
+            let starts = in_block && line.starts_with("{\"type\":");
+            if starts || !in_block || line.starts_with("```") {
+                found.extend(current.take());
+            }
+            if starts {
+                current = Some((n + 1, String::new()));
+            }
+            if let Some((_, text)) = &mut current {
+                text.push_str(line.trim());
+            }
+        }
+        found
+            .into_iter()
+            .map(|(n, text)| {
+                let v = serde_json::from_str(&text)
+                    .unwrap_or_else(|e| panic!("README.md:{n}: not JSON ({e}): {text}"));
+                (n, v)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_readme_examples_have_the_contracts_fields() {
+        let examples = readme_records();
+        let kinds: BTreeSet<_> = examples
+            .iter()
+            .filter_map(|(_, v)| v["type"].as_str())
+            .collect();
+        let contract: BTreeSet<_> = record_types().collect();
+        assert_eq!(kinds, contract, "the README shows a record of each type");
+        for (line, v) in &examples {
+            check(v).unwrap_or_else(|e| panic!("README.md:{line}: {e}"));
+        }
     }
 }

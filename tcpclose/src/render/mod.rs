@@ -29,8 +29,7 @@ mod teardown;
 
 mod alert;
 
-#[cfg(test)]
-mod contract;
+pub mod contract;
 mod histogram;
 
 pub use alert::{AlertPrinter, OwnedAlert, PlacementRecord};
