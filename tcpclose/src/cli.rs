@@ -138,7 +138,8 @@ pub struct Cli {
     /// Serve Prometheus metrics on http://ADDR/metrics: a bare port listens on 127.0.0.1 only;
     /// name the interface to listen elsewhere (0.0.0.0:9464, [::]:9464). Metric names and
     /// meanings: README, "Metrics". The per-state metrics need every state change, so the
-    /// handshakes' ends are then read too (a fifth more records than without --metrics).
+    /// handshakes' ends are then read too (a fifth more records than without --metrics). An
+    /// address that cannot be listened on (in use) is refused before tracing starts (status 2).
     #[arg(long, value_name = "ADDR", value_parser = crate::metrics::parse_listen, conflicts_with = "events")]
     pub metrics: Option<std::net::SocketAddr>,
 
