@@ -34,8 +34,12 @@ const LOOKUPS_PER_PASS: usize = 8;
 /// What the kernel says of a hang the engine wants to report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// The socket is there, in the hung state (`inode` 0: no file refers to it).
-    Confirmed { inode: u64 },
+    /// The socket is there, in the hung state (`inode` 0: no file refers to it), waiting on
+    /// what `waiting` says (full sockets only).
+    Confirmed {
+        inode: u64,
+        waiting: Option<Waiting>,
+    },
     /// No full socket has its 4-tuple any more, in any namespace: its end was missed.
     Gone,
     /// The full socket is gone, but a timewait socket with its 4-tuple is in the hung state:
@@ -50,6 +54,36 @@ pub enum Verdict {
     TimewaitGone,
     /// The kernel could not be asked: reported as the engine has it.
     Unknown,
+}
+
+/// What a hung full socket waits on, as sock_diag shows it when its hang is checked: whether the
+/// application still reads (CLOSE_WAIT with bytes unread, or none), whether the peer takes what
+/// is sent (a send queue that does not drain, retransmissions, a zero window).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Waiting {
+    /// Bytes received and not read by the application (`ss`'s Recv-Q): the peer's FIN counts
+    /// one until the application reads it.
+    pub recv_queue: u32,
+    /// Bytes not yet acknowledged by the peer, sent or not (`ss`'s Send-Q).
+    pub send_queue: u32,
+    /// How many times the segment the retransmission timer waits on was sent again (0 when that
+    /// timer is not armed).
+    pub retransmits: u8,
+    /// The peer advertises a zero window: the zero-window probe timer is armed.
+    pub zero_window: bool,
+}
+
+impl Waiting {
+    fn of(info: &SocketInfo) -> Self {
+        use sockets::TimerKind;
+        let timer = |kind| info.timer.filter(|t| t.kind == kind);
+        Self {
+            recv_queue: info.recv_queue,
+            send_queue: info.send_queue,
+            retransmits: timer(TimerKind::Retransmit).map_or(0, |t| t.retransmits),
+            zero_window: timer(TimerKind::ZeroWindowProbe).is_some(),
+        }
+    }
 }
 
 /// Whether `alert` waits for the kernel's word before it is reported: hangs of full sockets
@@ -69,7 +103,10 @@ pub fn judge(alert: &Alert, found: &[&SocketInfo], now_ns: u64) -> Verdict {
     if let SocketKey::Timewait(_) = alert.key {
         let timewait = || found.iter().filter(|i| i.timewait);
         if timewait().any(|i| i.state == alert.phase.state()) {
-            return Verdict::Confirmed { inode: 0 };
+            return Verdict::Confirmed {
+                inode: 0,
+                waiting: None,
+            };
         }
         return match timewait()
             .filter(|i| i.state == TcpState::TimeWait)
@@ -91,7 +128,10 @@ pub fn judge(alert: &Alert, found: &[&SocketInfo], now_ns: u64) -> Verdict {
     // Containers reuse addresses (127.0.0.1 in each): of the sockets with this 4-tuple in any
     // namespace, the one in the hung state.
     if let Some(info) = full().find(|i| i.state == alert.phase.state()) {
-        return Verdict::Confirmed { inode: info.inode };
+        return Verdict::Confirmed {
+            inode: info.inode,
+            waiting: Some(Waiting::of(info)),
+        };
     }
     if full().next().is_some() {
         Verdict::Elsewhere
@@ -239,7 +279,7 @@ fn answer(batch: Vec<Request>) -> Vec<Answer> {
         .iter()
         .zip(&answers)
         .filter_map(|(r, a)| match a.verdict {
-            Verdict::Confirmed { inode } if r.wants_holders && inode != 0 => Some(inode),
+            Verdict::Confirmed { inode, .. } if r.wants_holders && inode != 0 => Some(inode),
             _ => None,
         })
         .collect();
@@ -249,7 +289,7 @@ fn answer(batch: Vec<Request>) -> Vec<Answer> {
     match sockets::ProcessIndex::scan(&wanted) {
         Ok(index) => {
             for (r, a) in batch.iter().zip(&mut answers) {
-                if let (true, Verdict::Confirmed { inode }) = (r.wants_holders, a.verdict)
+                if let (true, Verdict::Confirmed { inode, .. }) = (r.wants_holders, a.verdict)
                     && inode != 0
                 {
                     a.holders = Some(index.owners_of(inode).to_vec());
@@ -477,12 +517,44 @@ mod tests {
     #[test]
     fn a_full_sockets_hang_is_confirmed_by_the_socket_in_that_state() {
         let a = alert(hung(false), Phase::CloseWait, SocketKey::Full(1));
-        let in_state = socket(TcpState::CloseWait, false, 42, 0);
+        let mut in_state = socket(TcpState::CloseWait, false, 42, 0);
+        in_state.recv_queue = 1001;
+        in_state.send_queue = 7;
+        in_state.timer = Some(sockets::Timer {
+            kind: sockets::TimerKind::Retransmit,
+            expires_ms: 200,
+            retransmits: 3,
+        });
         let other = socket(TcpState::LastAck, false, 43, 0);
-        // The same 4-tuple in another namespace, in another state, does not matter.
+        // The same 4-tuple in another namespace, in another state, does not matter; what the
+        // socket in the hung state waits on comes with it.
         assert_eq!(
             judge(&a, &[&other, &in_state], 0),
-            Verdict::Confirmed { inode: 42 }
+            Verdict::Confirmed {
+                inode: 42,
+                waiting: Some(Waiting {
+                    recv_queue: 1001,
+                    send_queue: 7,
+                    retransmits: 3,
+                    zero_window: false,
+                }),
+            }
+        );
+        in_state.timer = Some(sockets::Timer {
+            kind: sockets::TimerKind::ZeroWindowProbe,
+            expires_ms: 200,
+            retransmits: 2,
+        });
+        let Verdict::Confirmed {
+            waiting: Some(waiting),
+            ..
+        } = judge(&a, &[&in_state], 0)
+        else {
+            panic!("confirmed, with what it waits on");
+        };
+        assert!(
+            waiting.zero_window && waiting.retransmits == 0,
+            "{waiting:?}"
         );
         assert_eq!(judge(&a, &[&other], 0), Verdict::Elsewhere);
         assert_eq!(judge(&a, &[], 0), Verdict::Gone);
@@ -500,7 +572,13 @@ mod tests {
     fn a_timewait_sockets_fin_wait2_hang_is_checked_against_its_substate() {
         let a = alert(hung(false), Phase::FinWait2, SocketKey::Timewait(7));
         let fw2 = socket(TcpState::FinWait2, true, 0, 30_000);
-        assert_eq!(judge(&a, &[&fw2], 0), Verdict::Confirmed { inode: 0 });
+        assert_eq!(
+            judge(&a, &[&fw2], 0),
+            Verdict::Confirmed {
+                inode: 0,
+                waiting: None
+            }
+        );
         // In TIME_WAIT with 59 s left: it entered it a second before the lookup.
         let tw = socket(TcpState::TimeWait, true, 0, 59_000);
         assert_eq!(
@@ -551,13 +629,22 @@ mod tests {
         );
         pending.answered(Answer {
             id: first.id,
-            verdict: Verdict::Confirmed { inode: 9 },
+            verdict: Verdict::Confirmed {
+                inode: 9,
+                waiting: None,
+            },
             holders: Some(Vec::new()),
         });
         let out: Vec<_> = pending.ready(false).collect();
         assert_eq!(out.len(), 3);
         assert_eq!(out[0].0.key, SocketKey::Full(1));
-        assert_eq!(out[0].1, Verdict::Confirmed { inode: 9 });
+        assert_eq!(
+            out[0].1,
+            Verdict::Confirmed {
+                inode: 9,
+                waiting: None
+            }
+        );
         assert_eq!(out[1].1, Verdict::Gone);
         assert_eq!(out[2].0.kind, resolved);
         assert!(pending.is_empty());

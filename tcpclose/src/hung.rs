@@ -139,6 +139,8 @@ pub struct LeakView {
     hung_now: std::collections::HashMap<LeakKey, u64>,
     /// Sockets that became hung since the last report.
     new: std::collections::HashMap<LeakKey, u64>,
+    /// The receive queue of each socket hung now, as its last check found it, with its line.
+    queued: std::collections::HashMap<(std::net::SocketAddr, std::net::SocketAddr), (LeakKey, u64)>,
 }
 
 /// Whose hung sockets a line of the leak view counts.
@@ -168,12 +170,41 @@ pub struct Leak {
     pub hung_now: u64,
     /// Sockets that became hung during the interval.
     pub new: u64,
+    /// Per-process lines: the bytes received and not read by the process on its sockets hung
+    /// now, as their checks found them (see [`LeakView::observe_queue`]); `None` on group lines.
+    pub recv_queue: Option<u64>,
 }
 
 impl LeakView {
     /// Counts an alert about a socket held by `owner` (`None`: unknown).
     pub fn observe(&mut self, alert: &Alert, owner: Option<&Holder>) {
         self.count(alert, owner.cloned(), Some(alert.placement), None);
+    }
+
+    /// Keeps the receive queue the check of a hung socket held by `owner` found (`None`: not
+    /// checked), for its per-process line; let go when the socket is resolved or evicted.
+    pub fn observe_queue(
+        &mut self,
+        alert: &Alert,
+        owner: Option<&Holder>,
+        recv_queue: Option<u32>,
+    ) {
+        let tuple = (alert.local, alert.remote);
+        match (alert.kind, recv_queue) {
+            (AlertKind::Hung { .. }, Some(bytes)) => {
+                let key = LeakKey {
+                    phase_index: alert.phase as usize,
+                    owner: owner.cloned(),
+                    placement: Some(alert.placement),
+                    group: None,
+                };
+                self.queued.insert(tuple, (key, u64::from(bytes)));
+            }
+            (AlertKind::Hung { .. }, None) => {}
+            (AlertKind::Resolved { .. } | AlertKind::Evicted { .. }, _) => {
+                self.queued.remove(&tuple);
+            }
+        }
     }
 
     /// Counts an alert about a socket in `group` (a container, pod, cgroup or namespace).
@@ -258,6 +289,10 @@ impl LeakView {
             .collect();
         keys.sort();
         keys.dedup();
+        let mut queued = std::collections::HashMap::<&LeakKey, u64>::new();
+        for (key, bytes) in self.queued.values() {
+            *queued.entry(key).or_default() += bytes;
+        }
         let mut leaks: Vec<Leak> = keys
             .into_iter()
             .map(|key| Leak {
@@ -271,6 +306,10 @@ impl LeakView {
                 placement: key.placement,
                 hung_now: self.hung_now.get(&key).copied().unwrap_or(0),
                 new: self.new.get(&key).copied().unwrap_or(0),
+                recv_queue: key
+                    .group
+                    .is_none()
+                    .then(|| queued.get(&key).copied().unwrap_or(0)),
             })
             .collect();
         leaks.sort_by(|a, b| {
@@ -314,6 +353,42 @@ mod tests {
             key: SocketKey::Full(u64::from(port)),
             placement: crate::event::Placement::default(),
         }
+    }
+
+    /// A process's line holds the bytes its hung sockets hold unread, as their last checks
+    /// found them; a socket resolved or evicted no longer counts.
+    #[test]
+    fn leak_view_adds_up_the_unread_bytes_of_each_process() {
+        let leaky = Holder {
+            pid: 10,
+            comm: "leaky".into(),
+        };
+        let hung = |again| AlertKind::Hung { age_ns: 1, again };
+        let mut v = LeakView::default();
+        for (port, bytes) in [(1, Some(100)), (2, Some(5)), (3, None)] {
+            let a = alert(hung(false), Phase::CloseWait, port);
+            v.observe(&a, Some(&leaky));
+            v.observe_queue(&a, Some(&leaky), bytes);
+        }
+        // Checked again with more unread: the new figure replaces the old.
+        v.observe_queue(
+            &alert(hung(true), Phase::CloseWait, 2),
+            Some(&leaky),
+            Some(7),
+        );
+        assert_eq!(v.report(10)[0].recv_queue, Some(107));
+        let resolved = alert(AlertKind::Resolved { stuck_ns: 3 }, Phase::CloseWait, 1);
+        v.observe(&resolved, Some(&leaky));
+        v.observe_queue(&resolved, Some(&leaky), Some(100));
+        let report = v.report(10);
+        assert_eq!((report[0].hung_now, report[0].recv_queue), (2, Some(7)));
+        let mut groups = LeakView::default();
+        groups.observe_group(&alert(hung(false), Phase::CloseWait, 1), "web".into());
+        assert_eq!(
+            groups.report(10)[0].recv_queue,
+            None,
+            "group lines say nothing"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::Read,
+    io::{Read, Write as _},
     net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsFd,
     process::{Child, Command, Stdio},
@@ -529,6 +529,75 @@ fn check_leak_on(tag: &str, addresses: Addresses) {
         hang.check(&run.records, tuple, &owner, leak.fin);
     }
     check_alert_counts(&run, LEAKED);
+}
+
+/// A CLOSE_WAIT leak whose process never read what its peer sent before closing: the hung
+/// record says so (its receive queue: the bytes unread and one for the unread FIN, as `ss`
+/// shows it), and so do its resolution and, while it lasts, the process's line of the leak view.
+#[test]
+fn close_wait_leak_with_unread_data_reports_its_receive_queue() {
+    const UNREAD: usize = 1000;
+    const THRESHOLD: u64 = SECOND;
+    let place = Place::new("unread");
+    let tracer = Tracing::start(&[
+        "--port",
+        &place.port(),
+        "--hung",
+        "CLOSE_WAIT=1s",
+        "--interval",
+        "1s",
+    ]);
+    let mut pairs = place.connections(1);
+    pairs[0].0.write_all(&[7; UNREAD]).expect("sending");
+    let mut leak = Leak::make(Some(&place), pairs);
+    let tuple = leak.tuples[0];
+    wait_for_hung(
+        &tracer,
+        "the leaked socket reported hung",
+        THRESHOLD,
+        &leak.tuples,
+    );
+    let pid = leak.holder.pid;
+    let queued = (UNREAD + 1) as u64;
+    tracer.wait_for(
+        "the leak view counting its unread bytes",
+        Duration::from_secs(5),
+        |records| {
+            records.iter().any(|r| {
+                r["type"] == "leaks"
+                    && r["leaks"].as_array().is_some_and(|leaks| {
+                        leaks
+                            .iter()
+                            .any(|l| l["pid"] == pid && l["recv_queue"] == queued)
+                    })
+            })
+        },
+    );
+    assert!(leak.stuck(), "still in CLOSE_WAIT when reported");
+    leak.end();
+    thread::sleep(Duration::from_millis(300));
+    let run = tracer.stop();
+    run.check_clean();
+
+    for kind in ["hung", "resolved"] {
+        let r = run
+            .of_type(kind)
+            .find(|r| about(r, tuple))
+            .unwrap_or_else(|| panic!("a {kind} record: {:#?}", run.records));
+        assert_eq!(r["recv_queue"], queued, "{r}");
+        assert_eq!(r["send_queue"], 0, "{r}");
+        assert_eq!(r["retransmits"], 0, "{r}");
+        assert_eq!(r["zero_window"], false, "{r}");
+    }
+    let last = run.of_type("leaks").last().expect("a leak view at exit");
+    assert!(
+        last["leaks"]
+            .as_array()
+            .expect("leaks")
+            .iter()
+            .all(|l| l["recv_queue"] == 0),
+        "resolved, nothing left unread: {last}"
+    );
 }
 
 #[test]

@@ -314,7 +314,20 @@ fn text_lines_say_what_the_json_records_say() {
             .as_u64()
             .or(r["stuck_ns"].as_u64())
             .expect("an age");
-        let printed = line.words.last().copied().unwrap_or_default();
+        // `... for 1.23s  recv-q 1, send-q 0`: the age after `for` or `after`, then what the
+        // socket waited on at its check, as the JSON record has it.
+        let at = line
+            .words
+            .iter()
+            .position(|w| *w == "for" || *w == "after")
+            .unwrap_or_else(|| panic!("no age: {}", line.text));
+        let printed = line.words.get(at + 1).copied().unwrap_or_default();
+        let waiting = format!("recv-q {}, send-q {}", r["recv_queue"], r["send_queue"]);
+        assert!(
+            line.text.ends_with(&waiting),
+            "{kind}: `{waiting}` by the JSON: {}",
+            line.text
+        );
         // Each tracer decides on its own when its hang is due: the ages differ by when each
         // one's sweep ran.
         let printed_ns = parse_duration(printed);
@@ -341,7 +354,7 @@ fn text_lines_say_what_the_json_records_say() {
         .expect("leaks")
         .iter()
         .map(|l| {
-            ["state", "pid", "comm", "hung_now", "new"]
+            ["state", "pid", "comm", "hung_now", "new", "recv_queue"]
                 .map(|k| match &l[k] {
                     Value::String(s) => s.clone(),
                     v => v.to_string(),

@@ -13,7 +13,9 @@ use anyhow::Result;
 use super::{AnswerInbox, FirstError};
 use crate::{
     cgroups::group_of,
-    hang_check::{Answer, HangChecker, MAX_PENDING, PendingAlerts, Reply, Verdict, needs_check},
+    hang_check::{
+        Answer, HangChecker, MAX_PENDING, PendingAlerts, Reply, Verdict, Waiting, needs_check,
+    },
     hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
     metrics::LabelBy,
     render::{AlertPrinter, OwnedAlert, Summary},
@@ -31,6 +33,8 @@ pub(super) struct Hangs {
     alerts: Vec<Alert>,
     /// Who held each socket reported hung, until it is resolved.
     holders: HashMap<(SocketAddr, SocketAddr), Vec<Holder>>,
+    /// What each socket reported hung waited on at its last check, until it is resolved.
+    waiting: HashMap<(SocketAddr, SocketAddr), Waiting>,
     /// Alerts on their way out, in order, some waiting for the kernel's word.
     pending: PendingAlerts,
     /// Where checks go (`None` until started, and when hangs are not watched).
@@ -64,6 +68,7 @@ impl Hangs {
             pids: Vec::new(),
             alerts: Vec::new(),
             holders: HashMap::new(),
+            waiting: HashMap::new(),
             pending: PendingAlerts::default(),
             checker: None,
             withdrawn: HashSet::new(),
@@ -185,6 +190,10 @@ impl Hangs {
     ) -> io::Result<()> {
         let mut result = FirstError::default();
         for (alert, verdict, holders) in self.pending.ready(all) {
+            let found_waiting = match verdict {
+                Verdict::Confirmed { waiting, .. } => waiting,
+                _ => None,
+            };
             let Some(alert) = settle(
                 alert,
                 verdict,
@@ -199,15 +208,22 @@ impl Hangs {
             if let Some(holders) = holders {
                 self.holders.insert(tuple, holders);
             }
-            let holders = match alert.kind {
+            if let Some(waiting) = found_waiting {
+                self.waiting.insert(tuple, waiting);
+            }
+            let (holders, waiting) = match alert.kind {
                 AlertKind::Resolved { .. } | AlertKind::Evicted { .. } => {
-                    self.holders.remove(&tuple)
+                    (self.holders.remove(&tuple), self.waiting.remove(&tuple))
                 }
-                AlertKind::Hung { .. } => self.holders.get(&tuple).cloned(),
+                AlertKind::Hung { .. } => (
+                    self.holders.get(&tuple).cloned(),
+                    self.waiting.get(&tuple).copied(),
+                ),
             };
             let owned = OwnedAlert {
                 alert,
                 holders: holders.unwrap_or_default(),
+                waiting,
             };
             if !self.pids.is_empty()
                 && !owned.holders.iter().any(|h| self.pids.contains(&h.pid))
@@ -221,7 +237,15 @@ impl Hangs {
                     self.leaks
                         .observe_group(&owned.alert, group.unwrap_or_default());
                 }
-                None => self.leaks.observe(&owned.alert, owned.holder().as_ref()),
+                None => {
+                    let holder = owned.holder();
+                    self.leaks.observe(&owned.alert, holder.as_ref());
+                    self.leaks.observe_queue(
+                        &owned.alert,
+                        holder.as_ref(),
+                        owned.waiting.map(|w| w.recv_queue),
+                    );
+                }
             }
             if let Some((by, view)) = &mut self.labelled {
                 let cgroups = self.printer.cgroups();
@@ -429,7 +453,10 @@ mod tests {
         assert!(!correlator.hang_is_current(first), "withdrawn");
         // Confirmed, it is reported.
         let (mut correlator, alerts) = close_wait_leak(&[62]);
-        let confirmed = Verdict::Confirmed { inode: 5 };
+        let confirmed = Verdict::Confirmed {
+            inode: 5,
+            waiting: None,
+        };
         assert_eq!(
             settle_one(&mut correlator, &alerts[0][0], confirmed).as_ref(),
             Some(&alerts[0][0])

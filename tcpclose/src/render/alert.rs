@@ -18,6 +18,7 @@ use super::{
 use crate::{
     cgroups::{CgroupInfo, Cgroups},
     event::{Placement, Task},
+    hang_check::Waiting,
     hung::{Alert, AlertKind, Holder, Leak},
 };
 
@@ -28,6 +29,8 @@ pub struct OwnedAlert {
     /// Processes holding the socket now (from sock_diag and `/proc/*/fd`); empty when the
     /// socket has no file (an orphan, a timewait socket) or the lookup found none.
     pub holders: Vec<Holder>,
+    /// What the socket waited on at its last check (full sockets whose hang was checked).
+    pub waiting: Option<Waiting>,
 }
 
 impl OwnedAlert {
@@ -46,6 +49,19 @@ impl OwnedAlert {
             None => self.alert.owner.as_ref().map(|o: &Task| (o.pid, o.comm())),
         }
     }
+}
+
+/// What a hung socket waits on, for its text line: `  recv-q 1001, send-q 0`, then the
+/// retransmissions and a zero window when there are.
+fn waiting_text(w: &Waiting) -> String {
+    let mut text = format!("  recv-q {}, send-q {}", w.recv_queue, w.send_queue);
+    if w.retransmits > 0 {
+        text.push_str(&format!(", {} retransmits", w.retransmits));
+    }
+    if w.zero_window {
+        text.push_str(", peer window 0");
+    }
+    text
 }
 
 #[derive(Serialize)]
@@ -75,6 +91,11 @@ struct AlertRecord<'a> {
     comm: Option<Cow<'a, str>>,
     /// Every process holding the socket now (a socket may be shared after fork).
     holders: &'a [Holder],
+    /// What it waits on, at its last check (`null`: not checked, or a timewait socket).
+    recv_queue: Option<u32>,
+    send_queue: Option<u32>,
+    retransmits: Option<u8>,
+    zero_window: Option<bool>,
     #[serde(flatten)]
     placement: PlacementRecord,
 }
@@ -246,21 +267,23 @@ impl AlertPrinter {
                     })
                     .collect();
                 let column = containers.iter().any(Option::is_some);
+                // RECV-Q: bytes its hung sockets hold unread, as their checks found them.
                 write!(
                     out,
-                    "{:<11} {:>7} {:<15} {:>8} {:>8}",
-                    "STATE", "PID", "COMM", "HUNG", "NEW"
+                    "{:<11} {:>7} {:<15} {:>8} {:>8} {:>10}",
+                    "STATE", "PID", "COMM", "HUNG", "NEW", "RECV-Q"
                 )?;
                 writeln!(out, "{}", if column { "  CONTAINER" } else { "" })?;
                 for (l, container) in leaks.iter().zip(&containers) {
                     let pid = l.pid.map_or_else(|| "?".to_owned(), |p| p.to_string());
                     write!(
                         out,
-                        "{:<11} {pid:>7} {:<15} {:>8} {:>8}",
+                        "{:<11} {pid:>7} {:<15} {:>8} {:>8} {:>10}",
                         l.state,
                         l.comm.as_deref().unwrap_or("?"),
                         l.hung_now,
-                        l.new
+                        l.new,
+                        l.recv_queue.unwrap_or(0)
                     )?;
                     match container {
                         Some(name) => writeln!(out, "  {name}")?,
@@ -302,6 +325,10 @@ impl AlertPrinter {
                     pid: owner.as_ref().map(|o| o.0),
                     comm: owner.map(|o| o.1),
                     holders: &a.holders,
+                    recv_queue: a.waiting.map(|w| w.recv_queue),
+                    send_queue: a.waiting.map(|w| w.send_queue),
+                    retransmits: a.waiting.map(|w| w.retransmits),
+                    zero_window: a.waiting.map(|w| w.zero_window),
                     placement: PlacementRecord::new(alert.placement, &self.cgroups),
                 };
                 serde_json::to_writer(&mut *out, &record)?;
@@ -349,10 +376,10 @@ impl AlertPrinter {
                 } else {
                     label
                 };
-                let mut others = match a.holders.len() {
-                    0 | 1 => String::new(),
-                    n => format!(" (+{} more processes)", n - 1),
-                };
+                let mut others = a.waiting.as_ref().map(waiting_text).unwrap_or_default();
+                if a.holders.len() > 1 {
+                    others.push_str(&format!(" (+{} more processes)", a.holders.len() - 1));
+                }
                 let info = alert
                     .placement
                     .cgroup()
@@ -397,6 +424,7 @@ mod tests {
                 pid: 42,
                 comm: "leaky".into(),
             }],
+            waiting: None,
         }
     }
 
@@ -432,7 +460,7 @@ mod tests {
         // Set apart from what came before by an empty line, as the distributions are.
         let lines: Vec<&str> = text.lines().skip(1).collect();
         assert_eq!(text.lines().next(), Some(""), "{text}");
-        assert!(lines[1].ends_with("NEW  CONTAINER"), "{text}");
+        assert!(lines[1].ends_with("RECV-Q  CONTAINER"), "{text}");
         assert!(
             lines[2].contains(" 42 ") && lines[2].ends_with("  0123456789ab"),
             "{text}"
@@ -509,6 +537,44 @@ mod tests {
         assert!(evicted.get("stuck_ns").is_none());
     }
 
+    /// What a checked hung socket waits on: in the text line and in the JSON record, `null`
+    /// where it was not checked.
+    #[test]
+    fn a_checked_hang_says_what_the_socket_waits_on() {
+        let mut a = alert(AlertKind::Hung {
+            age_ns: 4_000 * MS,
+            again: false,
+        });
+        a.waiting = Some(Waiting {
+            recv_queue: 1001,
+            send_queue: 5,
+            retransmits: 2,
+            zero_window: true,
+        });
+        let printed = |format, a: &OwnedAlert| {
+            let mut out = Vec::new();
+            AlertPrinter::new(format, WallClock::with_offset(0), false)
+                .print(&mut out, a)
+                .unwrap();
+            String::from_utf8(out).unwrap()
+        };
+        let text = printed(Format::Text, &a);
+        assert!(
+            text.contains(
+                "in CLOSE_WAIT for 4.00s  recv-q 1001, send-q 5, 2 retransmits, peer window 0"
+            ),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&printed(Format::Json, &a)).unwrap();
+        assert_eq!(json["recv_queue"], 1001, "{json}");
+        assert_eq!(json["send_queue"], 5, "{json}");
+        assert_eq!(json["retransmits"], 2, "{json}");
+        assert_eq!(json["zero_window"], true, "{json}");
+        a.waiting = None;
+        let json: serde_json::Value = serde_json::from_str(&printed(Format::Json, &a)).unwrap();
+        assert!(json["recv_queue"].is_null(), "{json}");
+    }
+
     #[test]
     fn text_stands_out_and_names_the_owner() {
         let p = AlertPrinter::new(Format::Text, WallClock::with_offset(0), true);
@@ -521,6 +587,10 @@ mod tests {
         p.print(&mut out, &a).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("42 leaky"), "{text}");
+        assert!(
+            !text.contains("recv-q"),
+            "not checked: nothing said: {text}"
+        );
         assert!(text.contains("\x1b[1;31mHUNG"), "{text}");
         assert!(text.contains("in CLOSE_WAIT for >4.00s"), "{text}");
         let mut out = Vec::new();

@@ -60,6 +60,10 @@ const OWN_FIELDS: &[(&str, &[&str])] = &[
             "pid",
             "comm",
             "holders",
+            "recv_queue",
+            "send_queue",
+            "retransmits",
+            "zero_window",
         ],
     ),
     (
@@ -75,6 +79,10 @@ const OWN_FIELDS: &[(&str, &[&str])] = &[
             "pid",
             "comm",
             "holders",
+            "recv_queue",
+            "send_queue",
+            "retransmits",
+            "zero_window",
         ],
     ),
     (
@@ -90,6 +98,10 @@ const OWN_FIELDS: &[(&str, &[&str])] = &[
             "pid",
             "comm",
             "holders",
+            "recv_queue",
+            "send_queue",
+            "retransmits",
+            "zero_window",
         ],
     ),
     (
@@ -144,6 +156,7 @@ const LEAK_FIELDS: &[&str] = &[
     "group?",
     "hung_now",
     "new",
+    "recv_queue",
     "netns?",
     "cgroup?",
     "container_id?",
@@ -239,6 +252,7 @@ mod tests {
     use super::*;
     use crate::{
         event::{Family, Placement, Task, TcpState, Transition},
+        hang_check::Waiting,
         hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
         render::{
             AlertPrinter, EventPrinter, Format, OwnedAlert, Summary, TeardownPrinter, WallClock,
@@ -303,6 +317,12 @@ mod tests {
                 pid: 42,
                 comm: "leaky".into(),
             }],
+            waiting: Some(Waiting {
+                recv_queue: 1001,
+                send_queue: 0,
+                retransmits: 0,
+                zero_window: false,
+            }),
         };
         let alerts = AlertPrinter::new(Format::Json, clock(), false);
         let hung = alert(AlertKind::Hung {
