@@ -43,17 +43,24 @@ pub fn churn(listener: &TcpListener, n: usize) {
 }
 
 /// Waits (at most `timeout`) until every connection to `server` is closed on both sides: gone, or
-/// a timewait socket in TIME_WAIT, which changes no more until it expires. On a fast machine the
-/// closes are done when the `close()` calls return; an emulated guest may leave loopback's
-/// softirq work to ksoftirqd, for milliseconds.
+/// a timewait socket in TIME_WAIT, which changes no more until it expires, or in FIN_WAIT2 with
+/// no peer left to send the FIN it waits for (the 6.1 guest's CI run, overloaded, once left one
+/// so for 30 s: only tcp_fin_timeout ends it). On a fast machine the closes are done when the
+/// `close()` calls return; an emulated guest may leave loopback's softirq work to ksoftirqd, for
+/// milliseconds.
 pub fn settle(server: SocketAddr, timeout: Duration) {
-    use crate::tcp_state::{LISTEN, TIME_WAIT};
+    use crate::tcp_state::{FIN_WAIT2, LISTEN, TIME_WAIT};
     let deadline = Instant::now() + timeout;
     loop {
-        let open: Vec<_> = crate::tcp_sockets(server.is_ipv4())
-            .into_iter()
+        let sockets = crate::tcp_sockets(server.is_ipv4());
+        let open: Vec<_> = sockets
+            .iter()
+            .copied()
             .filter(|&(l, r, state)| {
-                (l == server || r == server) && state != LISTEN && state != TIME_WAIT
+                let peer_gone = || !sockets.iter().any(|&(pl, pr, _)| (pl, pr) == (r, l));
+                let settled =
+                    state == LISTEN || state == TIME_WAIT || (state == FIN_WAIT2 && peer_gone());
+                (l == server || r == server) && !settled
             })
             .collect();
         if open.is_empty() {

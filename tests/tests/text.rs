@@ -6,8 +6,9 @@
 //! distributions at exit (printed once), and the summary on standard error.
 //!
 //! The two tracers run their own programs, so their timestamps differ by the time between two
-//! program runs: durations are compared to the rounding of the text (three significant digits)
-//! plus a small slack, never for equality.
+//! program runs (in the emulated guest, up to a fraction of a millisecond when an interrupt comes
+//! between them): durations are compared to the rounding of the text (three significant digits)
+//! plus that slack, never for equality.
 
 use std::{
     net::{SocketAddr, TcpStream},
@@ -26,8 +27,9 @@ use tcpclose_tests::{
     tracer::ToFiles,
 };
 
-/// Between the two tracers' timestamps of one event.
-const SLACK_NS: f64 = 100_000.0;
+/// Between the two tracers' timestamps of one event, for each end of a phase (the 6.1 guest's
+/// CI run saw a FIN_WAIT1 of 1.39 ms for one and 0.97 ms for the other).
+const SLACK_NS: f64 = 2_000_000.0;
 
 fn ends(s: &TcpStream) -> (SocketAddr, SocketAddr) {
     (s.local_addr().expect("local"), s.peer_addr().expect("peer"))
