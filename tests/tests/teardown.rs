@@ -33,6 +33,32 @@ use tcpclose_tests::{
     timing::{MS, Moment, POLL, assert_within, sleep_until, wait_for},
 };
 
+/// Tests of `check(tag, addresses)`, in a module `name`: `ipv4`, `ipv6` (on `::1`) and
+/// `v4_mapped` (IPv4 carried by IPv6 sockets, `::ffff:127.0.0.1`: the kernel's `ipv6_mapped`
+/// sockets), each in a namespace named after `tag`.
+macro_rules! on_every_address {
+    ($name:ident, $check:ident, $tag:literal) => {
+        mod $name {
+            use super::*;
+
+            #[test]
+            fn ipv4() {
+                $check($tag, Addresses::V4);
+            }
+
+            #[test]
+            fn ipv6() {
+                $check(concat!($tag, "6"), Addresses::V6);
+            }
+
+            #[test]
+            fn v4_mapped() {
+                $check(concat!($tag, "m"), Addresses::V4Mapped);
+            }
+        }
+    };
+}
+
 /// Between a state change and the system call or poll that made or saw it.
 const TOLERANCE: u64 = 5 * MS;
 /// TCP_TIMEWAIT_LEN.
@@ -403,21 +429,11 @@ fn client_closes_first(tag: &str, addresses: Addresses) {
     check_passive_close(s, "server", &close, &comm);
 }
 
-#[test]
-fn client_first_close_times_both_timewait_phases() {
-    client_closes_first("clientfirst", Addresses::V4);
-}
-
-#[test]
-fn client_first_close_times_both_timewait_phases_ipv6() {
-    client_closes_first("clientfirst6", Addresses::V6);
-}
-
-/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
-#[test]
-fn client_first_close_times_both_timewait_phases_v4_mapped() {
-    client_closes_first("clientfirstm", Addresses::V4Mapped);
-}
+on_every_address!(
+    client_first_close_times_both_timewait_phases,
+    client_closes_first,
+    "clientfirst"
+);
 
 /// Half close: the client shuts down its sending side and keeps the socket; the server reads EOF
 /// and closes 250 ms after the client reached FIN_WAIT2, on its full socket this time. Then the
@@ -485,21 +501,11 @@ fn half_close(tag: &str, addresses: Addresses) {
     assert_ours(s, &comm);
 }
 
-#[test]
-fn half_close_times_fin_wait2_on_the_full_socket() {
-    half_close("halfclose", Addresses::V4);
-}
-
-#[test]
-fn half_close_times_fin_wait2_on_the_full_socket_ipv6() {
-    half_close("halfclose6", Addresses::V6);
-}
-
-/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
-#[test]
-fn half_close_times_fin_wait2_on_the_full_socket_v4_mapped() {
-    half_close("halfclosem", Addresses::V4Mapped);
-}
+on_every_address!(
+    half_close_times_fin_wait2_on_the_full_socket,
+    half_close,
+    "halfclose"
+);
 
 /// The server closes first; the client reads EOF and closes 200 ms later. The server's TIME_WAIT
 /// is killed with `ss -K` 100 ms after that, which ends its record.
@@ -529,21 +535,11 @@ fn server_closes_first(tag: &str, addresses: Addresses) {
     check_active_close(s, "server", &close, (killed, "killed"), tw_tolerance, &comm);
 }
 
-#[test]
-fn passive_close_of_the_client_when_the_server_closes_first() {
-    server_closes_first("passive", Addresses::V4);
-}
-
-#[test]
-fn passive_close_of_the_client_when_the_server_closes_first_ipv6() {
-    server_closes_first("passive6", Addresses::V6);
-}
-
-/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
-#[test]
-fn passive_close_of_the_client_when_the_server_closes_first_v4_mapped() {
-    server_closes_first("passivem", Addresses::V4Mapped);
-}
+on_every_address!(
+    passive_close_of_the_client_when_the_server_closes_first,
+    server_closes_first,
+    "passive"
+);
 
 /// SO_LINGER {on, 0}: close() sends an RST (ESTABLISHED -> CLOSE); the server goes
 /// ESTABLISHED -> CLOSE on receiving it. Neither goes through any phase.
@@ -575,21 +571,11 @@ fn linger_zero_close(tag: &str, addresses: Addresses) {
     assert_ends(s, closed, TOLERANCE);
 }
 
-#[test]
-fn linger_zero_close_resets_both_sides() {
-    linger_zero_close("linger", Addresses::V4);
-}
-
-#[test]
-fn linger_zero_close_resets_both_sides_ipv6() {
-    linger_zero_close("linger6", Addresses::V6);
-}
-
-/// IPv4 on IPv6 sockets (`::ffff:127.0.0.1`): the kernel's `ipv6_mapped` sockets.
-#[test]
-fn linger_zero_close_resets_both_sides_v4_mapped() {
-    linger_zero_close("lingerm", Addresses::V4Mapped);
-}
+on_every_address!(
+    linger_zero_close_resets_both_sides,
+    linger_zero_close,
+    "linger"
+);
 
 /// The two transitions that end a handshake (`SYN_SENT -> ESTABLISHED`, `SYN_RECV ->
 /// ESTABLISHED`) feed no teardown record: the default mode leaves them in the kernel, and its

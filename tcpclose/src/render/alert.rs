@@ -399,25 +399,22 @@ impl AlertPrinter {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::{event::Family, hung::SocketKey, teardown::Phase};
-
-    const MS: u64 = 1_000_000;
-
-    fn alert(kind: AlertKind) -> OwnedAlert {
-        OwnedAlert {
+impl OwnedAlert {
+    /// For tests: a CLOSE_WAIT socket 127.0.0.1:8080 <- 127.0.0.1:40000, stuck since 1 s,
+    /// reported at 5 s, held by `leaky` (pid 42), not checked.
+    pub(crate) fn sample(kind: AlertKind) -> Self {
+        Self {
             alert: Alert {
                 kind,
-                phase: Phase::CloseWait,
-                ts_ns: 5_000 * MS,
-                since_ns: 1_000 * MS,
+                phase: crate::teardown::Phase::CloseWait,
+                ts_ns: 5_000_000_000,
+                since_ns: 1_000_000_000,
                 since_is_lower_bound: false,
-                family: Family::Ipv4,
+                family: crate::event::Family::Ipv4,
                 local: "127.0.0.1:8080".parse().unwrap(),
                 remote: "127.0.0.1:40000".parse().unwrap(),
                 owner: None,
-                key: SocketKey::Full(1),
+                key: crate::hung::SocketKey::Full(1),
                 placement: crate::event::Placement::default(),
             },
             holders: vec![Holder {
@@ -426,6 +423,18 @@ mod tests {
             }],
             waiting: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::teardown::Phase;
+
+    const MS: u64 = 1_000_000;
+
+    fn alert(kind: AlertKind) -> OwnedAlert {
+        OwnedAlert::sample(kind)
     }
 
     /// The per-process leak view names each line's container, in text and in JSON, only when

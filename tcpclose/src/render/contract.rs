@@ -46,64 +46,9 @@ const OWN_FIELDS: &[(&str, &[&str])] = &[
             "comm",
         ],
     ),
-    (
-        "hung",
-        &[
-            "time",
-            "ts_ns",
-            "state",
-            "since",
-            "since_ns",
-            "age_ns",
-            "age_is_lower_bound",
-            "again",
-            "pid",
-            "comm",
-            "holders",
-            "recv_queue",
-            "send_queue",
-            "retransmits",
-            "zero_window",
-        ],
-    ),
-    (
-        "resolved",
-        &[
-            "time",
-            "ts_ns",
-            "state",
-            "since",
-            "since_ns",
-            "stuck_ns",
-            "age_is_lower_bound",
-            "pid",
-            "comm",
-            "holders",
-            "recv_queue",
-            "send_queue",
-            "retransmits",
-            "zero_window",
-        ],
-    ),
-    (
-        "evicted",
-        &[
-            "time",
-            "ts_ns",
-            "state",
-            "since",
-            "since_ns",
-            "age_ns",
-            "age_is_lower_bound",
-            "pid",
-            "comm",
-            "holders",
-            "recv_queue",
-            "send_queue",
-            "retransmits",
-            "zero_window",
-        ],
-    ),
+    ("hung", &["age_ns", "again"]),
+    ("resolved", &["stuck_ns"]),
+    ("evicted", &["age_ns"]),
     (
         "leaks",
         &["time", "ts_ns", "interval_ns", "group_by?", "leaks"],
@@ -147,6 +92,24 @@ const OWN_FIELDS: &[(&str, &[&str])] = &[
     ),
 ];
 
+/// What every record about a hung socket has (hung, resolved, evicted), besides its ends and
+/// placement.
+const ALERT: &[&str] = &[
+    "time",
+    "ts_ns",
+    "state",
+    "since",
+    "since_ns",
+    "age_is_lower_bound",
+    "pid",
+    "comm",
+    "holders",
+    "recv_queue",
+    "send_queue",
+    "retransmits",
+    "zero_window",
+];
+
 /// The fields of a line of the leak view (`leaks[]`): a process's line says where its sockets
 /// live, a group's line (`--group-by`) names its group.
 const LEAK_FIELDS: &[&str] = &[
@@ -181,6 +144,9 @@ fn fields(kind: &str) -> Result<Fields, String> {
     if !matches!(kind, "leaks" | "histogram" | "summary") {
         all.extend(ENDS);
         all.extend(PLACEMENT);
+    }
+    if matches!(kind, "hung" | "resolved" | "evicted") {
+        all.extend(ALERT);
     }
     Ok(Fields::of(&all))
 }
@@ -253,7 +219,7 @@ mod tests {
     use crate::{
         event::{Family, Placement, Task, TcpState, Transition},
         hang_check::Waiting,
-        hung::{Alert, AlertKind, Holder, LeakView, SocketKey},
+        hung::{AlertKind, LeakView},
         render::{
             AlertPrinter, EventPrinter, Format, OwnedAlert, Summary, TeardownPrinter, WallClock,
             print_distributions,
@@ -300,29 +266,13 @@ mod tests {
             .unwrap();
 
         let alert = |kind| OwnedAlert {
-            alert: Alert {
-                kind,
-                phase: Phase::CloseWait,
-                ts_ns: 5_000 * MS,
-                since_ns: 1_000 * MS,
-                since_is_lower_bound: false,
-                family: Family::Ipv4,
-                local: "127.0.0.1:8080".parse().unwrap(),
-                remote: "127.0.0.1:40000".parse().unwrap(),
-                owner: None,
-                key: SocketKey::Full(1),
-                placement: Placement::default(),
-            },
-            holders: vec![Holder {
-                pid: 42,
-                comm: "leaky".into(),
-            }],
             waiting: Some(Waiting {
                 recv_queue: 1001,
                 send_queue: 0,
                 retransmits: 0,
                 zero_window: false,
             }),
+            ..OwnedAlert::sample(kind)
         };
         let alerts = AlertPrinter::new(Format::Json, clock(), false);
         let hung = alert(AlertKind::Hung {
