@@ -958,7 +958,19 @@ fn a_minute_of_normal_churn_reports_nothing_hung() {
     const CHURN: u64 = 57 * SECOND;
     let place = Place::new("churn");
     let server_addr = place.server_addr;
-    let tracer = Tracing::start(&["--port", &place.port(), "--hung", "1s", "--interval", "10s"]);
+    // Its namespace only: the port may be another test's ephemeral port on the host (a leak
+    // test's CLOSE_WAIT held by its `sleep` was once taken for a churned connection).
+    let netns = format!("/run/netns/{}", place.ns.name());
+    let tracer = Tracing::start(&[
+        "--port",
+        &place.port(),
+        "--netns",
+        &netns,
+        "--hung",
+        "1s",
+        "--interval",
+        "10s",
+    ]);
     let listener = Mutex::new(
         place
             .ns

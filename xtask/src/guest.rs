@@ -243,7 +243,10 @@ fn script_text(
          out={dir}\n\
          timeout 30 ip link set lo up || echo '{MARK} could not bring lo up'\n\
          timeout 10 uname -r > \"$out/uname\"\n\
-         echo \"{MARK} booted $(cat \"$out/uname\")\"\n",
+         echo \"{MARK} booted $(cat \"$out/uname\")\"\n\
+         # A task blocked in the kernel for a minute is reported on the console, with its stack.\n\
+         echo 60 > /proc/sys/kernel/hung_task_timeout_secs 2>/dev/null\n\
+         echo 1 > /proc/sys/kernel/sysrq 2>/dev/null\n",
         tcpclose = quote(tcpclose)?,
     );
     // Nothing of the caller's environment is passed on: the tests are strict by themselves (a
@@ -267,12 +270,20 @@ fn script_text(
             Some(programs) => format!("export TCPCLOSE_PROGRAMS={}\n", quote(Path::new(programs))?),
             None => "unset TCPCLOSE_PROGRAMS\n".to_owned(),
         };
+        // A binary still running after `timeout` killed it is stuck in the kernel (or the
+        // guest is): the watchdog has the kernel list its blocked tasks, with their stacks, on
+        // the console.
         s += &format!(
             "echo '{MARK} start {name}'\n\
+             (sleep {stuck}; echo '{MARK} stuck {name}: still running {stuck} s after its start; \
+             blocked tasks follow'; echo w > /proc/sysrq-trigger) &\n\
+             watchdog=$!\n\
              (cd {cwd} && exec timeout -k 10 {seconds} {exe} {args}) > \"$out/{name}.out\" 2>&1\n\
              status=$?\n\
+             kill $watchdog 2>/dev/null\n\
              echo $status > \"$out/{name}.status\"\n\
              echo \"{MARK} end {name} $status\"\n",
+            stuck = seconds + 30,
             cwd = quote(&b.manifest_dir)?,
             exe = quote(&b.executable)?,
         );
@@ -620,6 +631,7 @@ fn report(dir: &Path, runs: &[GuestRun], outcome: &Outcome, elapsed: Duration) -
         elapsed.as_secs_f64()
     );
     let mut failed = Vec::new();
+    let mut timed_out = false;
     for run in runs {
         let name = &run.key();
         let status = fs::read_to_string(dir.join(format!("{name}.status")))
@@ -635,10 +647,13 @@ fn report(dir: &Path, runs: &[GuestRun], outcome: &Outcome, elapsed: Duration) -
         let verdict = match status {
             None if !out_path.exists() => "NOT RUN (the guest stopped before it)".to_owned(),
             None => "NO RESULT (the guest stopped before this binary finished)".to_owned(),
-            Some(124 | 137) => format!(
-                "TIMED OUT after {} s in the guest",
-                BINARY_DEADLINE.as_secs()
-            ),
+            Some(124 | 137) => {
+                timed_out = true;
+                format!(
+                    "TIMED OUT after {} s in the guest",
+                    BINARY_DEADLINE.as_secs()
+                )
+            }
             Some(0) if parsed.results.is_empty() => {
                 "NO RESULT (exit 0 without a `test result:` line)".to_owned()
             }
@@ -679,6 +694,9 @@ fn report(dir: &Path, runs: &[GuestRun], outcome: &Outcome, elapsed: Duration) -
             console.display()
         );
     }
+    if timed_out || outcome.killed.is_some() || !dir.join("done").is_file() {
+        print_kernel_log(&console, KERNEL_LOG_LINES);
+    }
     if !failed.is_empty() {
         bail!(
             "in the guest ({uname}): {} failed: {}",
@@ -696,6 +714,35 @@ fn report(dir: &Path, runs: &[GuestRun], outcome: &Outcome, elapsed: Duration) -
 fn tail(text: &str, lines: usize) -> Vec<&str> {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].to_vec()
+}
+
+/// How much of the guest kernel's log a failed run shows.
+const KERNEL_LOG_LINES: usize = 150;
+
+/// The last `lines` lines the guest's kernel logged after the script started (a hung task's or
+/// a stall's report, a warning), as CI keeps only what is printed.
+fn print_kernel_log(path: &Path, lines: usize) {
+    let text = fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let after_boot = text
+        .lines()
+        .skip_while(|line| !line.contains(&format!("{MARK} booted")))
+        .filter(|line| !line.contains(MARK))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let shown = tail(&after_boot, lines);
+    if shown.is_empty() {
+        println!("guest kernel log: nothing after the boot");
+    } else {
+        println!(
+            "guest kernel log, its last {} lines after the boot:",
+            shown.len()
+        );
+        for line in shown {
+            println!("    {line}");
+        }
+    }
 }
 
 fn print_tail(path: &Path, lines: usize) {
