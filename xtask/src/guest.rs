@@ -716,19 +716,25 @@ fn tail(text: &str, lines: usize) -> Vec<&str> {
     all[all.len().saturating_sub(lines)..].to_vec()
 }
 
+/// The guest's console log, whatever bytes the kernel wrote in it.
+fn console_text(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
 /// How much of the guest kernel's log a failed run shows.
 const KERNEL_LOG_LINES: usize = 150;
 
 /// The last `lines` lines the guest's kernel logged after the script started (a hung task's or
 /// a stall's report, a warning), as CI keeps only what is printed.
+/// The script's marks stay in: they say which binary ran when the kernel spoke.
 fn print_kernel_log(path: &Path, lines: usize) {
-    let text = fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let text = console_text(path);
+    let booted = format!("{MARK} booted");
     let after_boot = text
         .lines()
-        .skip_while(|line| !line.contains(&format!("{MARK} booted")))
-        .filter(|line| !line.contains(MARK))
+        .skip_while(|line| !line.contains(&booted))
         .collect::<Vec<_>>()
         .join("\n");
     let shown = tail(&after_boot, lines);
@@ -746,9 +752,7 @@ fn print_kernel_log(path: &Path, lines: usize) {
 }
 
 fn print_tail(path: &Path, lines: usize) {
-    let text = fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default();
+    let text = console_text(path);
     for line in tail(&text, lines) {
         eprintln!("console: {line}");
     }
