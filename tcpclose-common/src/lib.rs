@@ -5,8 +5,8 @@
 //! names of the maps, and the layout of the tracepoint records the programs read.
 #![no_std]
 
-/// Ring buffer carrying [`TransitionEvent`]s and [`TimewaitEvent`]s from the kernel to the
-/// loader. Every record starts with its [`RecordKind`] byte.
+/// Ring buffer carrying [`TransitionEvent`]s, [`TimewaitEvent`]s and [`CauseEvent`]s from the
+/// kernel to the loader. Every record starts with its [`record_kind`] byte.
 pub const EVENTS_MAP: &str = "EVENTS";
 /// Per-CPU `u64` counters, indexed by [`Counter`].
 pub const COUNTERS_MAP: &str = "COUNTERS";
@@ -47,6 +47,29 @@ pub const TYPED_TIMEWAIT_PROGRAMS: [(&str, &str); 3] = [
     ("tw_schedule", "__inet_twsk_schedule"),
     ("tw_deschedule", "inet_twsk_deschedule_put"),
     ("tw_expire", "tw_timer_handler"),
+];
+
+/// Programs on the `tcp:` tracepoints that explain how a teardown went (a reset, a retransmitted
+/// FIN), raw: `(program, tracepoint, cause)`. Each writes a [`CauseEvent`].
+pub const CAUSE_PROGRAMS: [(&str, &str, u8); 3] = [
+    ("tcp_send_reset", "tcp_send_reset", cause::RESET_SENT),
+    ("tcp_recv_reset", "tcp_receive_reset", cause::RESET_RECEIVED),
+    (
+        "tcp_retransmit",
+        "tcp_retransmit_skb",
+        cause::FIN_RETRANSMIT,
+    ),
+];
+
+/// The same, typed (`tp_btf` on the same tracepoints): `(program, tracepoint, cause)`.
+pub const TYPED_CAUSE_PROGRAMS: [(&str, &str, u8); 3] = [
+    ("btf_send_reset", "tcp_send_reset", cause::RESET_SENT),
+    ("btf_recv_reset", "tcp_receive_reset", cause::RESET_RECEIVED),
+    (
+        "btf_retransmit",
+        "tcp_retransmit_skb",
+        cause::FIN_RETRANSMIT,
+    ),
 ];
 
 /// Default ring buffer size (bytes). At ~250k transitions/s (10 per connection at 25k
@@ -122,10 +145,14 @@ pub enum Counter {
     TimewaitMatched = 2,
     /// Timewait timer events dropped because the ring buffer was full.
     TimewaitLost = 3,
+    /// Resets and FIN retransmissions of full sockets that passed the filters.
+    CauseMatched = 4,
+    /// Of those, the ones dropped because the ring buffer was full.
+    CauseLost = 5,
 }
 
 /// Number of entries of the `COUNTERS` map.
-pub const COUNTER_ENTRIES: u32 = 4;
+pub const COUNTER_ENTRIES: u32 = 6;
 
 /// First byte of every ring buffer record: which struct follows.
 pub mod record_kind {
@@ -133,7 +160,26 @@ pub mod record_kind {
     pub const TRANSITION: u8 = 1;
     /// A [`super::TimewaitEvent`].
     pub const TIMEWAIT: u8 = 2;
+    /// A [`super::CauseEvent`].
+    pub const CAUSE: u8 = 3;
 }
+
+/// [`CauseEvent::cause`]: what the kernel did to the socket.
+pub mod cause {
+    /// `tcp:tcp_send_reset`: the kernel sent an RST for the socket (tcp_send_active_reset() on
+    /// close with unread data or `SO_LINGER` 0, tcp_v4_send_reset()/tcp_v6_send_reset() in
+    /// answer to a segment).
+    pub const RESET_SENT: u8 = 1;
+    /// `tcp:tcp_receive_reset`: an RST from the peer was accepted (tcp_reset(), before
+    /// tcp_done() closes the socket).
+    pub const RESET_RECEIVED: u8 = 2;
+    /// `tcp:tcp_retransmit_skb` in FIN_WAIT1, CLOSING or LAST_ACK: a segment retransmitted after
+    /// the socket sent its FIN, which is unacknowledged in these states.
+    pub const FIN_RETRANSMIT: u8 = 3;
+}
+
+/// [`CauseEvent::reason`] when the kernel gives none (before Linux 6.10, or not a reset sent).
+pub const NO_REASON: u32 = u32::MAX;
 
 /// [`TimewaitEvent::action`]: which timer tracepoint fired.
 pub mod timer_action {
@@ -220,7 +266,12 @@ pub struct SocketLayout {
     /// either low bit set is not a pointer and stands for the root cgroup
     /// (`sock_cgroup_ptr()`).
     pub cgroup_tagged: u8,
-    pub _pad: [u8; 3],
+    /// Non-zero when `tcp:tcp_send_reset` passes an `enum sk_rst_reason` third (Linux 6.10+).
+    pub rst_reason: u8,
+    /// Non-zero when `tcp:tcp_retransmit_skb` passes the transmission's `int err` third
+    /// (Linux 6.14+): the tracepoint then fires for transmissions that failed too.
+    pub retransmit_err: u8,
+    pub _pad: u8,
 }
 
 const _: () = assert!(core::mem::size_of::<SocketLayout>() == 40);
@@ -243,6 +294,8 @@ pub mod sock_common {
     pub const NUM: usize = 14;
     /// `skc_family`.
     pub const FAMILY: usize = 16;
+    /// `skc_state`, a byte.
+    pub const STATE: usize = 18;
     /// Bytes read from `skc_v6_daddr`.
     pub const V6_BLOCK: usize = 32;
     /// `skc_v6_rcv_saddr`, after `skc_v6_daddr`.
@@ -322,6 +375,31 @@ pub const TIMEWAIT_EVENT_SIZE: usize = 80;
 const _: () = assert!(core::mem::size_of::<TimewaitEvent>() == TIMEWAIT_EVENT_SIZE);
 const _: () = assert!(core::mem::align_of::<TimewaitEvent>() == 8);
 
+/// A reset or FIN retransmission of a full socket, as the cause programs write it into the ring
+/// buffer. The loader matches it to the socket's life by address: the socket was filtered like its
+/// transitions, in the kernel.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CauseEvent {
+    /// [`record_kind::CAUSE`].
+    pub kind: u8,
+    /// A [`cause`] value.
+    pub cause: u8,
+    /// `skc_state` when it happened (a `TCP_*` number).
+    pub state: u8,
+    pub _pad: u8,
+    /// The `enum sk_rst_reason` value of a reset sent, [`NO_REASON`] otherwise.
+    pub reason: u32,
+    /// `bpf_ktime_get_ns()`, as in [`TransitionEvent`].
+    pub ts_ns: u64,
+    /// Kernel address of the `struct sock`.
+    pub skaddr: u64,
+}
+
+pub const CAUSE_EVENT_SIZE: usize = 24;
+const _: () = assert!(core::mem::size_of::<CauseEvent>() == CAUSE_EVENT_SIZE);
+const _: () = assert!(core::mem::align_of::<CauseEvent>() == 8);
+
 /// Ring buffer records as bytes and back, for [`aya::Pod`] types only: `repr(C)`, every byte
 /// a field (no implicit padding to expose), every bit pattern a valid value.
 #[cfg(feature = "user")]
@@ -358,6 +436,8 @@ mod pod {
     unsafe impl aya::Pod for super::TransitionEvent {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::TimewaitEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::CauseEvent {}
 }
 
 /// What a kernel program reads from one argument of its raw tracepoint. Raw tracepoint programs
@@ -388,3 +468,9 @@ pub const TRANSITION_ARGS: [TracepointArg; 3] = [
 /// after it changed between kernels (`timer_start`'s `(timer, expires, flags)` became
 /// `(timer, bucket_expiry)` in 6.8) and are not read.
 pub const TIMER_ARGS: [TracepointArg; 1] = [TracepointArg::PointerTo("timer_list")];
+
+/// The argument the cause programs read first from their `tcp:` tracepoints: the socket
+/// (`include/trace/events/tcp.h`). What follows it differs between them and between kernels (an
+/// `enum sk_rst_reason` third in tcp_send_reset since 6.10, an `int err` third in
+/// tcp_retransmit_skb since 6.14): the loader looks for those by themselves.
+pub const CAUSE_ARGS: [TracepointArg; 1] = [TracepointArg::PointerTo("sock")];

@@ -36,9 +36,10 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use tcpclose_common::{
-    AF_INET, AF_INET6, CGROUP_FILTER_DEPTH, COUNTER_ENTRIES, Config, Counter, DEFAULT_RING_BYTES,
-    FILTER_ENTRIES, IPPROTO_TCP, PORT_FILTER_ENTRIES, PORT_LOCAL, PORT_REMOTE, SocketLayout,
-    TimewaitEvent, TransitionEvent, made_by_syscall, record_kind, sock_common as skc, timer_action,
+    AF_INET, AF_INET6, CGROUP_FILTER_DEPTH, COUNTER_ENTRIES, CauseEvent, Config, Counter,
+    DEFAULT_RING_BYTES, FILTER_ENTRIES, IPPROTO_TCP, NO_REASON, PORT_FILTER_ENTRIES, PORT_LOCAL,
+    PORT_REMOTE, SocketLayout, TimewaitEvent, TransitionEvent, cause, made_by_syscall, record_kind,
+    sock_common as skc, timer_action,
 };
 
 // The maps are named after their statics (`EVENTS_MAP`, `COUNTERS_MAP`, `PORT_FILTER_MAP`,
@@ -87,7 +88,9 @@ static CONFIG: Config = Config {
         kernfs_id: 0,
         kernfs_parent: 0,
         cgroup_tagged: 0,
-        _pad: [0; 3],
+        rst_reason: 0,
+        retransmit_err: 0,
+        _pad: 0,
     },
 };
 
@@ -485,8 +488,9 @@ fn on_transition<C: EbpfContext, M: Memory>(ctx: &C, sk: u64, oldstate: i32, new
 }
 
 use tcpclose_common::tcp_state::{
-    CLOSE as TCP_CLOSE, ESTABLISHED as TCP_ESTABLISHED, NEW_SYN_RECV as TCP_NEW_SYN_RECV,
-    SYN_RECV as TCP_SYN_RECV, SYN_SENT as TCP_SYN_SENT,
+    CLOSE as TCP_CLOSE, CLOSING as TCP_CLOSING, ESTABLISHED as TCP_ESTABLISHED,
+    FIN_WAIT1 as TCP_FIN_WAIT1, LAST_ACK as TCP_LAST_ACK, NEW_SYN_RECV as TCP_NEW_SYN_RECV,
+    SYN_RECV as TCP_SYN_RECV, SYN_SENT as TCP_SYN_SENT, TIME_WAIT as TCP_TIME_WAIT,
 };
 
 /// `TASK_COMM_LEN`.
@@ -668,6 +672,136 @@ fn on_timewait<C: EbpfContext, M: Memory>(
         daddr,
     });
     entry.submit(submit_flags(config));
+}
+
+// Causes: what explains a teardown that did not go by the book. The `tcp:` tracepoints fire
+// rarely (a reset, a retransmission), so their cost at full churn is that of never firing.
+
+/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb)`, with
+/// `enum sk_rst_reason reason` third since 6.10 (read only where the loader found it, a
+/// read-only constant: on older kernels the verifier never sees the read).
+#[raw_tracepoint(tracepoint = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: RawTracePointContext) -> u32 {
+    let reason = if layout!(rst_reason) != 0 {
+        ctx.arg::<u64>(2) as u32
+    } else {
+        NO_REASON
+    };
+    on_cause::<_, Probed>(&ctx, ctx.arg::<u64>(0), cause::RESET_SENT, reason);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn btf_send_reset(ctx: BtfTracePointContext) -> u32 {
+    let reason = if layout!(rst_reason) != 0 {
+        ctx.arg::<u64>(2) as u32
+    } else {
+        NO_REASON
+    };
+    on_cause::<_, Typed>(&ctx, ctx.arg::<u64>(0), cause::RESET_SENT, reason);
+    0
+}
+
+/// `tcp_receive_reset(struct sock *sk)`, from tcp_reset().
+#[raw_tracepoint(tracepoint = "tcp_receive_reset")]
+pub fn tcp_recv_reset(ctx: RawTracePointContext) -> u32 {
+    on_cause::<_, Probed>(&ctx, ctx.arg::<u64>(0), cause::RESET_RECEIVED, NO_REASON);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn btf_recv_reset(ctx: BtfTracePointContext) -> u32 {
+    on_cause::<_, Typed>(&ctx, ctx.arg::<u64>(0), cause::RESET_RECEIVED, NO_REASON);
+    0
+}
+
+/// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb)`, with `int err` third
+/// since 6.14, when the tracepoint fires for failed transmissions too: only those that went out
+/// count (before, it fired for those only).
+#[raw_tracepoint(tracepoint = "tcp_retransmit_skb")]
+pub fn tcp_retransmit(ctx: RawTracePointContext) -> u32 {
+    if layout!(retransmit_err) != 0 && ctx.arg::<u64>(2) as i32 != 0 {
+        return 0;
+    }
+    on_cause::<_, Probed>(&ctx, ctx.arg::<u64>(0), cause::FIN_RETRANSMIT, NO_REASON);
+    0
+}
+
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn btf_retransmit(ctx: BtfTracePointContext) -> u32 {
+    if layout!(retransmit_err) != 0 && ctx.arg::<u64>(2) as i32 != 0 {
+        return 0;
+    }
+    on_cause::<_, Typed>(&ctx, ctx.arg::<u64>(0), cause::FIN_RETRANSMIT, NO_REASON);
+    0
+}
+
+/// Delivers one cause of the full socket at `sk`, if it passes the filters.
+#[inline(always)]
+fn on_cause<C: EbpfContext, M: Memory>(ctx: &C, sk: u64, what: u8, reason: u32) {
+    // tcp_v4_send_reset() answers a segment that found no socket (NULL), or a timewait or
+    // request socket: not a full socket, whose life tcpclose follows.
+    if sk == 0 {
+        return;
+    }
+    let Some(state) = M::read::<u8>(sk + offset!(skc_daddr) + skc::STATE as u64) else {
+        return;
+    };
+    let state = i32::from(state);
+    if what == cause::FIN_RETRANSMIT {
+        // The state is read first: retransmissions of established connections are the
+        // common case, and go no further.
+        if state != TCP_FIN_WAIT1 && state != TCP_CLOSING && state != TCP_LAST_ACK {
+            return;
+        }
+    } else if state == TCP_TIME_WAIT || state == TCP_NEW_SYN_RECV {
+        return;
+    }
+    let config = config();
+    let Some(mut ends) = M::ends(sk) else {
+        debug!(
+            ctx,
+            "cannot read the addresses of the socket at {:x}",
+            scalar(sk)
+        );
+        return;
+    };
+    if config.family != 0 && ends.family != config.family {
+        return;
+    }
+    // A reset sent on close comes after `-> CLOSE`, which released the port (see
+    // `on_transition`).
+    if state == TCP_CLOSE {
+        ends.sport = u16::from_be(Probed::read::<u16>(sk + offset!(inet_sport)).unwrap_or(0));
+    }
+    if !ports_pass(&config, ends.sport, ends.dport) {
+        return;
+    }
+    if !netns_passes(&config, netns_of::<M>(sk)) {
+        return;
+    }
+    if config.cgroup_filter != 0 {
+        let node = cgroup_node::<M>(sk);
+        if !cgroup_passes::<M>(node, cgroup_id::<M>(node)) {
+            return;
+        }
+    }
+    count(Counter::CauseMatched);
+    let Some(mut entry) = EVENTS.reserve::<CauseEvent>(0) else {
+        count(Counter::CauseLost);
+        return;
+    };
+    entry.write(CauseEvent {
+        kind: record_kind::CAUSE,
+        cause: what,
+        state: state as u8,
+        _pad: 0,
+        reason,
+        // SAFETY: a helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        skaddr: sk,
+    });
+    entry.submit(submit_flags(&config));
 }
 
 /// The bytes of four words as they lay in memory.

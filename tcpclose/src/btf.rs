@@ -98,6 +98,14 @@ impl Param<'_> {
         }
     }
 
+    /// The name of the enum this parameter is (through typedefs and qualifiers), if it is one.
+    pub fn enum_name(&self) -> Option<&str> {
+        match self.btf.resolve(self.type_id)? {
+            Type::Enum { name_off, .. } => Some(self.btf.name(*name_off)),
+            _ => None,
+        }
+    }
+
     /// The size in bytes of this parameter when it is an integer (through typedefs), else `None`.
     pub fn int_size(&self) -> Option<u32> {
         match self.btf.resolve(self.type_id)? {
@@ -151,7 +159,13 @@ enum Type {
     FuncProto {
         params: Vec<u32>,
     },
-    /// A forward declaration (`union` when `union_`), enum or float: known by name only.
+    /// An enum: its enumerators are `Btf::enumerators[first..first + count]`.
+    Enum {
+        name_off: u32,
+        first: u32,
+        count: u32,
+    },
+    /// A forward declaration (`union` when `union_`), enum64 or float: known by name only.
     Named {
         name_off: u32,
         kind: u32,
@@ -163,6 +177,8 @@ enum Type {
 /// The types of one BTF blob, by id (id 0 is `void`).
 pub struct Btf {
     types: Vec<Type>,
+    /// Every (32-bit) enum's enumerators, in order: name offset and value.
+    enumerators: Vec<(u32, u32)>,
     strings: Vec<u8>,
     structs: HashMap<String, u32>,
     /// The `btf_trace_<event>` typedefs, one per raw tracepoint, by event.
@@ -202,6 +218,7 @@ impl Btf {
         let strings = section(16, 20)?.to_vec();
 
         let mut types = vec![Type::Other];
+        let mut enumerators = Vec::new();
         let mut at = 0;
         while at < type_section.len() {
             let name_off = u32_at(type_section, at)?;
@@ -262,9 +279,21 @@ impl Btf {
                     at += vlen * 8;
                     Type::FuncProto { params }
                 }
-                KIND_FWD | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT => {
+                KIND_ENUM => {
+                    let first = enumerators.len() as u32;
+                    for i in 0..vlen {
+                        let e = at + i * 8;
+                        enumerators.push((u32_at(type_section, e)?, u32_at(type_section, e + 4)?));
+                    }
+                    at += vlen * 8;
+                    Type::Enum {
+                        name_off,
+                        first,
+                        count: vlen as u32,
+                    }
+                }
+                KIND_FWD | KIND_ENUM64 | KIND_FLOAT => {
                     at += match kind {
-                        KIND_ENUM => vlen * 8,
                         KIND_ENUM64 => vlen * 12,
                         _ => 0,
                     };
@@ -293,6 +322,7 @@ impl Btf {
 
         let mut btf = Self {
             types,
+            enumerators,
             strings,
             structs: HashMap::new(),
             tracepoints: HashMap::new(),
@@ -353,6 +383,7 @@ impl Btf {
             }
             Some(Type::Pointer(target)) => format!("{} *", self.spell(*target, depth + 1)),
             Some(Type::FuncProto { .. }) => "function".to_owned(),
+            Some(Type::Enum { name_off, .. }) => format!("enum {}", name(*name_off)),
             Some(Type::Named {
                 name_off,
                 kind,
@@ -405,6 +436,25 @@ impl Btf {
                 .map(|&type_id| Param { btf: self, type_id })
                 .collect(),
         )
+    }
+
+    /// The enumerators of `enum name` (a 32-bit one), name and value, in order; `None` when the
+    /// kernel has no such enum.
+    pub fn enum_values(&self, name: &str) -> Option<Vec<(&str, u32)>> {
+        self.types.iter().find_map(|ty| match ty {
+            Type::Enum {
+                name_off,
+                first,
+                count,
+            } if self.name(*name_off) == name => Some(
+                self.enumerators
+                    .get(*first as usize..(*first + *count) as usize)?
+                    .iter()
+                    .map(|&(off, value)| (self.name(off), value))
+                    .collect(),
+            ),
+            _ => None,
+        })
     }
 
     /// Byte offset of `member` in `struct ty`, looking inside anonymous structs and unions (as
@@ -490,7 +540,7 @@ pub(crate) mod tests {
         for (name, kind, flag, size, words) in types {
             let vlen = match *kind {
                 KIND_STRUCT | KIND_UNION => words.len() / 3,
-                KIND_FUNC_PROTO => words.len() / 2,
+                KIND_FUNC_PROTO | KIND_ENUM => words.len() / 2,
                 _ => 0,
             } as u32;
             let info = vlen | (kind << 24) | (u32::from(*flag) << 31);
@@ -572,6 +622,15 @@ pub(crate) mod tests {
             self.add(name, KIND_STRUCT, bitfields, size, words)
         }
 
+        /// A 4-byte `enum name` with these enumerators.
+        pub(crate) fn enumeration(&mut self, name: &str, values: &[(&str, u32)]) -> u32 {
+            let mut words = Vec::new();
+            for &(enumerator, value) in values {
+                words.extend([self.name_ref(enumerator), value]);
+            }
+            self.add(name, KIND_ENUM, false, 4, words)
+        }
+
         /// A function prototype returning `void` with these parameter types.
         pub(crate) fn func_proto(&mut self, params: &[u32]) -> u32 {
             let mut words = Vec::new();
@@ -642,6 +701,27 @@ pub(crate) mod tests {
         assert_eq!(args[0].pointee_struct(), Some("timer_list"));
         assert_eq!(args[1].to_string(), "long unsigned int");
         assert!(btf.tracepoint_args("timer_cancel").is_none());
+    }
+
+    #[test]
+    fn reads_enums_and_enum_parameters() {
+        let mut b = Builder::default();
+        let reason = b.enumeration("sk_rst_reason", &[("SK_A", 0), ("SK_B", 7)]);
+        b.enumeration("other", &[("X", 1)]);
+        let sock = b.structure("sock", 8, &[]);
+        let sock_ptr = b.pointer(sock);
+        b.tracepoint("tcp_send_reset", &[sock_ptr, sock_ptr, reason]);
+        let btf = Btf::parse(&b.blob()).unwrap();
+        assert_eq!(
+            btf.enum_values("sk_rst_reason"),
+            Some(vec![("SK_A", 0), ("SK_B", 7)])
+        );
+        assert_eq!(btf.enum_values("other"), Some(vec![("X", 1)]));
+        assert_eq!(btf.enum_values("missing"), None);
+        let args = btf.tracepoint_args("tcp_send_reset").unwrap();
+        assert_eq!(args[2].enum_name(), Some("sk_rst_reason"));
+        assert_eq!(args[2].to_string(), "enum sk_rst_reason");
+        assert_eq!(args[0].enum_name(), None);
     }
 
     /// Offset of `name` in the string section built by [`blob`] (names of types come first).

@@ -7,8 +7,9 @@ use std::{
 };
 
 use tcpclose_common::{
-    AF_INET, AF_INET6, TIMEWAIT_EVENT_SIZE, TRANSITION_EVENT_SIZE, TimewaitEvent, TransitionEvent,
-    record_kind, tcp_state, timer_action,
+    AF_INET, AF_INET6, CAUSE_EVENT_SIZE, CauseEvent, NO_REASON, TIMEWAIT_EVENT_SIZE,
+    TRANSITION_EVENT_SIZE, TimewaitEvent, TransitionEvent, cause, record_kind, tcp_state,
+    timer_action,
 };
 
 /// A TCP state, numbered as the kernel numbers them (`include/net/tcp_states.h`).
@@ -105,6 +106,7 @@ pub enum DecodeError {
     UnknownState(i32),
     UnknownFamily(u16),
     UnknownTimerAction(u8),
+    UnknownCause(u8),
 }
 
 impl fmt::Display for DecodeError {
@@ -112,13 +114,15 @@ impl fmt::Display for DecodeError {
         match self {
             Self::Length(len) => write!(
                 f,
-                "record of {len} bytes, expected {TRANSITION_EVENT_SIZE} (transition) or \
-                 {TIMEWAIT_EVENT_SIZE} (timewait timer)"
+                "record of {len} bytes, expected {TRANSITION_EVENT_SIZE} (transition), \
+                 {TIMEWAIT_EVENT_SIZE} (timewait timer) or {CAUSE_EVENT_SIZE} (reset or \
+                 retransmission)"
             ),
             Self::UnknownKind(kind) => write!(f, "unknown record kind {kind}"),
             Self::UnknownState(state) => write!(f, "unknown TCP state {state}"),
             Self::UnknownFamily(family) => write!(f, "unknown address family {family}"),
             Self::UnknownTimerAction(action) => write!(f, "unknown timer action {action}"),
+            Self::UnknownCause(what) => write!(f, "unknown cause {what}"),
         }
     }
 }
@@ -215,6 +219,7 @@ pub struct Transition {
 pub enum Record {
     Transition(Transition),
     Timewait(TimewaitTimer),
+    Cause(Cause),
 }
 
 impl Record {
@@ -226,6 +231,7 @@ impl Record {
             Some(&record_kind::TIMEWAIT) => {
                 TimewaitTimer::decode(bytes, jiffy_ns).map(Self::Timewait)
             }
+            Some(&record_kind::CAUSE) => Cause::decode(bytes).map(Self::Cause),
             Some(&other) => Err(DecodeError::UnknownKind(other)),
             None => Err(DecodeError::Length(0)),
         }
@@ -377,6 +383,57 @@ impl TimewaitTimer {
     }
 }
 
+/// What the kernel did to a full socket that explains how its teardown went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CauseKind {
+    /// The kernel sent an RST: on close with unread data or `SO_LINGER` 0, or in answer to a
+    /// segment. `reason` is the kernel's `enum sk_rst_reason` value (Linux 6.10+).
+    ResetSent { reason: Option<u16> },
+    /// An RST from the peer was accepted.
+    ResetReceived,
+    /// A segment was retransmitted after the socket sent its FIN (in FIN_WAIT1, CLOSING or
+    /// LAST_ACK, where the FIN is not acknowledged yet).
+    FinRetransmit,
+}
+
+/// A reset or FIN retransmission of a full socket, decoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cause {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    /// Kernel address of the socket.
+    pub skaddr: u64,
+    /// The socket's state when it happened.
+    pub state: TcpState,
+    pub kind: CauseKind,
+}
+
+impl Cause {
+    /// Decodes one cause record; see [`Record::decode`].
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let raw = read_record::<CauseEvent>(bytes)?;
+        if raw.kind != record_kind::CAUSE {
+            return Err(DecodeError::UnknownKind(raw.kind));
+        }
+        let kind = match raw.cause {
+            cause::RESET_SENT => CauseKind::ResetSent {
+                reason: (raw.reason != NO_REASON)
+                    .then(|| u16::try_from(raw.reason).ok())
+                    .flatten(),
+            },
+            cause::RESET_RECEIVED => CauseKind::ResetReceived,
+            cause::FIN_RETRANSMIT => CauseKind::FinRetransmit,
+            other => return Err(DecodeError::UnknownCause(other)),
+        };
+        Ok(Self {
+            ts_ns: raw.ts_ns,
+            skaddr: raw.skaddr,
+            state: TcpState::try_from(i32::from(raw.state))?,
+            kind,
+        })
+    }
+}
+
 fn ipv4(bytes: &[u8; 16]) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(bytes[0], bytes[1], bytes[2], bytes[3]))
 }
@@ -431,6 +488,53 @@ mod tests {
             saddr: Ipv6Addr::LOCALHOST.octets(),
             daddr: "2001:db8::2".parse::<Ipv6Addr>().unwrap().octets(),
         }
+    }
+
+    #[test]
+    fn decodes_causes() {
+        let raw = CauseEvent {
+            kind: record_kind::CAUSE,
+            cause: cause::RESET_SENT,
+            state: TcpState::Close as u8,
+            _pad: 0,
+            reason: 11,
+            ts_ns: 5,
+            skaddr: 0xffff_8880_0000_1000,
+        };
+        assert_eq!(
+            Record::decode(&bytes(&raw), 1),
+            Ok(Record::Cause(Cause {
+                ts_ns: 5,
+                skaddr: 0xffff_8880_0000_1000,
+                state: TcpState::Close,
+                kind: CauseKind::ResetSent { reason: Some(11) },
+            }))
+        );
+        for (reason, expected) in [(NO_REASON, None), (1 << 20, None), (0, Some(0))] {
+            let r = CauseEvent { reason, ..raw };
+            let Ok(Record::Cause(c)) = Record::decode(&bytes(&r), 1) else {
+                panic!("{r:?}")
+            };
+            assert_eq!(c.kind, CauseKind::ResetSent { reason: expected });
+        }
+        for (what, expected) in [
+            (cause::RESET_RECEIVED, CauseKind::ResetReceived),
+            (cause::FIN_RETRANSMIT, CauseKind::FinRetransmit),
+        ] {
+            let r = CauseEvent { cause: what, ..raw };
+            assert_eq!(Cause::decode(&bytes(&r)).map(|c| c.kind), Ok(expected));
+        }
+        let r = CauseEvent { cause: 9, ..raw };
+        assert_eq!(Cause::decode(&bytes(&r)), Err(DecodeError::UnknownCause(9)));
+        let r = CauseEvent { state: 99, ..raw };
+        assert_eq!(
+            Cause::decode(&bytes(&r)),
+            Err(DecodeError::UnknownState(99))
+        );
+        assert_eq!(
+            Record::decode(&bytes(&raw)[..20], 1),
+            Err(DecodeError::Length(20))
+        );
     }
 
     #[test]

@@ -6,11 +6,14 @@ use std::fmt::Write as _;
 
 use anyhow::{Result, bail};
 use tcpclose_common::{
-    SocketLayout, TIMER_ARGS, TIMER_PROGRAMS, TRANSITION_ARGS, TRANSITION_TRACEPOINT,
-    TracepointArg, sock_common,
+    CAUSE_ARGS, CAUSE_PROGRAMS, SocketLayout, TIMER_ARGS, TIMER_PROGRAMS, TRANSITION_ARGS,
+    TRANSITION_TRACEPOINT, TracepointArg, sock_common,
 };
 
-use crate::btf::{Btf, Param};
+use crate::{
+    btf::{Btf, Param},
+    reset_reasons::ResetReasons,
+};
 
 /// Checks that the kernel has the raw tracepoint `event` and that the arguments a program reads
 /// from it (`expected`, the first ones) are what the kernel passes. The error names the
@@ -54,6 +57,31 @@ pub fn check_timer_tracepoints(btf: &Btf) -> Result<()> {
         check_tracepoint(btf, event, &TIMER_ARGS)?;
     }
     Ok(())
+}
+
+/// Checks the `tcp:` tracepoints the cause programs attach to, and adds what their optional
+/// arguments are to `layout`: whether tcp_send_reset passes its `enum sk_rst_reason` (whose names
+/// are returned, empty when it does not) and whether tcp_retransmit_skb passes `int err`.
+pub fn add_cause_layout(btf: &Btf, layout: &mut SocketLayout) -> Result<ResetReasons> {
+    for (_, event, _) in CAUSE_PROGRAMS {
+        check_tracepoint(btf, event, &CAUSE_ARGS)?;
+    }
+    let third = |event: &str| {
+        btf.tracepoint_args(event)
+            .and_then(|args| args.get(2).copied())
+    };
+    let mut reasons = ResetReasons::default();
+    if let Some(reason) = third("tcp_send_reset")
+        && let Some(name) = reason.enum_name()
+    {
+        let values = btf.enum_values(name).unwrap_or_default();
+        reasons = ResetReasons::from_enumerators(values);
+        layout.rst_reason = 1;
+    }
+    if third("tcp_retransmit_skb").and_then(|err| err.int_size()) == Some(4) {
+        layout.retransmit_err = 1;
+    }
+    Ok(reasons)
 }
 
 fn arg_fits(want: TracepointArg, param: &Param<'_>) -> bool {
@@ -103,6 +131,7 @@ pub fn socket_layout(btf: &Btf) -> Result<SocketLayout> {
         ("skc_dport", daddr, sock_common::DPORT),
         ("skc_num", daddr, sock_common::NUM),
         ("skc_family", daddr, sock_common::FAMILY),
+        ("skc_state", daddr, sock_common::STATE),
         ("skc_v6_rcv_saddr", v6_daddr, sock_common::V6_RCV_SADDR),
     ] {
         let found = usize::from(offset("sock_common", member)?);
@@ -222,6 +251,7 @@ mod tests {
         let u16_ = b.int("short unsigned int", 2);
         let u64_ = b.int("long long unsigned int", 8);
         let ulong = b.int("long unsigned int", 8);
+        let u8_ = b.int("unsigned char", 1);
         let common = b.structure(
             "sock_common",
             136,
@@ -231,6 +261,7 @@ mod tests {
                 ("skc_dport", u16_, 96, 0),
                 ("skc_num", u16_, 112, 0),
                 ("skc_family", u16_, 128, 0),
+                ("skc_state", u8_, 144, 0),
                 ("skc_v6_daddr", u64_, 56 * 8, 0),
                 ("skc_v6_rcv_saddr", u64_, 72 * 8, 0),
             ],
@@ -284,7 +315,49 @@ mod tests {
         b.tracepoint("timer_start", &[timer_ptr, ulong, int]);
         b.tracepoint("timer_expire_entry", &[timer_ptr, ulong]);
         b.tracepoint("timer_cancel", &[timer_ptr]);
+        // 6.1's: 6.10 added the reset's reason, 6.14 the retransmission's result.
+        b.tracepoint("tcp_send_reset", &[sock_ptr, skb_ptr]);
+        b.tracepoint("tcp_receive_reset", &[sock_ptr]);
+        b.tracepoint("tcp_retransmit_skb", &[sock_ptr, skb_ptr]);
         b.blob()
+    }
+
+    #[test]
+    fn finds_the_optional_arguments_of_the_cause_tracepoints() {
+        let btf = Btf::parse(&kernel(&["sock", "int", "int"], 0)).unwrap();
+        let mut layout = SocketLayout::default();
+        let reasons = add_cause_layout(&btf, &mut layout).unwrap();
+        assert_eq!((layout.rst_reason, layout.retransmit_err), (0, 0));
+        assert_eq!(reasons, ResetReasons::default());
+
+        let mut b = Builder::default();
+        let int = b.int("int", 4);
+        let sock = b.structure("sock", 8, &[]);
+        let sock_ptr = b.pointer(sock);
+        let skb = b.structure("sk_buff", 8, &[]);
+        let skb_ptr = b.pointer(skb);
+        let reason = b.enumeration(
+            "sk_rst_reason",
+            &[
+                ("SK_RST_REASON_NOT_SPECIFIED", 0),
+                ("SK_RST_REASON_TCP_ABORT_ON_CLOSE", 11),
+            ],
+        );
+        b.tracepoint("tcp_send_reset", &[sock_ptr, skb_ptr, reason]);
+        b.tracepoint("tcp_receive_reset", &[sock_ptr]);
+        b.tracepoint("tcp_retransmit_skb", &[sock_ptr, skb_ptr, int]);
+        let btf = Btf::parse(&b.blob()).unwrap();
+        let reasons = add_cause_layout(&btf, &mut layout).unwrap();
+        assert_eq!((layout.rst_reason, layout.retransmit_err), (1, 1));
+        assert_eq!(reasons.name(11), Some("tcp_abort_on_close"));
+
+        // A tracepoint that does not pass the socket first is refused, by name.
+        let mut b = Builder::default();
+        let int = b.int("int", 4);
+        b.tracepoint("tcp_send_reset", &[int]);
+        let btf = Btf::parse(&b.blob()).unwrap();
+        let err = add_cause_layout(&btf, &mut layout).unwrap_err();
+        assert!(err.to_string().contains("tcp_send_reset"), "{err}");
     }
 
     #[test]
@@ -431,6 +504,7 @@ mod tests {
         check_transition_tracepoint(&btf).unwrap();
         check_timer_tracepoints(&btf).unwrap();
         let mut layout = socket_layout(&btf).unwrap();
+        add_cause_layout(&btf, &mut layout).unwrap();
         add_timewait_layout(&btf, &mut layout, 1).unwrap();
         let warnings = add_placement_layout(&btf, &mut layout);
         assert!(warnings.is_empty(), "{warnings:?}");

@@ -28,6 +28,7 @@ pub mod output;
 mod phase;
 pub mod pipeline;
 pub mod render;
+pub mod reset_reasons;
 pub mod run;
 pub mod settings;
 pub mod sockets;

@@ -7,7 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use crate::{btf::Btf, kernel_layout};
+use crate::{btf::Btf, kernel_layout, reset_reasons::ResetReasons};
 use anyhow::{Context as _, Result, anyhow};
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -15,10 +15,10 @@ use aya::{
     programs::{BtfTracePoint, FEntry, ProgramError, RawTracePoint},
 };
 use tcpclose_common::{
-    AF_INET, AF_INET6, CGROUP_FILTER_MAP, CONFIG_GLOBAL, COUNTERS_MAP, Config, Counter, EVENTS_MAP,
-    FILTER_ENTRIES, NETNS_FILTER_MAP, PORT_FILTER_MAP, PORT_LOCAL, PORT_REMOTE, SocketLayout,
-    TIMER_PROGRAMS, TRANSITION_PROGRAM, TRANSITION_TRACEPOINT, TYPED_TIMEWAIT_PROGRAMS,
-    TYPED_TRANSITION_PROGRAM,
+    AF_INET, AF_INET6, CAUSE_PROGRAMS, CGROUP_FILTER_MAP, CONFIG_GLOBAL, COUNTERS_MAP, Config,
+    Counter, EVENTS_MAP, FILTER_ENTRIES, NETNS_FILTER_MAP, PORT_FILTER_MAP, PORT_LOCAL,
+    PORT_REMOTE, SocketLayout, TIMER_PROGRAMS, TRANSITION_PROGRAM, TRANSITION_TRACEPOINT,
+    TYPED_CAUSE_PROGRAMS, TYPED_TIMEWAIT_PROGRAMS, TYPED_TRANSITION_PROGRAM,
 };
 use tokio::io::unix::AsyncFd;
 
@@ -162,6 +162,8 @@ pub struct KernelCounters {
     pub timewait_lost: u64,
     pub matched: u64,
     pub lost: u64,
+    pub cause_matched: u64,
+    pub cause_lost: u64,
 }
 
 pub struct Tracer {
@@ -174,6 +176,8 @@ pub struct Tracer {
     /// The programs' diagnostics (`--log-level`), when asked for.
     logger: Option<aya_log::EbpfLogger<KernelLog>>,
     programs: Programs,
+    /// The names of the kernel's reset reasons, when the cause programs run.
+    causes: Option<ResetReasons>,
 }
 
 /// Prints the kernel programs' diagnostics on standard error, one line each.
@@ -277,6 +281,19 @@ impl Tracer {
         if let Ok(handler) = raw_timewait {
             config.layout.tw_timer_handler = handler;
         }
+        // Resets and retransmitted FINs explain teardowns; a kernel without their tracepoints
+        // still traces teardowns.
+        let causes = kernel_layout::add_cause_layout(&btf, &mut config.layout);
+        let causes = match causes {
+            Ok(reasons) => Some(reasons),
+            Err(err) => {
+                eprintln!(
+                    "tcpclose: warning: resets and retransmitted FINs will not be explained \
+                     ({err:#})"
+                );
+                None
+            }
+        };
         drop(btf);
         // The programs need no relocation (they read at the offsets in `config`), but when the
         // types come from a file aya is given the same, rather than the missing sysfs file. The
@@ -320,7 +337,7 @@ impl Tracer {
         let typed = match (choice, &aya_btf) {
             (ProgramChoice::Raw, _) => Err(anyhow!("not asked to")),
             (_, None) => Err(anyhow!("no kernel BTF for them")),
-            (_, Some(btf)) => load_typed(&mut ebpf, btf, timewait.is_ok()),
+            (_, Some(btf)) => load_typed(&mut ebpf, btf, timewait.is_ok(), causes.is_some()),
         };
         let programs = match typed {
             Ok(()) => Programs::Btf,
@@ -343,11 +360,14 @@ impl Tracer {
         };
         let timewait_ok = match programs {
             Programs::Btf => {
-                attach_typed(&mut ebpf, timewait.is_ok())?;
+                attach_typed(&mut ebpf, timewait.is_ok(), causes.is_some())?;
                 timewait
             }
             Programs::Raw => {
                 attach_raw(&mut ebpf)?;
+                if causes.is_some() {
+                    attach_causes(&mut ebpf)?;
+                }
                 raw_timewait.map(|_| ())
             }
         };
@@ -396,7 +416,14 @@ impl Tracer {
             timewait_jiffy_ns,
             logger,
             programs,
+            causes,
         })
+    }
+
+    /// When the cause programs run (resets and retransmitted FINs are reported): the names of
+    /// this kernel's reasons for the resets it sends (none before Linux 6.10).
+    pub fn reset_reasons(&self) -> Option<&ResetReasons> {
+        self.causes.as_ref()
     }
 
     /// Which set of kernel programs runs.
@@ -476,6 +503,8 @@ impl Tracer {
             lost: sum(Counter::Lost)?,
             timewait_matched: sum(Counter::TimewaitMatched)?,
             timewait_lost: sum(Counter::TimewaitLost)?,
+            cause_matched: sum(Counter::CauseMatched)?,
+            cause_lost: sum(Counter::CauseLost)?,
         })
     }
 }
@@ -529,16 +558,21 @@ fn is_permission_error(err: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Loads the typed programs (the transition program, and the timewait ones when `timewait`),
-/// without attaching them: whether the kernel accepts them is known only from loading. On the
+/// Whether `name` is a typed program on a tracepoint (`tp_btf`), rather than fentry.
+fn is_btf_tracepoint(name: &str) -> bool {
+    name == TYPED_TRANSITION_PROGRAM || TYPED_CAUSE_PROGRAMS.iter().any(|(p, _, _)| *p == name)
+}
+
+/// Loads the typed programs (the transition program, the timewait ones when `timewait`, the
+/// cause ones when `causes`), without attaching them: whether the kernel accepts them is known only from loading. On the
 /// first refusal, unloads those it loaded and says which one the kernel refused, and why.
-fn load_typed(ebpf: &mut Ebpf, btf: &aya::Btf, timewait: bool) -> Result<()> {
+fn load_typed(ebpf: &mut Ebpf, btf: &aya::Btf, timewait: bool, causes: bool) -> Result<()> {
     let mut loaded: Vec<&str> = Vec::new();
     let mut load = |ebpf: &mut Ebpf, name: &'static str, function: &str| -> Result<()> {
         let program = ebpf
             .program_mut(name)
             .with_context(|| format!("the eBPF object has no {name} program"))?;
-        let result = if name == TYPED_TRANSITION_PROGRAM {
+        let result = if is_btf_tracepoint(name) {
             let program: &mut BtfTracePoint = program.try_into()?;
             program.load(function, btf)
         } else {
@@ -567,13 +601,18 @@ fn load_typed(ebpf: &mut Ebpf, btf: &aya::Btf, timewait: bool) -> Result<()> {
             result = result.and_then(|()| load(ebpf, name, function));
         }
     }
+    if causes {
+        for (name, tracepoint, _) in TYPED_CAUSE_PROGRAMS {
+            result = result.and_then(|()| load(ebpf, name, tracepoint));
+        }
+    }
     if result.is_err() {
         for name in loaded {
             let Some(program) = ebpf.program_mut(name) else {
                 continue;
             };
             // Whatever fails here leaves a loaded program unattached until exit: harmless.
-            if name == TYPED_TRANSITION_PROGRAM {
+            if is_btf_tracepoint(name) {
                 if let Ok(program) = <&mut BtfTracePoint>::try_from(program) {
                     let _ = program.unload();
                 }
@@ -608,7 +647,7 @@ fn refusal(err: &ProgramError, function: &str) -> String {
 }
 
 /// Attaches the typed programs [`load_typed`] loaded.
-fn attach_typed(ebpf: &mut Ebpf, timewait: bool) -> Result<()> {
+fn attach_typed(ebpf: &mut Ebpf, timewait: bool, causes: bool) -> Result<()> {
     let program: &mut BtfTracePoint = ebpf
         .program_mut(TYPED_TRANSITION_PROGRAM)
         .context("the eBPF object has no typed transition program")?
@@ -629,6 +668,20 @@ fn attach_typed(ebpf: &mut Ebpf, timewait: bool) -> Result<()> {
                 .with_context(|| format!("attaching to {function} (fentry)"))?;
         }
     }
+    if causes {
+        for (name, tracepoint, _) in TYPED_CAUSE_PROGRAMS {
+            let program: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .with_context(|| format!("the eBPF object has no {name} program"))?
+                .try_into()?;
+            program
+                .attach()
+                .map_err(explain_program_error)
+                .with_context(|| {
+                    format!("attaching to the tcp:{tracepoint} tracepoint (tp_btf)")
+                })?;
+        }
+    }
     Ok(())
 }
 
@@ -643,6 +696,22 @@ fn attach_raw(ebpf: &mut Ebpf) -> Result<()> {
         .attach(TRANSITION_TRACEPOINT)
         .map_err(explain_program_error)
         .context("attaching to the sock:inet_sock_set_state tracepoint")?;
+    Ok(())
+}
+
+/// Loads and attaches the raw cause programs.
+fn attach_causes(ebpf: &mut Ebpf) -> Result<()> {
+    for (name, event, _) in CAUSE_PROGRAMS {
+        let program: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the eBPF object has no {name} program"))?
+            .try_into()?;
+        program.load().map_err(explain_program_error)?;
+        program
+            .attach(event)
+            .map_err(explain_program_error)
+            .with_context(|| format!("attaching to the tcp:{event} tracepoint"))?;
+    }
     Ok(())
 }
 
@@ -753,6 +822,20 @@ mod tests {
                 in_section(program, &section),
                 "no program {program} in {section}"
             );
+        }
+        for ((raw, event, _), (typed, typed_event, _)) in
+            CAUSE_PROGRAMS.into_iter().zip(TYPED_CAUSE_PROGRAMS)
+        {
+            assert_eq!(event, typed_event);
+            for (program, section) in [
+                (raw, format!("raw_tp/{event}")),
+                (typed, format!("tp_btf/{event}")),
+            ] {
+                assert!(
+                    in_section(program, &section),
+                    "no program {program} in {section}"
+                );
+            }
         }
     }
 

@@ -714,8 +714,7 @@ mod tests {
             complete: true,
             owner: None,
             resolution_ns: None,
-            timewait_end: None,
-            placement: crate::event::Placement::default(),
+            ..Teardown::sample(CloseKind::Passive, &[])
         }
     }
 

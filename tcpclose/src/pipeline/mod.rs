@@ -15,7 +15,7 @@ pub use events::Events;
 pub use teardowns::{Exported, Teardowns};
 
 use crate::{
-    event::{TimewaitTimer, Transition},
+    event::{Cause, TimewaitTimer, Transition},
     hang_check::Reply,
     metrics::EventTotals,
     render::Summary,
@@ -32,6 +32,12 @@ pub trait Pipeline {
 
     /// A timer event of a timewait socket.
     fn on_timewait(&mut self, timer: &TimewaitTimer, out: &mut Vec<u8>) -> io::Result<()>;
+
+    /// A reset or FIN retransmission: nothing to print in the modes that do not explain
+    /// teardowns.
+    fn on_cause(&mut self, _cause: &Cause, _out: &mut Vec<u8>) -> io::Result<()> {
+        Ok(())
+    }
 
     /// What only time completes, at `now_ns` (CLOCK_MONOTONIC). Returns whether more is due
     /// than one call completes: the caller reads the ring first, then calls again.

@@ -11,10 +11,11 @@ use anyhow::Result;
 use super::{AnswerInbox, FirstError, Pipeline, hangs::Hangs};
 use crate::{
     cgroups::{Cgroups, group_of},
-    event::{TimewaitTimer, Transition},
+    event::{Cause, TimewaitTimer, Transition},
     hang_check::Reply,
     metrics::{EventTotals, HungNow, Metrics},
     render::{AlertPrinter, Format, Summary, TeardownPrinter, WallClock, print_distributions},
+    reset_reasons::ResetReasons,
     settings::TeardownSettings,
     settings::owner_passes,
     stats::Distributions,
@@ -53,6 +54,12 @@ pub struct Teardowns {
 }
 
 impl Teardowns {
+    /// Names the kernel's reasons for the resets it sends with `reasons`.
+    pub fn naming_reset_reasons(mut self, reasons: ResetReasons) -> Self {
+        self.printer.set_reset_reasons(reasons);
+        self
+    }
+
     /// `correlator` follows the sockets; `colour`: the text is for a terminal; `cgroups` names
     /// the sockets' cgroups; `now_ns` starts the first leak interval.
     pub fn new(
@@ -162,6 +169,11 @@ impl Pipeline for Teardowns {
         self.print_done(out)
     }
 
+    fn on_cause(&mut self, cause: &Cause, out: &mut Vec<u8>) -> io::Result<()> {
+        self.correlator.on_cause(cause, &mut self.done);
+        self.print_done(out)
+    }
+
     /// Completes what only time completes (see [`Correlator::expire`]) and reports sockets that
     /// have hung, or stopped hanging, since the last call.
     fn expire(&mut self, now_ns: u64, out: &mut Vec<u8>) -> (bool, io::Result<()>) {
@@ -261,6 +273,7 @@ impl Pipeline for Teardowns {
 
     fn finish(&mut self, out: &mut Vec<u8>) -> io::Result<()> {
         let now_ns = crate::clock::now_ns();
+        self.correlator.release_held(&mut self.done);
         let mut result = FirstError::default();
         result.keep(
             self.hangs

@@ -31,6 +31,8 @@ const OWN_FIELDS: &[(&str, &[&str])] = &[
             "comm",
             "resolution_ns",
             "timewait_end",
+            "reset",
+            "fin_retransmits",
         ],
     ),
     (
@@ -77,6 +79,9 @@ const OWN_FIELDS: &[(&str, &[&str])] = &[
             "timewait_matched",
             "timewait_events",
             "timewait_lost",
+            "cause_matched",
+            "cause_events",
+            "cause_lost",
             "evicted",
             "unfinished",
             "timewait_unseen",
@@ -125,6 +130,8 @@ const LEAK_FIELDS: &[&str] = &[
     "container_id?",
     "pod_uid?",
 ];
+/// The fields of a teardown's reset (`reset`, when not null).
+const RESET_FIELDS: &[&str] = &["by", "reason"];
 /// The fields of a holder of a hung socket (`holders[]`).
 const HOLDER_FIELDS: &[&str] = &["pid", "comm"];
 
@@ -209,6 +216,9 @@ pub fn check(v: &Value) -> Result<(), String> {
         for item in v[name].as_array().into_iter().flatten() {
             Fields::of(nested).check(item, &format!("{kind}.{name}[]"))?;
         }
+    }
+    if v["reset"].is_object() {
+        Fields::of(RESET_FIELDS).check(&v["reset"], &format!("{kind}.reset"))?;
     }
     Ok(())
 }

@@ -289,6 +289,11 @@ pub struct Summary {
     pub timewait_matched: u64,
     pub timewait_events: u64,
     pub timewait_lost: u64,
+    /// Resets and FIN retransmissions of traced sockets the cause programs accepted
+    /// (`cause_events + cause_lost`), received, and dropped because the ring buffer was full.
+    pub cause_matched: u64,
+    pub cause_events: u64,
+    pub cause_lost: u64,
     /// Sockets dropped from the full table (the longest idle first): no record for them.
     pub evicted: u64,
     /// Lives cut short without a record because an event was lost.
@@ -348,7 +353,7 @@ impl Summary {
                     " in {:.1}s ({} programs), {} lost (ring buffer full)",
                     self.duration_ns as f64 / 1e9,
                     self.programs,
-                    self.lost + self.timewait_lost
+                    self.lost + self.timewait_lost + self.cause_lost
                 )?;
                 let notes = [
                     (self.missed, "missed (kernel BPF recursion protection)"),

@@ -15,7 +15,8 @@ use super::{
 };
 use crate::{
     cgroups::{CgroupInfo, Cgroups},
-    teardown::{CloseKind, Phase, Side, Teardown, TimewaitEnd},
+    reset_reasons::{ResetReasons, spoken},
+    teardown::{CloseKind, Phase, Reset, ResetBy, Side, Teardown, TimewaitEnd},
 };
 
 /// Writes [`Teardown`] records as aligned text (optionally coloured) or JSON lines.
@@ -31,6 +32,7 @@ pub struct TeardownPrinter {
     json: Vec<u8>,
     time: TimeText,
     cgroups: Cgroups,
+    reasons: ResetReasons,
 }
 
 impl TeardownPrinter {
@@ -51,7 +53,19 @@ impl TeardownPrinter {
             json: Vec::new(),
             time: TimeText::default(),
             cgroups: Cgroups::none(),
+            reasons: ResetReasons::default(),
         }
+    }
+
+    /// Names the kernel's reasons for the resets it sends with `reasons`.
+    pub fn with_reset_reasons(mut self, reasons: ResetReasons) -> Self {
+        self.set_reset_reasons(reasons);
+        self
+    }
+
+    /// See [`Self::with_reset_reasons`].
+    pub fn set_reset_reasons(&mut self, reasons: ResetReasons) {
+        self.reasons = reasons;
     }
 
     /// Names the sockets' cgroups, containers and pods with `cgroups`.
@@ -72,7 +86,7 @@ impl TeardownPrinter {
                 let line = &mut self.json;
                 line.clear();
                 let at = self.clock.timestamp(t.end_ns);
-                write_json(line, &mut self.time, at, t, &self.cgroups)?;
+                write_json(line, &mut self.time, at, t, &self.cgroups, &self.reasons)?;
                 out.write_all(line)
             }
             Format::Text => self.print_text(out, t),
@@ -121,6 +135,16 @@ impl TeardownPrinter {
                 if approx { "~" } else { "" },
                 human(ns)
             );
+            match t.fin_retransmits.get(phase) {
+                0 => {}
+                1 => line.push_str(" (FIN retransmitted once)"),
+                n => {
+                    let _ = write!(line, " (FIN retransmitted {n} times)");
+                }
+            }
+        }
+        if let Some(reset) = &t.reset {
+            let _ = write!(line, "  {}", reset_text(reset, &self.reasons));
         }
         let mut notes = Vec::new();
         let container = t.placement.cgroup().and_then(|id| self.cgroups.info(id));
@@ -156,6 +180,7 @@ fn write_json(
     at: Timestamp,
     t: &Teardown,
     cgroups: &Cgroups,
+    reasons: &ResetReasons,
 ) -> io::Result<()> {
     line.extend_from_slice(b"{\"type\":\"teardown\",\"time\":\"");
     time.write(line, at)?;
@@ -201,9 +226,49 @@ fn write_json(
             TimewaitEnd::Killed => "killed",
         }),
     );
+    line.extend_from_slice(b",\"reset\":");
+    match &t.reset {
+        None => line.extend_from_slice(b"null"),
+        Some(reset) => {
+            line.extend_from_slice(b"{\"by\":");
+            json_str(line, Some(reset.by.name()));
+            line.extend_from_slice(b",\"reason\":");
+            json_str(line, reason_name(reset, reasons).as_deref());
+            line.push(b'}');
+        }
+    }
+    line.extend_from_slice(b",\"fin_retransmits\":{");
+    for (i, (phase, n)) in t.fin_retransmits.iter().enumerate() {
+        if i > 0 {
+            line.push(b',');
+        }
+        json_str(line, Some(phase.name()));
+        line.push(b':');
+        json_u64(line, Some(u64::from(n)));
+    }
+    line.push(b'}');
     json_placement(line, t.placement, cgroups)?;
     line.extend_from_slice(b"}\n");
     Ok(())
+}
+
+/// The kernel's reason for a reset, by its name in this kernel (its number where the kernel
+/// names none by that value).
+fn reason_name<'a>(reset: &Reset, reasons: &'a ResetReasons) -> Option<Cow<'a, str>> {
+    let value = reset.reason?;
+    Some(match reasons.name(value) {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(value.to_string()),
+    })
+}
+
+/// A reset as the text line says it: `reset by peer`, `reset (abort on close)`, `reset sent`.
+fn reset_text(reset: &Reset, reasons: &ResetReasons) -> String {
+    match (reset.by, reason_name(reset, reasons)) {
+        (ResetBy::Peer, _) => "reset by peer".to_owned(),
+        (ResetBy::Local, Some(reason)) => format!("reset ({})", spoken(&reason)),
+        (ResetBy::Local, None) => "reset sent".to_owned(),
+    }
 }
 
 fn side_name(side: Side) -> &'static str {
@@ -301,6 +366,8 @@ mod tests {
         assert_eq!(v["comm"], "curl");
         assert_eq!(v["resolution_ns"], 4 * MS);
         assert_eq!(v["timewait_end"], "expired");
+        assert_eq!(v["reset"], serde_json::Value::Null);
+        assert_eq!(v["fin_retransmits"], serde_json::json!({}));
 
         let mut unknown = teardown();
         unknown.owner = None;
@@ -352,9 +419,17 @@ mod tests {
             comm: Option<Cow<'a, str>>,
             resolution_ns: Option<u64>,
             timewait_end: Option<&'static str>,
+            reset: Option<OracleReset>,
+            fin_retransmits: serde_json::Map<String, serde_json::Value>,
             #[serde(flatten)]
             placement: crate::render::PlacementRecord,
         }
+        #[derive(Serialize)]
+        struct OracleReset {
+            by: &'static str,
+            reason: Option<String>,
+        }
+        let reasons = ResetReasons::from_enumerators([("SK_RST_REASON_TCP_ABORT_ON_CLOSE", 11)]);
         let clock = WallClock::with_offset(1_700_000_000_000_000_000);
         let cgroups = crate::cgroups::Cgroups::fixed(&[
             (
@@ -391,6 +466,17 @@ mod tests {
                     TimewaitEnd::Expired => "expired",
                     TimewaitEnd::Killed => "killed",
                 }),
+                reset: t.reset.map(|r| OracleReset {
+                    by: r.by.name(),
+                    reason: r
+                        .reason
+                        .map(|v| reasons.name(v).map_or_else(|| v.to_string(), str::to_owned)),
+                }),
+                fin_retransmits: t
+                    .fin_retransmits
+                    .iter()
+                    .map(|(p, n)| (p.name().to_owned(), n.into()))
+                    .collect(),
                 placement: crate::render::PlacementRecord::new(t.placement, &cgroups),
             })
             .unwrap();
@@ -426,7 +512,24 @@ mod tests {
         bare.close = CloseKind::FinTimeout;
         bare.end_ns = 999_999_999_999;
         cases.push(bare);
-        let mut p = TeardownPrinter::new(Format::Json, clock, false).with_cgroups(cgroups.clone());
+        for (by, reason) in [
+            (ResetBy::Local, Some(11)),
+            (ResetBy::Local, Some(12)),
+            (ResetBy::Local, None),
+            (ResetBy::Peer, None),
+        ] {
+            let mut reset = teardown();
+            reset.close = CloseKind::Reset;
+            reset.reset = Some(Reset { by, reason });
+            reset
+                .fin_retransmits
+                .count(crate::event::TcpState::FinWait1);
+            reset.fin_retransmits.count(crate::event::TcpState::LastAck);
+            cases.push(reset);
+        }
+        let mut p = TeardownPrinter::new(Format::Json, clock, false)
+            .with_cgroups(cgroups.clone())
+            .with_reset_reasons(reasons.clone());
         for t in &cases {
             let mut out = Vec::new();
             p.print(&mut out, t).unwrap();
@@ -496,6 +599,67 @@ mod tests {
         p.print(&mut out, &reset).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("\x1b[31mreset"), "{text}");
+    }
+
+    #[test]
+    fn text_lines_say_who_reset_and_which_fins_were_retransmitted() {
+        let reasons = ResetReasons::from_enumerators([("SK_RST_REASON_TCP_ABORT_ON_CLOSE", 11)]);
+        let mut p = TeardownPrinter::new(Format::Text, WallClock::with_offset(0), false)
+            .with_reset_reasons(reasons);
+        let line = |p: &mut TeardownPrinter, t: &Teardown| {
+            let mut out = Vec::new();
+            p.print(&mut out, t).unwrap();
+            String::from_utf8(out)
+                .unwrap()
+                .lines()
+                .last()
+                .unwrap()
+                .to_owned()
+        };
+        let mut t = teardown();
+        for _ in 0..4 {
+            t.fin_retransmits.count(crate::event::TcpState::FinWait1);
+        }
+        let text = line(&mut p, &t);
+        assert!(
+            text.contains("FIN_WAIT1 1.14ms (FIN retransmitted 4 times) FIN_WAIT2"),
+            "{text}"
+        );
+        t.fin_retransmits = Default::default();
+        t.fin_retransmits.count(crate::event::TcpState::FinWait1);
+        assert!(line(&mut p, &t).contains("(FIN retransmitted once)"));
+        for (reset, said) in [
+            (
+                Reset {
+                    by: ResetBy::Peer,
+                    reason: None,
+                },
+                "reset by peer",
+            ),
+            (
+                Reset {
+                    by: ResetBy::Local,
+                    reason: Some(11),
+                },
+                "reset (abort on close)",
+            ),
+            (
+                Reset {
+                    by: ResetBy::Local,
+                    reason: None,
+                },
+                "reset sent",
+            ),
+        ] {
+            let mut t = teardown();
+            t.close = CloseKind::Reset;
+            t.reset = Some(reset);
+            let text = line(&mut p, &t);
+            assert!(
+                text.ends_with(&format!("TIME_WAIT ~60.0s  {said}")),
+                "{text}"
+            );
+        }
     }
 
     #[test]

@@ -92,6 +92,10 @@ pub async fn run(settings: Settings) -> Result<()> {
             if settings.filter.skip_established {
                 correlator = correlator.without_handshake_ends();
             }
+            let reasons = tracer.reset_reasons().cloned();
+            if reasons.is_some() {
+                correlator = correlator.explaining_resets();
+            }
             if !teardown.thresholds.is_empty() {
                 adopt_existing(&mut correlator, &settings.filter);
             }
@@ -105,7 +109,8 @@ pub async fn run(settings: Settings) -> Result<()> {
                 Cgroups::of_host(),
                 now_ns(),
             )
-            .owned_by(settings.pids.clone());
+            .owned_by(settings.pids.clone())
+            .naming_reset_reasons(reasons.unwrap_or_default());
             let refresh = teardown.metrics.map(|_| METRICS_REFRESH);
             drive(&settings, tracer, pipeline, teardown.interval, refresh).await
         }
@@ -161,9 +166,12 @@ async fn drive<P: Pipeline>(
             _ = metrics.tick(), if refresh.is_some() => {
                 let counters = tracer.counters()?;
                 session.pipeline.refresh_metrics(EventTotals {
-                    matched: counters.matched + counters.timewait_matched,
-                    received: session.transitions + session.timewait_events + session.undecodable,
-                    lost: counters.lost + counters.timewait_lost,
+                    matched: counters.matched + counters.timewait_matched + counters.cause_matched,
+                    received: session.transitions
+                        + session.timewait_events
+                        + session.cause_events
+                        + session.undecodable,
+                    lost: counters.lost + counters.timewait_lost + counters.cause_lost,
                     missed: tracer.missed()?,
                 });
             }
@@ -231,6 +239,9 @@ async fn drive<P: Pipeline>(
         timewait_matched: counters.timewait_matched,
         timewait_events: session.timewait_events,
         timewait_lost: counters.timewait_lost,
+        cause_matched: counters.cause_matched,
+        cause_events: session.cause_events,
+        cause_lost: counters.cause_lost,
         duration_ns: u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX),
         ..Summary::default()
     };
@@ -277,6 +288,7 @@ struct Session<P> {
     out: Output,
     transitions: u64,
     timewait_events: u64,
+    cause_events: u64,
     undecodable: u64,
     write_error: Option<io::Error>,
     lag: Lag,
@@ -290,6 +302,7 @@ impl<P: Pipeline> Session<P> {
             out,
             transitions: 0,
             timewait_events: 0,
+            cause_events: 0,
             undecodable: 0,
             write_error: None,
             lag: Lag::new(),
@@ -320,6 +333,11 @@ impl<P: Pipeline> Session<P> {
                 self.lag.saw(timer.ts_ns);
                 self.timewait_events += 1;
                 self.pipeline.on_timewait(&timer, &mut self.out.buf)
+            }
+            Record::Cause(cause) => {
+                self.lag.saw(cause.ts_ns);
+                self.cause_events += 1;
+                self.pipeline.on_cause(&cause, &mut self.out.buf)
             }
         };
         self.keep_error(result);

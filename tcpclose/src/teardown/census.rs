@@ -56,6 +56,8 @@ impl Correlator {
             phases: Phases::default(),
             owner: None,
             cgroup: s.placement.cgroup,
+            reset: None,
+            fin_retransmits: Default::default(),
         };
         self.due.lower_existing(life.next_report(&self.watched));
         self.existing.insert(tuple, life);

@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use super::{CloseKind, Phase, Phases, Side, Teardown};
+use super::{CloseKind, FinRetransmits, Phase, Phases, Reset, Side, Teardown};
 use crate::event::{Family, Placement, Task, TcpState, Transition};
 
 /// A kernel time (CLOCK_MONOTONIC ns) that may be unknown, in the 8 bytes of the time where an
@@ -143,6 +143,9 @@ pub(super) struct Life {
     pub(super) owner: Option<Task>,
     /// Its cgroup's id, as its transitions carry it (its network namespace is in `tuple`).
     pub(super) cgroup: u64,
+    /// The reset that ended it, once seen.
+    pub(super) reset: Option<Reset>,
+    pub(super) fin_retransmits: FinRetransmits,
 }
 
 impl Life {
@@ -163,6 +166,8 @@ impl Life {
             phases: Phases::default(),
             owner: None,
             cgroup: t.placement.cgroup,
+            reset: None,
+            fin_retransmits: FinRetransmits::default(),
         }
     }
 
@@ -267,6 +272,8 @@ impl Life {
             placement: self.placement(),
             resolution_ns: None,
             timewait_end: None,
+            reset: self.reset,
+            fin_retransmits: self.fin_retransmits,
         }
     }
 }
@@ -448,8 +455,8 @@ mod tests {
     #[test]
     fn followed_sockets_stay_compact() {
         // What a followed socket costs in its table, besides the key: see `Life`.
-        assert!(size_of::<Life>() <= 168, "{}", size_of::<Life>());
-        assert!(size_of::<Handoff>() <= 192, "{}", size_of::<Handoff>());
+        assert!(size_of::<Life>() <= 176, "{}", size_of::<Life>());
+        assert!(size_of::<Handoff>() <= 200, "{}", size_of::<Handoff>());
         assert!(size_of::<Phases>() == 48);
         assert!(size_of::<Tuple>() <= 44);
         let v6 = |s: &str| s.parse::<SocketAddr>().unwrap();

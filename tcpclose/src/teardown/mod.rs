@@ -18,6 +18,7 @@
 
 mod cancel;
 mod capacity;
+mod causes;
 mod census;
 mod hang;
 mod life;
@@ -40,12 +41,14 @@ use crate::{
 pub use crate::phase::Phase;
 pub use cancel::CANCEL_GRACE_NS;
 pub use capacity::TRIM_PERIOD_NS;
+pub use causes::{FinRetransmits, RESET_GRACE_NS, RESET_WAIT_NS, Reset, ResetBy};
 pub use census::ExistingSocket;
 pub use record::{CloseKind, Phases, Side, Teardown, TimewaitEnd};
 pub use timewait::{EXPIRE_BATCH, TIMEWAIT_LEN_NS};
 
 use cancel::PendingCancels;
 use capacity::Trim;
+use causes::UnexplainedResets;
 use hang::{DueReports, WatchedStates, phase_changed};
 use life::{Life, MaybeNs, Tuple};
 use timewait::{Armings, Handoff};
@@ -104,6 +107,12 @@ pub struct Correlator {
     /// Whether the transitions that end a handshake are left out of the feed (see
     /// [`Correlator::without_handshake_ends`]).
     handshake_ends_unseen: bool,
+    /// Whether resets are fed (see [`Correlator::explaining_resets`]).
+    explains_resets: bool,
+    /// Records of reset connections waiting for the reset sent after their close.
+    unexplained: UnexplainedResets,
+    /// The latest kernel time among the transitions and causes fed.
+    latest_ns: u64,
     trim: Trim,
     losses: Losses,
 }
@@ -136,6 +145,9 @@ impl Correlator {
             handoff_wait_ns: 2_000_000_000,
             armed_before_close: false,
             handshake_ends_unseen: false,
+            explains_resets: false,
+            unexplained: UnexplainedResets::default(),
+            latest_ns: 0,
             trim: Trim::default(),
             losses: Losses::default(),
         }
@@ -214,6 +226,7 @@ impl Correlator {
     /// Feeds one transition; pushes the teardowns it completes onto `out`.
     pub fn on_transition(&mut self, t: &Transition, out: &mut Vec<Teardown>) {
         use TcpState::*;
+        self.latest_ns = self.latest_ns.max(t.ts_ns);
         if !self.cancelled.is_empty() {
             self.end_killed_by(t, out);
         }
@@ -252,6 +265,8 @@ impl Correlator {
                     phases: Phases::default(),
                     owner: t.owner().copied(),
                     cgroup: t.placement.cgroup,
+                    reset: None,
+                    fin_retransmits: FinRetransmits::default(),
                 },
             );
             return;
@@ -332,7 +347,7 @@ impl Correlator {
                     self.on_timewait(&ev, out);
                 }
             }
-            _ => out.push(life.finish(t.ts_ns)),
+            _ => self.emit_finished(t.skaddr, life.finish(t.ts_ns), out),
         }
     }
 

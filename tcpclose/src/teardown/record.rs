@@ -3,7 +3,7 @@
 
 use std::{fmt, net::SocketAddr};
 
-use super::Phase;
+use super::{FinRetransmits, Phase, Reset};
 use crate::event::{Family, Placement, Task};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -147,6 +147,10 @@ pub struct Teardown {
     pub resolution_ns: Option<u64>,
     /// How the timewait socket ended, when there was one.
     pub timewait_end: Option<TimewaitEnd>,
+    /// Who reset the connection and why, when it was reset.
+    pub reset: Option<Reset>,
+    /// Segments retransmitted after the FIN, per phase.
+    pub fin_retransmits: FinRetransmits,
 }
 
 #[cfg(test)]
@@ -173,6 +177,8 @@ impl Teardown {
             placement: Placement::default(),
             resolution_ns: None,
             timewait_end: None,
+            reset: None,
+            fin_retransmits: FinRetransmits::default(),
         }
     }
 }

@@ -310,6 +310,7 @@ impl Correlator {
                 out.push(h.without_timewait());
             }
         }
+        self.release_unexplained(now_ns, out);
         self.trim(now_ns);
         more
     }

@@ -5,10 +5,12 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use proptest::{collection::vec, prelude::*};
-use tcpclose::event::{DecodeError, Family, Record, TcpState, TimerAction, TimewaitTimer};
+use tcpclose::event::{
+    Cause, CauseKind, DecodeError, Family, Record, TcpState, TimerAction, TimewaitTimer,
+};
 use tcpclose_common::{
-    AF_INET, AF_INET6, TIMEWAIT_EVENT_SIZE, TRANSITION_EVENT_SIZE, TimewaitEvent, TransitionEvent,
-    record_kind, timer_action,
+    AF_INET, AF_INET6, CAUSE_EVENT_SIZE, NO_REASON, TIMEWAIT_EVENT_SIZE, TRANSITION_EVENT_SIZE,
+    TimewaitEvent, TransitionEvent, cause, record_kind, timer_action,
 };
 
 use crate::{MS, config};
@@ -53,6 +55,7 @@ enum Expected {
         cgroup: u64,
     },
     Timewait(TimewaitTimer),
+    Cause(Cause),
 }
 
 /// The address family and two ends from a record's raw fields, or the defect.
@@ -99,7 +102,8 @@ fn spec_decode(bytes: &[u8], jiffy_ns: u64) -> Result<Expected, Vec<DecodeError>
         Some(record_kind::TIMEWAIT) if bytes.len() == TIMEWAIT_EVENT_SIZE => {
             spec_timewait(bytes, jiffy_ns)
         }
-        Some(record_kind::TRANSITION | record_kind::TIMEWAIT) => {
+        Some(record_kind::CAUSE) if bytes.len() == CAUSE_EVENT_SIZE => spec_cause(bytes),
+        Some(record_kind::TRANSITION | record_kind::TIMEWAIT | record_kind::CAUSE) => {
             Err(vec![DecodeError::Length(bytes.len())])
         }
         Some(kind) => Err(vec![DecodeError::UnknownKind(kind)]),
@@ -189,6 +193,28 @@ fn spec_timewait(b: &[u8], jiffy_ns: u64) -> Result<Expected, Vec<DecodeError>> 
     }
 }
 
+/// `CauseEvent`: kind 0, cause 1, state 2, _pad 3, reason 4, ts_ns 8, skaddr 16.
+fn spec_cause(b: &[u8]) -> Result<Expected, Vec<DecodeError>> {
+    let reason = u32_at(b, 4);
+    let kind = match b[1] {
+        cause::RESET_SENT => Ok(CauseKind::ResetSent {
+            reason: (reason <= u32::from(u16::MAX)).then_some(reason as u16),
+        }),
+        cause::RESET_RECEIVED => Ok(CauseKind::ResetReceived),
+        cause::FIN_RETRANSMIT => Ok(CauseKind::FinRetransmit),
+        other => Err(DecodeError::UnknownCause(other)),
+    };
+    match (kind, spec_state(i32::from(b[2]))) {
+        (Ok(kind), Ok(state)) => Ok(Expected::Cause(Cause {
+            ts_ns: u64_at(b, 8),
+            skaddr: u64_at(b, 16),
+            state,
+            kind,
+        })),
+        (kind, state) => Err([kind.err(), state.err()].into_iter().flatten().collect()),
+    }
+}
+
 /// What the decoder made of a record, in the specification's terms.
 fn as_expected(record: Record) -> Expected {
     match record {
@@ -207,6 +233,7 @@ fn as_expected(record: Record) -> Expected {
             cgroup: t.placement.cgroup,
         },
         Record::Timewait(ev) => Expected::Timewait(ev),
+        Record::Cause(c) => Expected::Cause(c),
     }
 }
 
@@ -350,7 +377,25 @@ fn sized_record() -> impl Strategy<Value = Vec<u8>> {
             }
             b
         });
-    prop_oneof![transition, timewait]
+    let cause = (
+        vec(any::<u8>(), CAUSE_EVENT_SIZE),
+        1..=3u8,
+        1..=12u8,
+        prop_oneof![Just(NO_REASON), 0..64u32, any::<u32>()],
+        any::<[bool; 2]>(),
+    )
+        .prop_map(|(mut b, what, state, reason, fix)| {
+            b[0] = record_kind::CAUSE;
+            b[4..8].copy_from_slice(&reason.to_ne_bytes());
+            if fix[0] {
+                b[1] = what;
+            }
+            if fix[1] {
+                b[2] = state;
+            }
+            b
+        });
+    prop_oneof![transition, timewait, cause]
 }
 
 proptest! {
@@ -363,7 +408,7 @@ proptest! {
     fn decode_arbitrary_bytes_never_panics(
         mut bytes in vec(any::<u8>(), 0..300),
         kind in prop_oneof![Just(None), Just(Some(record_kind::TRANSITION)),
-                            Just(Some(record_kind::TIMEWAIT))],
+                            Just(Some(record_kind::TIMEWAIT)), Just(Some(record_kind::CAUSE))],
         jiffy_ns in jiffy_ns(),
     ) {
         if let (Some(kind), Some(first)) = (kind, bytes.first_mut()) {

@@ -199,6 +199,8 @@ fn play(lanes: &[(u64, Vec<Conn>)]) -> (Vec<Event>, Vec<Teardown>) {
                 resolution_ns: None,
                 timewait_end: None,
                 placement: tcpclose::event::Placement::default(),
+                reset: None,
+                fin_retransmits: Default::default(),
             };
             if let Script::Failed = conn.script {
                 step(opening.1, Close, ts, &mut push);
