@@ -1,14 +1,15 @@
 //! tcpclose's kernel programs, in two sets the loader chooses between (`--programs`).
 //!
-//! Raw: one on the `sock:inet_sock_set_state` tracepoint, and three on the `timer:` tracepoints
-//! that follow timewait sockets, whose only visible activity is their timer. Raw tracepoints
-//! load on every kernel tcpclose supports: the kernel calls them with the tracepoint's arguments
-//! instead of first building a trace record (`perf_trace_*()`, then `trace_call_bpf()`), and they
-//! read what they need from the socket themselves, at offsets the loader takes from the
-//! kernel's BTF.
+//! Raw: one on the `sock:inet_sock_set_state` tracepoint, three on the `timer:` tracepoints
+//! that follow timewait sockets, whose only visible activity is their timer, and three on the
+//! `tcp:` tracepoints that explain a teardown (a reset sent or received, a FIN retransmitted).
+//! Raw tracepoints load on every kernel tcpclose supports: the kernel calls them with the
+//! tracepoint's arguments instead of first building a trace record (`perf_trace_*()`, then
+//! `trace_call_bpf()`), and they read what they need from the socket themselves, at offsets the
+//! loader takes from the kernel's BTF.
 //!
-//! Typed (BTF): the same transition program as a `tp_btf` program, and fentry programs on the
-//! timewait socket's own functions (armed and re-armed: `__inet_twsk_schedule()`; killed:
+//! Typed (BTF): the same transition and cause programs as `tp_btf` programs, and fentry programs
+//! on the timewait socket's own functions (armed and re-armed: `__inet_twsk_schedule()`; killed:
 //! `inet_twsk_deschedule_put()`; expired: `tw_timer_handler()`), which run for timewait sockets
 //! only, where the timer programs see every timer of the kernel, and see every re-arm with its
 //! exact time. They read the socket through its typed pointer with plain loads ([`Typed`]) where

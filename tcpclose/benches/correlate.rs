@@ -193,6 +193,7 @@ fn correlate(c: &mut Criterion) {
                 match Record::decode(bytes, JIFFY_NS) {
                     Ok(Record::Transition(t)) => engine.on_transition(&t, &mut done),
                     Ok(Record::Timewait(ev)) => engine.on_timewait(&ev, &mut done),
+                    Ok(Record::Cause(c)) => engine.on_cause(&c, &mut done),
                     Err(err) => panic!("{err}"),
                 }
                 for t in done.drain(..) {

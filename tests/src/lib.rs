@@ -533,6 +533,19 @@ pub fn connect_with(
     Ok(std::net::TcpStream::from(fd))
 }
 
+/// Whether the running kernel says why it sends a reset (`enum sk_rst_reason`, passed by
+/// `tcp:tcp_send_reset` since Linux 6.10): the records' `reset.reason` is null before.
+pub fn kernel_gives_reset_reasons() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .expect("reading /proc/sys/kernel/osrelease");
+    let mut numbers = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|n| n.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    version >= (6, 10)
+}
+
 /// `SO_LINGER {on, 0}`: the next close() aborts the connection with an RST.
 pub fn set_linger_zero(socket: &impl std::os::fd::AsFd) {
     use std::os::fd::AsRawFd;

@@ -298,6 +298,24 @@ impl Place {
         self.ns.nft("delete table inet tcpclose_drop");
     }
 
+    /// nftables in the namespace: every FIN arriving for local port `port` is lost, until
+    /// [`Place::deliver_fins_again`]. Lost on arrival (the input hook), not on output: there a
+    /// drop fails the transmission, and the kernel would retry it as a probe rather than
+    /// retransmit a FIN it counts as sent.
+    pub fn lose_fins_to(&self, port: u16) {
+        self.ns.nft("add table inet tcpclose_lost_fins");
+        self.ns.nft(
+            "add chain inet tcpclose_lost_fins in { type filter hook input priority 0; policy accept; }",
+        );
+        self.ns.nft(&format!(
+            "add rule inet tcpclose_lost_fins in tcp dport {port} tcp flags & fin == fin drop"
+        ));
+    }
+
+    pub fn deliver_fins_again(&self) {
+        self.ns.nft("delete table inet tcpclose_lost_fins");
+    }
+
     /// Makes the FINs of `client` and `server` (a connection in this namespace) cross. An
     /// nftables output rule in the namespace drops every packet with FIN while both sides shut
     /// down their sending side: the FIN never leaves (the drop fails the transmission), so each

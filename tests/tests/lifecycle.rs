@@ -11,15 +11,19 @@ use std::{
 use tcpclose_tests::{Tracer, require_root};
 
 /// tcpclose's programs, raw and typed, as the kernel names them (15 characters at most,
-/// BPF_OBJ_NAME_LEN): a run loads four of one set or the other (`--programs`).
+/// BPF_OBJ_NAME_LEN): a run loads seven of one set or the other (`--programs`): transitions,
+/// timewait sockets, causes.
 fn programs() -> Vec<String> {
     use tcpclose_common::{
-        TIMER_PROGRAMS, TRANSITION_PROGRAM, TYPED_TIMEWAIT_PROGRAMS, TYPED_TRANSITION_PROGRAM,
+        CAUSE_PROGRAMS, TIMER_PROGRAMS, TRANSITION_PROGRAM, TYPED_CAUSE_PROGRAMS,
+        TYPED_TIMEWAIT_PROGRAMS, TYPED_TRANSITION_PROGRAM,
     };
     [TRANSITION_PROGRAM, TYPED_TRANSITION_PROGRAM]
         .into_iter()
         .chain(TIMER_PROGRAMS.map(|(name, _)| name))
         .chain(TYPED_TIMEWAIT_PROGRAMS.map(|(name, _)| name))
+        .chain(CAUSE_PROGRAMS.map(|(name, _, _)| name))
+        .chain(TYPED_CAUSE_PROGRAMS.map(|(name, _, _)| name))
         .map(|name| name.chars().take(15).collect())
         .collect()
 }
@@ -97,7 +101,7 @@ fn nothing_stays_loaded_after_sigterm_or_sigkill() {
         let maps = loaded.iter().filter(|(k, _)| *k == 'm').count();
         assert_eq!(
             (programs, maps),
-            (4, 3),
+            (7, 3),
             "tcpclose's programs and maps while it runs: {loaded:?}"
         );
         let run = tracer.stop_with(signal);

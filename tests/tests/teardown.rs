@@ -17,7 +17,7 @@
 //! name sorts first so that it starts first.
 
 use std::{
-    io::{ErrorKind, Read},
+    io::{ErrorKind, Read, Write},
     net::{Shutdown, SocketAddr, TcpListener, TcpStream},
     thread,
     time::Duration,
@@ -25,7 +25,7 @@ use std::{
 
 use serde_json::Value;
 use tcpclose_tests::{
-    PHASES, Run, Tracing, about, connect_with, mono_ns,
+    PHASES, Run, Tracing, about, connect_with, kernel_gives_reset_reasons, mono_ns,
     netns::{Addresses, Place},
     set_linger_zero, tcp_state,
     tcp_state::*,
@@ -176,6 +176,29 @@ fn check_record(r: &Value, side: Option<&str>, close: &str, phases: &[&str]) {
         assert!(lifetime >= teardown, "{r}");
     }
     assert!(r["lifetime_ns"].is_u64(), "seen from birth: {r}");
+    assert!(r["fin_retransmits"].is_object(), "{r}");
+    if matches!(close, "active" | "passive" | "simultaneous" | "fin_timeout") {
+        assert!(r["reset"].is_null(), "no reset in an orderly close: {r}");
+    }
+}
+
+/// No FIN of the record's connection was retransmitted (nothing was lost on loopback).
+fn assert_no_fin_retransmits(r: &Value) {
+    assert_eq!(r["fin_retransmits"], serde_json::json!({}), "{r}");
+}
+
+/// The record says the connection was reset by `by` (`local`, `peer`), for `reason` where the
+/// kernel gives reasons (see [`kernel_gives_reset_reasons`]; `None`: none given).
+fn assert_reset(r: &Value, by: &str, reason: Option<&str>) {
+    let expected = match reason {
+        Some(reason) if kernel_gives_reset_reasons() => Value::from(reason),
+        _ => Value::Null,
+    };
+    assert_eq!(
+        r["reset"],
+        serde_json::json!({"by": by, "reason": expected}),
+        "{r}"
+    );
 }
 
 fn assert_phase(r: &Value, name: &str, span: (u64, u64), tolerance: u64) {
@@ -225,6 +248,7 @@ fn check_active_close(
     comm: &str,
 ) {
     check_record(r, Some(side), "active", ACTIVE);
+    assert_no_fin_retransmits(r);
     assert_phase(r, "FIN_WAIT1", close.first.to(close.fin_wait2), TOLERANCE);
     assert_phase(
         r,
@@ -240,6 +264,7 @@ fn check_active_close(
 /// FIN at once), which ends the record.
 fn check_passive_close(r: &Value, side: &str, close: &OrderlyClose, comm: &str) {
     check_record(r, Some(side), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
+    assert_no_fin_retransmits(r);
     assert_phase(r, "CLOSE_WAIT", close.first.to(close.second), TOLERANCE);
     assert_phase(
         r,
@@ -563,12 +588,15 @@ fn linger_zero_close(tag: &str, addresses: Addresses) {
     assert!(c["timewait_end"].is_null(), "{c}");
     assert_ends(c, closed, TOLERANCE);
     assert_ours(c, &comm);
+    // tcp_disconnect() aborts it (SK_RST_REASON_TCP_STATE).
+    assert_reset(c, "local", Some("tcp_state"));
 
     let s = record_of(&run, conn.server_side);
     check_record(s, Some("server"), "reset", &[]);
     assert_eq!(s["teardown_ns"], 0, "{s}");
     assert!(s["timewait_end"].is_null(), "{s}");
     assert_ends(s, closed, TOLERANCE);
+    assert_reset(s, "peer", None);
 }
 
 on_every_address!(
@@ -576,6 +604,121 @@ on_every_address!(
     linger_zero_close,
     "linger"
 );
+
+/// The server closes with data it has not read: the kernel aborts the connection with an RST
+/// (__tcp_close(): ESTABLISHED -> CLOSE, then tcp_send_active_reset() with
+/// SK_RST_REASON_TCP_ABORT_ON_CLOSE), the client's "connection reset by peer". The server's
+/// record says it sent the reset and why (the reset comes after its `-> CLOSE`), the client's
+/// that its peer reset it.
+fn unread_data_close(tag: &str, addresses: Addresses) {
+    let (conn, mut client, server) = connection_in(Place::with(tag, addresses), false);
+    client.write_all(b"never read").expect("write");
+    // The data is in the server's receive queue before it closes.
+    wait_for(
+        "the server's receive queue",
+        mono_ns(),
+        Duration::from_secs(2),
+        POLL,
+        || server.peek(&mut [0; 16]).is_ok_and(|n| n > 0),
+    );
+    let (closed, ()) = Moment::of(|| timed(|| drop(server)));
+    let err = client.read(&mut [0; 16]).expect_err("the RST");
+    assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
+    drop(client);
+    thread::sleep(Duration::from_millis(200));
+    let run = conn.tracer.stop();
+    check_run(&run);
+
+    let s = record_of(&run, conn.server_side);
+    check_record(s, Some("server"), "reset", &[]);
+    assert_ends(s, closed, TOLERANCE);
+    assert_reset(s, "local", Some("tcp_abort_on_close"));
+    let c = record_of(&run, conn.client_side);
+    check_record(c, Some("client"), "reset", &[]);
+    assert_ends(c, closed, TOLERANCE);
+    assert_reset(c, "peer", None);
+    for r in [s, c] {
+        assert_eq!(r["teardown_ns"], 0, "{r}");
+        assert_no_fin_retransmits(r);
+    }
+}
+
+on_every_address!(
+    close_with_unread_data_sends_a_reset_and_says_why,
+    unread_data_close,
+    "unread"
+);
+
+/// FINs lost on the way: nftables in the namespace loses every FIN that arrives at the server
+/// while the client closes, for a second, then every FIN that arrives at the client while the
+/// server closes, for a second. Each FIN is retransmitted (from a 200 ms RTO on loopback,
+/// doubling) until one gets through: the client's FIN_WAIT1 and the server's LAST_ACK each last
+/// over a second and count their retransmissions, in that phase only.
+#[test]
+fn lost_fins_are_retransmitted_and_counted_in_their_phase() {
+    const LOSS: Duration = Duration::from_secs(1);
+    let (conn, client, mut server) = connection("lostfin", false);
+    let comm = thread_comm();
+
+    conn.place.lose_fins_to(conn.server_side.0.port());
+    let (closed, ()) = Moment::of(|| timed(|| drop(client)));
+    thread::sleep(LOSS);
+    assert_eq!(
+        conn.place.state(conn.client_side),
+        Some(FIN_WAIT1),
+        "FIN lost"
+    );
+    conn.place.deliver_fins_again();
+    let fin_wait2 = conn.place.wait_for_state(
+        conn.client_side,
+        Some(FIN_WAIT2),
+        closed.lo,
+        Duration::from_secs(5),
+        POLL,
+    );
+    read_eof(&mut server);
+
+    conn.place.lose_fins_to(conn.client_side.0.port());
+    let (second, ()) = Moment::of(|| timed(|| drop(server)));
+    thread::sleep(LOSS);
+    assert_eq!(
+        conn.place.state(conn.server_side),
+        Some(LAST_ACK),
+        "FIN lost"
+    );
+    conn.place.deliver_fins_again();
+    let gone = conn.place.wait_for_state(
+        conn.server_side,
+        None,
+        second.lo,
+        Duration::from_secs(5),
+        POLL,
+    );
+    let killed = conn.place.kill_time_wait();
+    thread::sleep(Duration::from_millis(300));
+    let run = conn.tracer.stop();
+    check_run(&run);
+
+    let c = record_of(&run, conn.client_side);
+    check_record(c, Some("client"), "active", ACTIVE);
+    assert_phase(c, "FIN_WAIT1", closed.to(fin_wait2), TOLERANCE);
+    assert!(phase(c, "FIN_WAIT1") >= Some(LOSS.as_nanos() as u64), "{c}");
+    assert_timewait_end(c, "killed");
+    assert_ends(c, killed, TOLERANCE);
+    assert_ours(c, &comm);
+    let s = record_of(&run, conn.server_side);
+    check_record(s, Some("server"), "passive", &["CLOSE_WAIT", "LAST_ACK"]);
+    assert_phase(s, "LAST_ACK", second.to(gone), TOLERANCE);
+    assert!(phase(s, "LAST_ACK") >= Some(LOSS.as_nanos() as u64), "{s}");
+    for (r, phase) in [(c, "FIN_WAIT1"), (s, "LAST_ACK")] {
+        let counts = r["fin_retransmits"]
+            .as_object()
+            .unwrap_or_else(|| panic!("{r}"));
+        let n = counts.get(phase).and_then(Value::as_u64).unwrap_or(0);
+        assert!(n >= 1, "the lost FIN was sent again in {phase}: {r}");
+        assert_eq!(counts.len(), 1, "retransmissions in {phase} only: {r}");
+    }
+}
 
 /// The two transitions that end a handshake (`SYN_SENT -> ESTABLISHED`, `SYN_RECV ->
 /// ESTABLISHED`) feed no teardown record: the default mode leaves them in the kernel, and its
