@@ -702,15 +702,7 @@ fn attach_raw(ebpf: &mut Ebpf) -> Result<()> {
 /// Loads and attaches the raw cause programs.
 fn attach_causes(ebpf: &mut Ebpf) -> Result<()> {
     for (name, event, _) in CAUSE_PROGRAMS {
-        let program: &mut RawTracePoint = ebpf
-            .program_mut(name)
-            .with_context(|| format!("the eBPF object has no {name} program"))?
-            .try_into()?;
-        program.load().map_err(explain_program_error)?;
-        program
-            .attach(event)
-            .map_err(explain_program_error)
-            .with_context(|| format!("attaching to the tcp:{event} tracepoint"))?;
+        attach_raw_tracepoint(ebpf, name, "tcp", event)?;
     }
     Ok(())
 }
@@ -718,16 +710,22 @@ fn attach_causes(ebpf: &mut Ebpf) -> Result<()> {
 /// Loads and attaches the raw timer programs.
 fn attach_timers(ebpf: &mut Ebpf) -> Result<()> {
     for (name, event) in TIMER_PROGRAMS {
-        let program: &mut RawTracePoint = ebpf
-            .program_mut(name)
-            .with_context(|| format!("the eBPF object has no {name} program"))?
-            .try_into()?;
-        program.load().map_err(explain_program_error)?;
-        program
-            .attach(event)
-            .map_err(explain_program_error)
-            .with_context(|| format!("attaching to the timer:{event} tracepoint"))?;
+        attach_raw_tracepoint(ebpf, name, "timer", event)?;
     }
+    Ok(())
+}
+
+/// Loads program `name` and attaches it to the raw tracepoint `category:event`.
+fn attach_raw_tracepoint(ebpf: &mut Ebpf, name: &str, category: &str, event: &str) -> Result<()> {
+    let program: &mut RawTracePoint = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the eBPF object has no {name} program"))?
+        .try_into()?;
+    program.load().map_err(explain_program_error)?;
+    program
+        .attach(event)
+        .map_err(explain_program_error)
+        .with_context(|| format!("attaching to the {category}:{event} tracepoint"))?;
     Ok(())
 }
 
